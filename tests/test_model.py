@@ -1,0 +1,116 @@
+"""The multitask model core: components, store, path forward against timm."""
+
+import copy
+
+import pytest
+import torch
+
+from evolve.model import Adapter, ComponentStore, Path, PathModel, new_head, resample_pos_embed
+from evolve.root import Root, build_vit
+
+TINY = {"timm_model": "VisionTransformer", "kwargs": dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=7)}
+
+
+@pytest.fixture()
+def root():
+    torch.manual_seed(0)
+    vit = build_vit(TINY)
+    # timm zero-inits nothing we rely on; give the head and tokens real values
+    for p in vit.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return Root(TINY, vit, "tiny")
+
+
+def test_root_path_matches_timm_forward(root):
+    store = ComponentStore()
+    path = root.add_to(store)
+    model = PathModel.from_store(store, path)
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        ours = model(x)
+        theirs = root.template(x)
+        feats = model.forward_features(x)
+    assert ours.shape == (5, 7)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.forward_head(feats), ours, atol=0, rtol=0)
+
+
+def test_inserting_adapter_keeps_outputs_identical(root):
+    store = ComponentStore()
+    path = root.add_to(store)
+    model = PathModel.from_store(store, path)
+    adapter = store.add("adapters.1", Adapter(root.embed_dim, 16))
+    names = [store[c].name for c in path.components]
+    i = names.index("blocks.1")
+    with_adapter = Path("p1", "t", path.components[:i] + [adapter.id] + path.components[i:], dict(path.hparams))
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        a, b = model(x), PathModel.from_store(store, with_adapter)(x)
+    assert torch.equal(a, b)
+
+
+def test_zero_head_gives_uniform_logits(root):
+    store = ComponentStore()
+    path = root.add_to(store)
+    head = store.add("head", new_head(root.embed_dim, 4))
+    p = Path("p", "t", path.components[:-1] + [head.id], dict(path.hparams))
+    with torch.no_grad():
+        out = PathModel.from_store(store, p)(torch.randn(3, 3, 32, 32))
+    assert torch.equal(out, torch.zeros(3, 4))
+
+
+def test_shared_component_is_one_object(root):
+    store = ComponentStore()
+    path = root.add_to(store)
+    h1, h2 = store.add("head", new_head(root.embed_dim, 3)), store.add("head", new_head(root.embed_dim, 5))
+    p1 = Path("a", "t1", path.components[:-1] + [h1.id], {})
+    p2 = Path("b", "t2", path.components[:-1] + [h2.id], {})
+    m1, m2 = PathModel.from_store(store, p1), PathModel.from_store(store, p2)
+    shared = [cid for cid in p1.components if cid in p2.components]
+    assert len(shared) == len(path.components) - 1
+    for k in range(len(shared)):
+        assert m1.steps[k] is m2.steps[k] is store[shared[k]].module
+        for a, b in zip(m1.steps[k].parameters(), m2.steps[k].parameters()):
+            assert a.data_ptr() == b.data_ptr()
+    assert m1.steps[-1] is not m2.steps[-1]
+
+
+def test_other_image_size_resamples_pos_embed(root):
+    store = ComponentStore()
+    path = root.add_to(store)
+    model = PathModel.from_store(store, path)
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 48, 48))
+    assert out.shape == (2, 7)
+    pos = store[path.components[2]].module.embed
+    resized = resample_pos_embed(pos, 1 + 6 * 6)
+    assert resized.shape == (1, 37, root.embed_dim)
+    assert torch.equal(resized[:, 0], pos[:, 0])  # class position kept
+    assert torch.equal(resample_pos_embed(pos, pos.shape[1]), pos)
+
+
+def test_frozen_prefix_runs_without_autograd(root):
+    store = ComponentStore()
+    path = root.add_to(store)
+    clone = store.clone(path.components[4])  # blocks.1 becomes trainable
+    model = PathModel.from_store(store, path, {path.components[4]: clone})
+    assert model.frozen_prefix_len() == 4
+    seen = []
+    hook = model.steps[3].register_forward_hook(lambda m, i, o: seen.append(o.requires_grad))
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    hook.remove()
+    assert seen == [False]
+    assert all(p.grad is not None for p in clone.module.parameters())
+    assert all(p.grad is None for cid in path.components for p in store[cid].module.parameters())
+
+
+def test_rebuild_components_from_tensors(root):
+    store = ComponentStore()
+    path = root.add_to(store)
+    rebuilt = ComponentStore()
+    for cid in path.components:
+        c = store[cid]
+        rebuilt.add(c.name, root.module_for(c.name, copy.deepcopy(c.tensors())), cid=cid)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(PathModel.from_store(store, path)(x), PathModel.from_store(rebuilt, path)(x))
