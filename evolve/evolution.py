@@ -1,0 +1,340 @@
+"""The muNet loop (with mu2Net's auto-tuned mutation probability), and the baselines.
+
+For each round, each task is visited in a fixed order. A visit unlocks the task's own best
+path, then trains ``children`` children in generations of ``generation_size``: first the seeds
+(each other task's best path and the root, unmutated), then children of parents sampled
+best-score first with probability 0.5 ** (children already made). A same-task child is
+accepted only when it beats its parent's score; a child of a seed is accepted. The visit ends
+by keeping the task's best path, locking its components and dropping everything else.
+
+score = validation accuracy * s ** (accounted params / root params).
+
+Baselines run through the same loop and budget, with a fixed structure policy instead of
+muNet's mutations: ``finetune`` (clone everything), ``freeze:K`` (share the embeddings and
+the bottom K blocks frozen, clone the rest), ``adapters:W`` (the root frozen, an adapter of
+width W before every block). They see only the root as a seed: no transfer between tasks.
+
+Deviations from the reference, on purpose: children of a generation are trained one after
+another (this runs on CPUs), with parents sampled at the generation's start as in the
+parallel reference; optimizer momentum is not carried from parent to child (mu2Net does);
+pos_embed is always sourced from the parent (or root) and resized bilinearly when the image
+size differs, rather than looked up by shape among ancestors.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+from mutask.errors import MutaskError
+
+from . import hparams as H
+from .data import TaskData
+from .model import Adapter, Component, Path, PathModel, new_head, resample_pos_embed
+from .state import System
+from .train import accuracy, device, train
+
+log = logging.getLogger("mutask")
+
+BUDGETS = {
+    "tiny": dict(rounds=1, children=3, generation_size=3, steps=6, validations=1, batch_size=32),
+    "quick": dict(rounds=1, children=8, generation_size=4, steps=60, validations=2, batch_size=64),
+    "full": dict(rounds=2, children=24, generation_size=8, steps=200, validations=3, batch_size=64),
+}
+
+
+@dataclass
+class EvolveConfig:
+    rounds: int = 1
+    children: int = 8
+    generation_size: int = 4
+    steps: int = 60
+    validations: int = 2
+    batch_size: int = 64
+    scale_factor: float = 1.0
+    mutation_prob: float | None = None  # None: auto-tuned (mu2Net)
+    seed: int = 0
+    strategy: str = "munet"  # munet | finetune | freeze:K | adapters:W
+    budget: str = "quick"
+
+    @classmethod
+    def from_budget(cls, budget: str, **overrides) -> "EvolveConfig":
+        if budget not in BUDGETS:
+            raise MutaskError(f"unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}.")
+        cfg = cls(budget=budget, **BUDGETS[budget])
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(cfg, k, v)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        for k in ("rounds", "children", "generation_size", "steps", "validations", "batch_size"):
+            if int(getattr(self, k)) < 1:
+                raise MutaskError(f"--{k.replace('_', '-')} must be at least 1 (got {getattr(self, k)}).")
+        if not 0.0 < self.scale_factor <= 1.0:
+            raise MutaskError(f"--scale-factor must be in (0, 1] (got {self.scale_factor}); 1.0 scores accuracy alone.")
+        if self.mutation_prob is not None and not 0.0 <= self.mutation_prob <= 1.0:
+            raise MutaskError(f"--mutation-prob must be in [0, 1] (got {self.mutation_prob}).")
+        kind, _, arg = self.strategy.partition(":")
+        if kind not in ("munet", "finetune", "freeze", "adapters") or (kind in ("freeze", "adapters") and not arg.isdigit()):
+            raise MutaskError(f"unknown strategy {self.strategy!r}; use munet, finetune, freeze:K or adapters:W.")
+
+
+class Evolution:
+    """Runs the loop over a :class:`System`, saving it to ``out`` at every generation boundary."""
+
+    def __init__(self, system: System, data: dict[str, TaskData], out, *, show_progress: bool = True):
+        self.sys = system
+        self.data = data
+        self.out = out
+        self.cfg = EvolveConfig(**{k: v for k, v in system.config["evolve"].items()})
+        self.show_progress = show_progress
+        self.dev = device()
+        kind, _, arg = self.cfg.strategy.partition(":")
+        self.strategy, self.strategy_arg = kind, int(arg) if arg else None
+
+    # -- scores -----------------------------------------------------------------------------
+    def score(self, val_acc: float, accounted: float) -> float:
+        return val_acc * self.cfg.scale_factor ** (accounted / self.sys.root_params)
+
+    # -- the loop -------------------------------------------------------------------------
+    def run(self, task_order: list[str]) -> System:
+        s = self.sys
+        prog = s.progress or {"round": 0, "task_index": 0, "visit": None}
+        s.progress = prog
+        while prog["round"] < self.cfg.rounds:
+            while prog["task_index"] < len(task_order):
+                task = task_order[prog["task_index"]]
+                self.visit(task, prog)
+                prog["task_index"] += 1
+                prog["visit"] = None
+                s.save(self.out)
+            prog["round"] += 1
+            prog["task_index"] = 0
+        s.progress = None
+        s.save(self.out)
+        return s
+
+    def visit(self, task: str, prog: dict) -> None:
+        s = self.sys
+        if prog.get("visit") is None:
+            if task in s.best:  # starting a task unlocks its own best path
+                for cid in s.best_path(task).components:
+                    s.store[cid].locks.discard(task)
+            seeds = ["root"]
+            if self.strategy == "munet":
+                seeds = [s.best[t] for t in s.best if t != task] + ["root"]
+            prog["visit"] = {
+                "task": task,
+                "generation": 0,
+                "population": [s.best[task]] if task in s.best else [],
+                "child_counts": {},
+                "seeds": seeds,
+                "started": time.time(),
+            }
+            s.save(self.out)
+        v = prog["visit"]
+        generations = -(-self.cfg.children // self.cfg.generation_size)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=self.cfg.children,
+            initial=min(self.cfg.children, v["generation"] * self.cfg.generation_size),
+            desc=f"round {prog['round'] + 1}/{self.cfg.rounds} {task}",
+            unit="child",
+            disable=not self.show_progress,
+            leave=True,
+        )
+        while v["generation"] < generations:
+            n = min(self.cfg.generation_size, self.cfg.children - v["generation"] * self.cfg.generation_size)
+            self.generation(task, v, n, prog["round"], bar)
+            v["generation"] += 1
+            s.save(self.out)
+        bar.close()
+        self.end_visit(task, v)
+
+    def generation(self, task: str, v: dict, n: int, round_: int, bar) -> None:
+        s = self.sys
+        rng = s.rng
+        pop = [s.paths[p] for p in v["population"]]
+        base = max(pop, key=lambda p: p.metrics["score"]) if pop else None
+        base_hp = base.hparams if base else self.default_hparams(task)
+        data_keys = {k: base_hp[k] for k in H.DATA_KEYS}
+        if base is not None:
+            data_keys = {k: H.mutate(base_hp, H.DATA_KEYS, self.mu_of(base_hp), rng)[k] for k in H.DATA_KEYS}
+        batch_seed = rng.randrange(2**31)
+        plan = []  # (parent, mutate)
+        for _ in range(n):
+            if v["seeds"]:
+                plan.append((s.paths[v["seeds"].pop(0)], False))
+            else:
+                plan.append((self.sample_parent(v), True))
+            v["child_counts"][plan[-1][0].id] = v["child_counts"].get(plan[-1][0].id, 0) + 1
+        for parent, mutate in plan:
+            child, fresh = self.make_child(task, parent, mutate, data_keys)
+            record = self.train_child(task, child, fresh, batch_seed)
+            accept = parent.task != task or child.metrics["score"] > parent.metrics["score"]
+            if accept:
+                for comp in fresh.values():
+                    s.store.adopt(comp)
+                s.paths[child.id] = child
+                v["population"].append(child.id)
+            record.update(round=round_ + 1, generation=v["generation"], parent=parent.id, seed=not mutate, accepted=accept)
+            s.history.append(record)
+            best = max((s.paths[p] for p in v["population"]), key=lambda p: p.metrics["score"], default=None)
+            bar.update(1)
+            if best is not None:
+                bar.set_postfix(
+                    gen=v["generation"] + 1,
+                    best_acc=f"{best.metrics['val_accuracy']:.3f}",
+                    score=f"{best.metrics['score']:.3f}",
+                    params=f"{best.metrics['params'] / 1e3:.0f}k",
+                )
+
+    def end_visit(self, task: str, v: dict) -> None:
+        """Keep the task's best path, lock its components, drop the rest, test the best."""
+        s = self.sys
+        pop = [s.paths[p] for p in v["population"]]
+        if not pop:
+            raise RuntimeError(f"task {task} ended its visit with no accepted path")
+        best = max(pop, key=lambda p: p.metrics["score"])
+        for p in pop:
+            if p.id != best.id:
+                del s.paths[p.id]
+        s.best[task] = best.id
+        for cid in best.components:
+            s.store[cid].locks.add(task)
+        used = {cid for p in s.paths.values() for cid in p.components}
+        s.store.remove_unused(used)
+        model = PathModel.from_store(s.store, best).to(self.dev)
+        best.metrics["test_accuracy"] = accuracy(model, self.data[task].test, best.image_size)
+        best.metrics["visit_seconds"] = round(time.time() - v["started"], 1)
+        log.info(
+            "%s: best %s val %.3f test %.3f params %d accounted %.0f",
+            task, best.id, best.metrics["val_accuracy"], best.metrics["test_accuracy"], best.metrics["params"], best.metrics["accounted_params"],
+        )
+
+    # -- parents and children -------------------------------------------------------------
+    def sample_parent(self, v: dict) -> Path:
+        """Best score first, each taken with probability 0.5 ** (children it already has);
+        failing that, uniformly among the seeds tried and the task's own paths."""
+        s = self.sys
+        pop = sorted((s.paths[p] for p in v["population"]), key=lambda p: -p.metrics["score"])
+        for p in pop:
+            if s.rng.random() < 0.5 ** v["child_counts"].get(p.id, 0):
+                return p
+        candidates = [s.paths[p] for p in v["child_counts"] if p in s.paths] + pop
+        return s.rng.choice(candidates)
+
+    def default_hparams(self, task: str) -> dict:
+        hp = H.defaults(self.sys.root.image_size, self.sys.root.depth)
+        if self.cfg.mutation_prob is not None:
+            hp["mu"] = self.cfg.mutation_prob
+        return hp
+
+    def mu_of(self, hp: dict) -> float:
+        return self.cfg.mutation_prob if self.cfg.mutation_prob is not None else float(hp.get("mu", H.DEFAULTS["mu"]))
+
+    def make_child(self, task: str, parent: Path, mutate: bool, data_keys: dict) -> tuple[Path, dict]:
+        """A child path of ``parent`` for ``task`` and its fresh (trainable) components."""
+        s, rng, root = self.sys, self.sys.rng, self.sys.root
+        hp = dict(self.default_hparams(task), **parent.hparams) if parent.id != "root" else self.default_hparams(task)
+        structural = self.strategy == "munet"
+        if mutate:
+            hp = H.mutate_mu(hp, rng, self.cfg.mutation_prob)
+            keys = H.TRAIN_KEYS + (("num_blocks",) if structural else ())
+            hp = H.mutate(hp, keys, hp["mu"], rng, max_blocks=root.depth)
+        hp.update(data_keys)
+        if not structural:
+            hp["num_blocks"] = root.depth
+        mu = hp["mu"] if mutate else 0.0
+
+        names = ["patch_embed", "cls_token", "pos_embed"]
+        parent_ids = {s.store[c].name: c for c in parent.components}
+        root_ids = {s.store[c].name: c for c in s.root_path.components}
+        adapter_width = None
+        if self.strategy == "adapters":
+            adapter_width = self.strategy_arg
+        for i in range(hp["num_blocks"]):
+            if f"adapters.{i}" in parent_ids or adapter_width:
+                names.append(f"adapters.{i}")
+            elif structural and mutate and rng.random() < mu:
+                names.append(f"adapters.{i}")
+            names.append(f"blocks.{i}")
+        names += ["norm", "head"]
+
+        grid_tokens = 1 + (hp["image_size"] // root.patch_size) ** 2
+        fresh: dict[str, Component] = {}
+        ids: list[str] = []
+        for name in names:
+            src = parent_ids.get(name) or root_ids.get(name)
+            if name == "head":
+                if parent.task == task and src is not None:
+                    comp = s.store.clone(src)
+                else:
+                    comp = Component(s.store.new_id(), "head", new_head(root.embed_dim, self.data[task].num_classes))
+            elif src is None:  # a new adapter
+                width = adapter_width or hp["adapter_width"]
+                comp = Component(s.store.new_id(), name, Adapter(root.embed_dim, width, eps=root.norm_eps))
+            elif self.must_clone(name, src, mu, rng):
+                comp = s.store.clone(src)
+                if name == "pos_embed" and comp.module.embed.shape[1] != grid_tokens:
+                    comp.module.embed.data = resample_pos_embed(comp.module.embed.data, grid_tokens)
+            else:
+                ids.append(src)
+                continue
+            comp.module.to(self.dev).requires_grad_(True)
+            fresh[comp.id] = comp
+            ids.append(comp.id)
+        return Path(s.new_path_id(), task, ids, hp, parent=parent.id), fresh
+
+    def must_clone(self, name: str, src: str, mu: float, rng) -> bool:
+        comp = self.sys.store[src]
+        if name == "norm" or comp.trainable:
+            return True
+        if self.strategy == "finetune":
+            return True
+        if self.strategy == "freeze":
+            idx = int(name.split(".")[1]) if name.startswith("blocks.") else -1
+            return name.startswith("blocks.") and idx >= self.strategy_arg
+        if self.strategy == "adapters":
+            return False
+        return rng.random() < mu
+
+    def train_child(self, task: str, child: Path, fresh: dict, batch_seed: int) -> dict:
+        s = self.sys
+        data = self.data[task]
+        model = PathModel.from_store(s.store, child, fresh).to(self.dev)
+        params = [p for c in fresh.values() for p in c.module.parameters()]
+        t0 = time.perf_counter()
+        result = train(
+            model, params, data.train, data.validation, child.hparams,
+            steps=self.cfg.steps, batch_size=self.cfg.batch_size, validations=self.cfg.validations, seed=batch_seed,
+        )
+        accounted = s.accounted_params(child.components, task, fresh)
+        child.metrics = {
+            "val_accuracy": result.val_accuracy,
+            "score": self.score(result.val_accuracy, accounted),
+            "params": s.path_params(child.components, fresh),
+            "accounted_params": accounted,
+            "new_params": sum(c.num_params for c in fresh.values()),
+            "train_images_per_s": round(result.images_per_s, 1),
+        }
+        return {
+            "task": task,
+            "child": child.id,
+            "val_accuracy": result.val_accuracy,
+            "score": child.metrics["score"],
+            "params": child.metrics["params"],
+            "accounted_params": accounted,
+            "new_params": child.metrics["new_params"],
+            "hparams": child.hparams,
+            "components": [s.store[c].name if c in s.store else fresh[c].name for c in child.components],
+            "train_seconds": round(time.perf_counter() - t0, 2),
+        }
+
+
+def config_dict(cfg: EvolveConfig) -> dict:
+    return asdict(cfg)

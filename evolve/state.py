@@ -1,0 +1,208 @@
+"""STATE: an evolved multitask system on disk, and in memory (:class:`System`).
+
+A STATE directory holds two files:
+
+- ``components-<n>.safetensors``: every unique component once, tensor keys ``<id>/<tensor>``
+  (e.g. ``c12/attn.qkv.weight``), metadata ``{"format": "mutask-components", "version": "1"}``;
+- ``state.json``: everything else: format and version, the root spec, the evolution config,
+  tasks, paths (component ids, hyperparameters, parent, metrics), each task's best path,
+  component names and locks, id counters, the RNG state, the history of every child tried,
+  and the in-flight task visit (for ``--resume``).
+
+Writes are atomic: the weights go to a new numbered file, then ``state.json`` is replaced by
+rename, then older weight files are removed. A crash at any point leaves the last complete
+state readable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path as FsPath
+
+import torch
+
+from mutask.errors import MutaskError
+
+from .model import ComponentStore, Path
+from .root import Root, build_vit
+
+FORMAT = "mutask-state"
+VERSION = 1
+STATE_FILE = "state.json"
+
+
+@dataclass
+class System:
+    """The multitask system: root, unique components, paths, and evolution bookkeeping."""
+
+    root: Root
+    store: ComponentStore
+    paths: dict[str, Path]
+    best: dict[str, str] = field(default_factory=dict)  # task -> best path id
+    tasks: dict[str, dict] = field(default_factory=dict)  # task -> {"spec", "seed", "class_names", ...}
+    config: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+    progress: dict | None = None
+    rng: random.Random = field(default_factory=random.Random)
+    next_path: int = 0
+    root_params: int = 0
+
+    @classmethod
+    def new(cls, root: Root, seed: int = 0) -> "System":
+        store = ComponentStore()
+        root_path = root.add_to(store)
+        return cls(root, store, {root_path.id: root_path}, rng=random.Random(seed), root_params=root.params())
+
+    def new_path_id(self) -> str:
+        pid = f"p{self.next_path}"
+        self.next_path += 1
+        return pid
+
+    @property
+    def root_path(self) -> Path:
+        return self.paths["root"]
+
+    def best_path(self, task: str) -> Path:
+        return self.paths[self.best[task]]
+
+    # -- parameter accounting (the method note's definitions) ------------------------------
+    def users(self, cid: str) -> set:
+        return set(self.store[cid].locks)
+
+    def accounted_params(self, component_ids, task: str, fresh: dict | None = None) -> float:
+        """Each component counts num_params / k, k = tasks using it (this one included).
+        ``fresh`` maps ids of a child's clones (not in the store) to components."""
+        fresh = fresh or {}
+        total = 0.0
+        for cid in set(component_ids):
+            if cid in fresh:
+                total += fresh[cid].num_params
+            else:
+                c = self.store[cid]
+                total += c.num_params / (1 + len(c.locks - {task}))
+        return total
+
+    def path_params(self, component_ids, fresh: dict | None = None) -> int:
+        fresh = fresh or {}
+        return sum((fresh.get(cid) or self.store[cid]).num_params for cid in set(component_ids))
+
+    def system_params(self) -> int:
+        """Unique parameters of the system: every component some task's best path uses."""
+        used = {cid for t in self.best for cid in self.best_path(t).components}
+        return self.store.params(used)
+
+    # -- persistence ---------------------------------------------------------------------
+    def save(self, directory) -> None:
+        from safetensors.torch import save_file
+
+        d = FsPath(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        gen = self.config.get("_saves", 0) + 1
+        self.config["_saves"] = gen
+        weights_name = f"components-{gen}.safetensors"
+        tensors = {}
+        for cid, comp in self.store.components.items():
+            for k, v in comp.tensors().items():
+                tensors[f"{cid}/{k}"] = v.detach().to("cpu").contiguous()
+        fd, tmp = tempfile.mkstemp(prefix=".components-", dir=d)
+        os.close(fd)
+        save_file(tensors, tmp, metadata={"format": "mutask-components", "version": "1"})
+        os.replace(tmp, d / weights_name)
+        doc = {
+            "format": FORMAT,
+            "version": VERSION,
+            "weights": weights_name,
+            "root": {"spec": self.root.spec, "source": self.root.source, "params": self.root_params},
+            "config": self.config,
+            "tasks": self.tasks,
+            "best": self.best,
+            "paths": {pid: p.to_json() for pid, p in self.paths.items()},
+            "components": {
+                cid: {"name": c.name, "root": c.root, "locks": sorted(c.locks), "num_params": c.num_params}
+                for cid, c in self.store.components.items()
+            },
+            "next_component": self.store.next_id,
+            "next_path": self.next_path,
+            "rng_state": _rng_to_json(self.rng.getstate()),
+            "progress": self.progress,
+            "history": self.history,
+        }
+        fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".json", dir=d)
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, d / STATE_FILE)
+        for old in d.glob("components-*.safetensors"):
+            if old.name != weights_name:
+                old.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, directory, device: torch.device | None = None) -> "System":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        d = FsPath(directory)
+        state_file = d / STATE_FILE
+        if not d.is_dir():
+            raise MutaskError(f"STATE {str(d)!r} does not exist. Give a directory written by `mutask evolve --out STATE`.")
+        if not state_file.is_file():
+            raise MutaskError(f"{str(d)!r} holds no {STATE_FILE}: not a mutask STATE (or one that never finished its first save). Run `mutask evolve --out {d}` again.")
+        try:
+            doc = json.loads(state_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise MutaskError(f"{state_file} is not valid JSON ({e}): the STATE is damaged. Restore it or evolve again.") from e
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise MutaskError(f"{state_file} is not a mutask STATE (format {doc.get('format') if isinstance(doc, dict) else None!r}).")
+        if doc.get("version") != VERSION:
+            raise MutaskError(f"STATE {str(d)!r} has format version {doc.get('version')!r}; this mutask reads version {VERSION}. Evolve it again with this version.")
+        weights = d / doc["weights"]
+        try:
+            tensors = load_file(str(weights))
+        except (FileNotFoundError, SafetensorError, OSError) as e:
+            raise MutaskError(f"STATE {str(d)!r}: its weights {weights.name} are missing or damaged ({e}). Restore the directory or evolve again.") from e
+        spec = dict(doc["root"]["spec"])
+        spec["pretrained"] = False  # the root's weights are in the state
+        root = Root(spec, build_vit({k: v for k, v in spec.items() if k != "dir"}), doc["root"]["source"])
+        store = ComponentStore()
+        by_comp: dict[str, dict] = {}
+        for key, t in tensors.items():
+            cid, _, name = key.partition("/")
+            by_comp.setdefault(cid, {})[name] = t
+        for cid, meta in doc["components"].items():
+            if cid not in by_comp:
+                raise MutaskError(f"STATE {str(d)!r}: component {cid} has no tensors in {weights.name}; the STATE is damaged.")
+            comp = store.add(meta["name"], root.module_for(meta["name"], by_comp[cid]), root=meta["root"], cid=cid)
+            comp.locks = set(meta["locks"])
+            if device is not None:
+                comp.module.to(device)
+        store.next_id = doc["next_component"]
+        rng = random.Random()
+        rng.setstate(_rng_from_json(doc["rng_state"]))
+        return cls(
+            root=root,
+            store=store,
+            paths={pid: Path.from_json(p) for pid, p in doc["paths"].items()},
+            best=dict(doc["best"]),
+            tasks=dict(doc["tasks"]),
+            config=dict(doc["config"]),
+            history=list(doc["history"]),
+            progress=doc.get("progress"),
+            rng=rng,
+            next_path=doc["next_path"],
+            root_params=int(doc["root"]["params"]),
+        )
+
+
+def _rng_to_json(state):
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _rng_from_json(obj):
+    version, internal, gauss = obj
+    return (version, tuple(internal), gauss)

@@ -1,0 +1,150 @@
+"""The ``mutask`` command. Each subcommand imports its stage lazily, so ``mutask serve``
+never imports torch and ``mutask --help`` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from .errors import MutaskError
+
+log = logging.getLogger("mutask")
+
+EPILOG = """\
+stages: tasks / pretrain -> evolve -> report -> export -> serve -> bench; `mutask demo` runs them all.
+Tasks are embedded names (`mutask tasks`), ImageFolder directories, or NAME=DIR.
+Bad input exits with code 2 and a message that names the fix."""
+
+
+def _cmd_tasks(a):
+    from evolve.tasks import describe_tasks, PRETRAIN_TASK, load_task
+
+    rows = describe_tasks(seed=a.seed)
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{'task':<14} {'classes':>7} {'train':>6} {'val':>5} {'test':>5} {'size':>5}  description")
+    for r in rows:
+        sp = r["splits"]
+        print(f"{r['name']:<14} {r['num_classes']:>7} {sp['train']:>6} {sp['validation']:>5} {sp['test']:>5} {r['image_size']:>5}  {r.get('description', '')}")
+    src = load_task(PRETRAIN_TASK, seed=a.seed)
+    print(f"\npretraining source (not in the suite): {PRETRAIN_TASK}, {src.num_classes} classes, {len(src.train)} train images")
+
+
+def _cmd_pretrain(a):
+    from evolve.pretrain import pretrain
+
+    t0 = time.perf_counter()
+    spec = pretrain(a.out, budget=a.budget, seed=a.seed, show_progress=not a.quiet)
+    print(
+        f"root written to {a.out}: validation accuracy {spec['val_accuracy']:.3f} "
+        f"(chance {spec['chance']:.3f}) on {spec['pretrained_on']}, {time.perf_counter() - t0:.0f} s wall"
+    )
+
+
+def _cmd_evolve(a):
+    from evolve.run import evolve
+
+    overrides = dict(
+        rounds=a.rounds, children=a.children, generation_size=a.generation_size, steps=a.steps,
+        validations=a.validations, batch_size=a.batch_size, scale_factor=a.scale_factor,
+        mutation_prob=a.mutation_prob, seed=a.seed, strategy=a.strategy,
+    )
+    system = evolve(
+        a.task or [], a.out, root=a.root, pretrained=a.pretrained, budget=a.budget,
+        from_state=a.from_state, resume=a.resume, show_progress=not a.quiet, **overrides,
+    )
+    from evolve.report import format_table, report
+
+    print(format_table(report(system)))
+
+
+def _cmd_report(a):
+    from evolve.report import draw_system, format_table, report
+    from evolve.state import System
+
+    system = System.load(a.state)
+    doc = report(system)
+    png = a.png or os.path.join(a.state, "system.png")
+    draw_system(system, png)
+    if a.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(format_table(doc))
+        print(f"\npicture of the system: {png}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mutask", description="Evolve one pretrained ViT into a multitask system (muNet), export it to ONNX, serve it with BentoML.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    t = sub.add_parser("tasks", help="list the embedded task suite", description="List the embedded task suite (built on demand into the cache, deterministic for --seed).")
+    t.add_argument("--json", action="store_true", help="print JSON: name, classes, split sizes, image size per task")
+    t.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
+    t.set_defaults(func=_cmd_tasks)
+
+    pt = sub.add_parser("pretrain", help="pretrain the default root offline", description="Train the default root ViT on the `symbols` source task and write config.json + model.safetensors to --out.")
+    pt.add_argument("--out", required=True, help="directory to write (replaced atomically)")
+    pt.add_argument("--budget", choices=["tiny", "quick", "full"], default="quick", help="tiny: seconds (tests); quick: a few minutes on 2 cores; full: longer, better")
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    pt.set_defaults(func=_cmd_pretrain)
+
+    e = sub.add_parser("evolve", help="evolve a multitask system (muNet)", description="Evolve a multitask system from a root with muNet: per task, which layers to share frozen, clone and train, where to add adapters, how deep to go and which hyperparameters to use. Saves STATE at every generation boundary.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("--task", action="append", metavar="NAME_OR_DIR", help="an embedded task, an ImageFolder DIR, or NAME=DIR; repeat per task (visited in this order)")
+    e.add_argument("--root", help="root: a `mutask pretrain` directory or timm:NAME (default: the cached default root, pretrained on first use)")
+    e.add_argument("--pretrained", action="store_true", help="with --root timm:NAME, load timm's pretrained weights (needs network or timm's cache)")
+    e.add_argument("--out", required=True, help="STATE directory to write")
+    e.add_argument("--budget", choices=["tiny", "quick", "full"], default="quick", help="tiny: seconds (tests); quick: the demo; full: the benchmark")
+    e.add_argument("--rounds", type=int, help="rounds over the tasks (budget default)")
+    e.add_argument("--children", type=int, help="children trained per task visit (budget default)")
+    e.add_argument("--generation-size", type=int, help="children per generation; they share training batches (budget default)")
+    e.add_argument("--steps", type=int, help="training steps per child (budget default)")
+    e.add_argument("--validations", type=int, help="validations per child; the best is kept (budget default)")
+    e.add_argument("--batch-size", type=int, help="training batch size (budget default)")
+    e.add_argument("--scale-factor", type=float, help="s in score = acc * s^(accounted/root params); below 1 favours sharing (default 1.0)")
+    e.add_argument("--mutation-prob", type=float, help="fixed mutation probability mu (default: auto-tuned per path, mu2Net)")
+    e.add_argument("--strategy", help="munet (default), or a baseline through the same engine: finetune, freeze:K, adapters:W")
+    e.add_argument("--seed", type=int, help="evolution seed (default 0)")
+    e.add_argument("--from", dest="from_state", help="extend this existing STATE with the --task tasks (its tasks stay frozen)")
+    e.add_argument("--resume", action="store_true", help="continue the interrupted run saved in --out")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(func=_cmd_evolve)
+
+    r = sub.add_parser("report", help="report an evolved system", description="Per task: validation and test accuracy, params, accounted params, shared components; system totals. Also writes a PNG of the system.")
+    r.add_argument("state", help="STATE directory")
+    r.add_argument("--json", action="store_true", help="print one JSON document")
+    r.add_argument("--png", help="where to write the picture (default STATE/system.png)")
+    r.set_defaults(func=_cmd_report)
+
+    for name, mod in (("export", "export.cli"), ("serve", "serving.cli"), ("bench", "benchmarks.cli"), ("demo", "benchmarks.demo")):
+        try:
+            module = __import__(mod, fromlist=["add_parser"])
+        except ImportError:
+            continue
+        module.add_parser(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        a.func(a)
+    except MutaskError as e:
+        print(f"mutask {a.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"mutask {a.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny roots and tiny synthetic tasks, an isolated cache and BentoML home."""
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path_factory, monkeypatch):
+    base = tmp_path_factory.getbasetemp()
+    monkeypatch.setenv("MUTASK_CACHE", str(base / "mutask-cache"))
+    monkeypatch.setenv("BENTOML_HOME", str(base / "bentoml-home"))
+    monkeypatch.setenv("BENTOML_DO_NOT_TRACK", "true")
+    prom = base / "prometheus"
+    prom.mkdir(exist_ok=True)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(prom))
+
+
+TINY_SPEC = {
+    "timm_model": "VisionTransformer",
+    "kwargs": dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=5),
+}
+
+
+def make_root(seed=0):
+    import torch
+
+    from evolve.root import Root, build_vit
+
+    torch.manual_seed(seed)
+    return Root(TINY_SPEC, build_vit(TINY_SPEC), "tiny-test-root")
+
+
+def synthetic_task(name, num_classes, seed, n_train=96, n_eval=48):
+    """Class c is a bright horizontal band at rows 5c..5c+4 over noise: learnable, tiny."""
+    from evolve.data import Split, TaskData
+
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        y = rng.integers(0, num_classes, n)
+        x = (rng.random((n, 32, 32, 3)) * 80).astype(np.uint8)
+        for i, c in enumerate(y):
+            x[i, 5 * c : 5 * c + 4] = 240
+        return Split(x, y.astype(np.int64))
+
+    return TaskData(name, [f"class{i}" for i in range(num_classes)], split(n_train), split(n_eval), split(n_eval), 32)
+
+
+@pytest.fixture()
+def tiny_root():
+    return make_root()

@@ -1,0 +1,166 @@
+"""The muNet loop: evolution, scoring, immutability of other tasks, state, resume."""
+
+import json
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+from evolve.evolution import EvolveConfig, Evolution
+from evolve.model import PathModel
+from evolve.report import draw_system, report
+from evolve.state import System
+from evolve.train import predict
+from mutask.errors import MutaskError
+from tests.conftest import synthetic_task
+
+TINY = dict(rounds=1, children=3, generation_size=2, steps=4, validations=1, batch_size=16)
+
+
+def new_system(root, names, data, **cfg):
+    s = System.new(root, seed=0)
+    s.config["evolve"] = asdict(EvolveConfig(**dict(TINY, **cfg)))
+    s.config["order"] = names
+    s.tasks.update({t: {"spec": t, "seed": 0, "num_classes": data[t].num_classes} for t in names})
+    return s
+
+
+def tensors_of(system, task):
+    return {cid: {k: v.clone() for k, v in system.store[cid].tensors().items()} for cid in system.best_path(task).components}
+
+
+def test_evolve_two_tasks_and_report(tiny_root, tmp_path):
+    data = {"a": synthetic_task("a", 4, 1), "b": synthetic_task("b", 3, 2)}
+    s = new_system(tiny_root, ["a", "b"], data)
+    Evolution(s, data, tmp_path / "st", show_progress=False).run(["a", "b"])
+    assert set(s.best) == {"a", "b"}
+    assert len(s.history) == 6
+    # b's first child is the seed made from a's best path: it shares a's frozen components
+    assert s.history[3]["seed"] and s.history[3]["parent"] == s.best["a"]
+    doc = report(s)
+    for t in ("a", "b"):
+        rec = doc["tasks"][t]
+        assert 0.0 <= rec["val_accuracy"] <= 1.0 and rec["test_accuracy"] is not None
+        assert rec["accounted_params"] <= rec["params"]
+    assert any(doc["tasks"][t]["accounted_params"] < doc["tasks"][t]["params"] for t in ("a", "b"))
+    assert doc["system_params"] == s.store.params({c for t in s.best for c in s.best_path(t).components})
+    # every component a best path uses is locked by exactly the tasks using it
+    for cid, comp in s.store.components.items():
+        users = {t for t in s.best if cid in s.best_path(t).components}
+        assert comp.locks == users
+    png = draw_system(s, tmp_path / "system.png")
+    assert png.stat().st_size > 1000
+
+
+def test_children_only_train_their_own_clones(tiny_root, tmp_path):
+    data = {"a": synthetic_task("a", 4, 1)}
+    s = new_system(tiny_root, ["a"], data, children=2, mutation_prob=1.0)
+    root_before = {cid: {k: v.clone() for k, v in s.store[cid].tensors().items()} for cid in s.root_path.components}
+    Evolution(s, data, tmp_path / "st", show_progress=False).run(["a"])
+    for cid, tensors in root_before.items():
+        for k, v in tensors.items():
+            assert torch.equal(s.store[cid].tensors()[k], v)
+    # with mu = 1 the mutated child cloned every component: it owns all of them
+    child = s.history[1]
+    assert child["new_params"] == child["params"]
+
+
+def test_extension_keeps_existing_tasks_bit_identical(tiny_root, tmp_path):
+    data = {"a": synthetic_task("a", 4, 1), "b": synthetic_task("b", 3, 2), "c": synthetic_task("c", 5, 3)}
+    s = new_system(tiny_root, ["a", "b"], data)
+    Evolution(s, data, tmp_path / "st1", show_progress=False).run(["a", "b"])
+    s1 = System.load(tmp_path / "st1")
+    before = {t: tensors_of(s1, t) for t in ("a", "b")}
+    logits = {t: predict(PathModel.from_store(s1.store, s1.best_path(t)), data[t].test, s1.best_path(t).image_size) for t in ("a", "b")}
+
+    s1.tasks["c"] = {"spec": "c", "seed": 0, "num_classes": 5}
+    s1.config["order"] = ["c"]
+    s1.config["evolve"] = asdict(EvolveConfig(**dict(TINY, children=4, mutation_prob=0.9)))
+    Evolution(s1, data, tmp_path / "st2", show_progress=False).run(["c"])
+    s2 = System.load(tmp_path / "st2")
+    assert set(s2.best) == {"a", "b", "c"}
+    for t in ("a", "b"):
+        assert s2.best[t] == s1.best[t]
+        after = tensors_of(s2, t)
+        assert after.keys() == before[t].keys()
+        for cid in after:
+            for k in after[cid]:
+                assert after[cid][k].numpy().tobytes() == before[t][cid][k].numpy().tobytes()
+        again = predict(PathModel.from_store(s2.store, s2.best_path(t)), data[t].test, s2.best_path(t).image_size)
+        assert again.tobytes() == logits[t].tobytes()
+
+
+def test_interrupted_run_resumes(tiny_root, tmp_path, monkeypatch):
+    data = {"a": synthetic_task("a", 4, 1), "b": synthetic_task("b", 3, 2)}
+    s = new_system(tiny_root, ["a", "b"], data, children=4, generation_size=2)
+    out = tmp_path / "st"
+    calls = {"n": 0}
+    original = Evolution.train_child
+
+    def crashing(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:  # in the middle of b's first generation
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(Evolution, "train_child", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        Evolution(s, data, out, show_progress=False).run(["a", "b"])
+    monkeypatch.setattr(Evolution, "train_child", original)
+
+    saved = System.load(out)
+    assert saved.progress is not None and saved.progress["visit"]["task"] == "b"
+    assert saved.progress["visit"]["generation"] == 0 and len(saved.history) == 4
+    assert "a" in saved.best and "b" not in saved.best
+    Evolution(saved, data, out, show_progress=False).run(saved.config["order"])
+    done = System.load(out)
+    assert done.progress is None and set(done.best) == {"a", "b"}
+    assert len(done.history) == 8
+    assert [h["task"] for h in done.history] == ["a"] * 4 + ["b"] * 4
+
+
+def test_scale_factor_penalises_params(tiny_root, tmp_path):
+    data = {"a": synthetic_task("a", 4, 1)}
+    s = new_system(tiny_root, ["a"], data, scale_factor=0.5)
+    evo = Evolution(s, data, tmp_path / "st", show_progress=False)
+    assert evo.score(0.8, 0) == pytest.approx(0.8)
+    assert evo.score(0.8, s.root_params) == pytest.approx(0.4)
+    evo.run(["a"])
+    for h in s.history:
+        assert h["score"] == pytest.approx(h["val_accuracy"] * 0.5 ** (h["accounted_params"] / s.root_params))
+
+
+@pytest.mark.parametrize("strategy", ["finetune", "freeze:2", "adapters:8"])
+def test_baselines_have_their_structure(tiny_root, tmp_path, strategy):
+    data = {"a": synthetic_task("a", 4, 1)}
+    s = new_system(tiny_root, ["a"], data, strategy=strategy, children=2)
+    Evolution(s, data, tmp_path / "st", show_progress=False).run(["a"])
+    best = s.best_path("a")
+    names = [s.store[c].name for c in best.components]
+    trained = {s.store[c].name for c in best.components if not s.store[c].root}
+    if strategy == "finetune":
+        assert trained == set(names)
+    elif strategy == "freeze:2":
+        assert trained == {"blocks.2", "norm", "head"}
+    else:
+        assert trained == {"adapters.0", "adapters.1", "adapters.2", "norm", "head"}
+
+
+def test_state_errors(tiny_root, tmp_path):
+    with pytest.raises(MutaskError, match="does not exist"):
+        System.load(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MutaskError, match="no state.json"):
+        System.load(tmp_path / "empty")
+    data = {"a": synthetic_task("a", 4, 1)}
+    s = new_system(tiny_root, ["a"], data, children=1)
+    Evolution(s, data, tmp_path / "st", show_progress=False).run(["a"])
+    doc = json.loads((tmp_path / "st" / "state.json").read_text())
+    doc["version"] = 999
+    (tmp_path / "st" / "state.json").write_text(json.dumps(doc))
+    with pytest.raises(MutaskError, match="version 999"):
+        System.load(tmp_path / "st")
+    (tmp_path / "st" / "state.json").write_text('{"format": "mutask-state", "vers')
+    with pytest.raises(MutaskError, match="not valid JSON"):
+        System.load(tmp_path / "st")
