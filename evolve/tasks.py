@@ -1,0 +1,61 @@
+"""Resolve a task spec to :class:`TaskData`: an embedded suite task, or an ImageFolder directory.
+
+A spec is one of
+
+* an embedded task name: one of :data:`EMBEDDED_TASKS` (the suite, in its fixed visiting order)
+  or :data:`PRETRAIN_TASK` (``symbols``, the offline pretraining source, disjoint from the suite);
+* a directory path (``~`` is expanded): an ImageFolder task named after the directory's base name;
+* ``NAME=DIR``: the directory ``DIR`` as a task called ``NAME``.
+
+Embedded names win over a directory of the same name in the working directory; write ``./digits``
+to mean the directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from evolve.data import TaskData
+from evolve.folder import load_folder
+from evolve.suite import ALL_NAMES, PRETRAIN, SUITE_ORDER, load_embedded
+from mutask.errors import MutaskError
+
+EMBEDDED_TASKS: tuple[str, ...] = SUITE_ORDER
+PRETRAIN_TASK = PRETRAIN
+
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
+
+
+def load_task(spec: str, seed: int = 0) -> TaskData:
+    """The task ``spec`` names (see the module docstring), deterministic for ``seed``."""
+    spec = str(spec)
+    if spec in ALL_NAMES:
+        return load_embedded(spec, seed)
+    path = os.path.expanduser(spec)
+    if os.path.isdir(path):
+        return load_folder(path, seed=seed)
+    if "=" in spec:
+        name, directory = spec.split("=", 1)
+        if not _NAME.match(name):
+            raise MutaskError(
+                f"Task name {name!r} in {spec!r} is not valid: use letters, digits, '_', '-', '.' or '+' "
+                "(starting with a letter, digit or '_'), as in NAME=DIR."
+            )
+        if not directory:
+            raise MutaskError(f"Task spec {spec!r} has no directory after '=': write NAME=DIR.")
+        return load_folder(directory, name=name, seed=seed)
+    if os.path.exists(path):
+        return load_folder(path, seed=seed)  # raises: not a directory
+    looks_like_path = os.sep in spec or spec.startswith((".", "~")) or (os.altsep and os.altsep in spec)
+    if looks_like_path:
+        return load_folder(path, seed=seed)  # raises: does not exist
+    raise MutaskError(
+        f"Unknown task {spec!r}: use an embedded task ({', '.join(EMBEDDED_TASKS)}, or {PRETRAIN_TASK} for "
+        "pretraining), a directory path with one sub-folder of images per class, or NAME=DIR."
+    )
+
+
+def describe_tasks(seed: int = 0) -> list[dict]:
+    """``TaskData.info()`` of every embedded suite task (not the pretraining task), in visiting order."""
+    return [load_task(name, seed).info() for name in EMBEDDED_TASKS]

@@ -1,0 +1,177 @@
+"""ImageFolder directories: layouts, decoding of mixed formats, determinism, errors, skipped files."""
+
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from evolve.folder import image_size_for, load_folder
+from evolve.tasks import load_task
+from mutask.errors import MutaskError
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("MUTASK_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+def _img(path, size=(20, 16), mode="RGB", value=0, fmt=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(value)
+    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    im = Image.fromarray(arr)
+    if mode == "P":
+        im = im.quantize(16)
+    elif mode != "RGB":
+        im = im.convert(mode)
+    im.save(path, format=fmt)
+    return path
+
+
+def _flat(root, classes=("cat", "dog", "eel"), per_class=10, size=(20, 16)):
+    for c in classes:
+        for i in range(per_class):
+            _img(root / c / f"{i:03d}.png", size=size, value=hash((c, i)) % 1000)
+    return root
+
+
+def test_flat_layout_uniform_sizes(tmp_path):
+    root = _flat(tmp_path / "pets")
+    task = load_folder(root)
+    assert task.name == "pets" and task.class_names == ["cat", "dog", "eel"]
+    assert (len(task.train), len(task.validation), len(task.test)) == (18, 6, 6)
+    for split in ("train", "validation", "test"):
+        s = task.split(split)
+        assert isinstance(s.images, np.ndarray) and s.images.shape[1:] == (16, 20, 3) and s.images.dtype == np.uint8
+        assert s.labels.dtype == np.int64
+        assert set(s.labels) == {0, 1, 2}  # every class in every split
+    assert task.image_size == 16
+    assert task.source.endswith("pets")
+
+
+def test_split_sizes_per_class(tmp_path):
+    root = tmp_path / "d"
+    counts = {"a": 1, "b": 2, "c": 3, "d": 20}
+    for c, n in counts.items():
+        for i in range(n):
+            _img(root / c / f"{i}.png", value=i)
+    task = load_folder(root)
+    per = {s: np.bincount(task.split(s).labels, minlength=4) for s in ("train", "validation", "test")}
+    assert list(per["train"] + per["validation"] + per["test"]) == [1, 2, 3, 20]
+    assert (per["train"][0], per["validation"][0], per["test"][0]) == (1, 0, 0)
+    assert (per["train"][1], per["validation"][1], per["test"][1]) == (1, 1, 0)
+    assert (per["train"][2], per["validation"][2], per["test"][2]) == (1, 1, 1)
+    assert (per["train"][3], per["validation"][3], per["test"][3]) == (14, 3, 3)
+
+
+def test_mixed_formats_modes_sizes_and_corrupt_file(tmp_path, caplog):
+    root = tmp_path / "mixed"
+    _img(root / "a" / "rgb.png", size=(40, 30))
+    _img(root / "a" / "gray.jpg", size=(33, 50), mode="L", value=1)
+    _img(root / "a" / "pal.gif", size=(64, 64), mode="P", value=2)
+    _img(root / "a" / "alpha.webp", size=(48, 32), mode="RGBA", value=3)
+    _img(root / "b" / "cmyk.tif", size=(24, 24), mode="CMYK", value=4)
+    _img(root / "b" / "rgb.bmp", size=(100, 80), value=5)
+    _img(root / "b" / "la.png", size=(36, 36), mode="LA", value=6)
+    _img(root / "b" / "upper.JPEG", size=(30, 60), value=7)
+    (root / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (root / "a" / "truncated.jpg").write_bytes((root / "a" / "gray.jpg").read_bytes()[:40])
+    (root / "a" / "notes.txt").write_text("not an image, ignored")
+    _img(root / "a" / ".hidden.png")  # hidden: ignored
+    _img(root / ".hidden_class" / "x.png")  # hidden class folder: ignored
+    with caplog.at_level(logging.WARNING, logger="mutask"):
+        task = load_folder(root)
+    assert task.class_names == ["a", "b"]
+    assert len(task.train) + len(task.validation) + len(task.test) == 8
+    warnings = [r for r in caplog.records if "unreadable" in r.getMessage()]
+    assert len(warnings) == 1 and "2 unreadable" in warnings[0].getMessage() and str(root) in warnings[0].getMessage()
+    for split in ("train", "validation", "test"):
+        s = task.split(split)
+        assert isinstance(s.images, list) and len(s.images) == len(s.labels)
+        for a in s.images:
+            assert a.dtype == np.uint8 and a.ndim == 3 and a.shape[2] == 3
+        assert s.resized(16).shape == (len(s), 16, 16, 3)
+    assert 16 <= task.image_size <= 384 and task.image_size % 16 == 0
+
+
+def test_split_layout_and_carving(tmp_path):
+    root = tmp_path / "splitted"
+    for split, n in (("train", 10), ("val", 3), ("test", 4)):
+        for c in ("x", "y"):
+            for i in range(n):
+                _img(root / split / c / f"{i}.png", value=i)
+    task = load_folder(root)
+    assert task.class_names == ["x", "y"]
+    assert (len(task.train), len(task.validation), len(task.test)) == (20, 6, 8)
+
+    # No test split: carved (~15% per class) from train; "validation/" spelling also accepted.
+    root2 = tmp_path / "notest"
+    for split, n in (("train", 20), ("validation", 3)):
+        for c in ("x", "y"):
+            for i in range(n):
+                _img(root2 / split / c / f"{i}.png", value=i)
+    task2 = load_folder(root2)
+    assert (len(task2.train), len(task2.validation), len(task2.test)) == (34, 6, 6)
+    assert load_folder(root2).test.labels.tolist() == task2.test.labels.tolist()
+
+
+def test_deterministic_and_seeded(tmp_path):
+    root = _flat(tmp_path / "det", per_class=12)
+    a, b = load_folder(root, seed=0), load_folder(root, seed=0)
+    for split in ("train", "validation", "test"):
+        np.testing.assert_array_equal(a.split(split).images, b.split(split).images)
+        np.testing.assert_array_equal(a.split(split).labels, b.split(split).labels)
+    c = load_folder(root, seed=1)
+    assert not np.array_equal(a.test.images, c.test.images)
+
+
+def test_load_task_naming(tmp_path):
+    root = _flat(tmp_path / "flowers", classes=("rose", "tulip"), per_class=4)
+    assert load_task(str(root)).name == "flowers"
+    assert load_task(str(root) + "/").name == "flowers"
+    named = load_task(f"blooms={root}")
+    assert named.name == "blooms" and named.class_names == ["rose", "tulip"]
+    with pytest.raises(MutaskError, match="does not exist"):
+        load_task(f"blooms={tmp_path / 'nope'}")
+    with pytest.raises(MutaskError, match="not valid"):
+        load_task(f"bad name={root}")
+
+
+def test_errors(tmp_path):
+    with pytest.raises(MutaskError, match="does not exist"):
+        load_folder(tmp_path / "missing")
+    f = _img(tmp_path / "file.png")
+    with pytest.raises(MutaskError, match="not a directory"):
+        load_folder(f)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MutaskError, match="no class sub-folders"):
+        load_folder(tmp_path / "empty")
+    _img(tmp_path / "loose" / "x.png")
+    with pytest.raises(MutaskError, match="no class sub-folders"):
+        load_folder(tmp_path / "loose")
+    _flat(tmp_path / "one", classes=("only",), per_class=3)
+    with pytest.raises(MutaskError, match="single class"):
+        load_folder(tmp_path / "one")
+    for c in ("a", "b"):
+        (tmp_path / "junk" / c).mkdir(parents=True)
+        (tmp_path / "junk" / c / "x.png").write_bytes(b"junk")
+    with pytest.raises(MutaskError, match="no readable images"):
+        load_folder(tmp_path / "junk")
+    _flat(tmp_path / "hole", classes=("full",), per_class=3)
+    (tmp_path / "hole" / "void").mkdir()
+    with pytest.raises(MutaskError, match="'void'"):
+        load_folder(tmp_path / "hole")
+    for split in ("train", "val"):
+        _img(tmp_path / "orphan" / split / "a" / "0.png")
+    _img(tmp_path / "orphan" / "train" / "b" / "0.png")
+    _img(tmp_path / "orphan" / "val" / "c" / "0.png")
+    with pytest.raises(MutaskError, match="'c'"):
+        load_folder(tmp_path / "orphan")
+
+
+def test_image_size_rule():
+    assert image_size_for([(20, 30)] * 3) == 16
+    assert image_size_for([(100, 120), (90, 200), (500, 40)]) == 96
+    assert image_size_for([(1000, 1000)]) == 384
+    assert image_size_for([(5, 5)]) == 16
