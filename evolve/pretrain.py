@@ -69,7 +69,7 @@ def pretrain(out, budget: str = "quick", seed: int = 0, show_progress: bool = Tr
         torch.nn.utils.clip_grad_norm_(vit.parameters(), 1.0)
         opt.step()
         if step % 50 == 0:
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}")
     vit.eval()
     train_s = time.perf_counter() - t0
     val_acc = accuracy(vit, data.validation, ARCH["img_size"])

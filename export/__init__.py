@@ -1,0 +1,23 @@
+"""Export: an evolved system to ONNX graphs over one deduplicated weights file (``mutask export``).
+
+Reading needs no torch: :mod:`export.artifact` (``load_artifact``, ``Artifact``,
+``ArtifactError``, ``FORMAT_VERSION``) is what the server imports. Writing lives in
+:mod:`export.build` (torch); its entry points are reachable from here lazily, so importing
+this package never imports torch. The format is specified in ``export/FORMAT.md``.
+"""
+
+from .artifact import FORMAT_VERSION, Artifact, ArtifactError, artifact_stats, load_artifact
+
+__all__ = ["FORMAT_VERSION", "Artifact", "ArtifactError", "artifact_stats", "load_artifact", "export_system", "verify_artifact"]
+
+
+def __getattr__(name):
+    if name == "export_system":
+        from .build import export_system
+
+        return export_system
+    if name == "verify_artifact":
+        from .verify import verify_artifact
+
+        return verify_artifact
+    raise AttributeError(f"module 'export' has no attribute {name!r}")

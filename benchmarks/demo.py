@@ -1,0 +1,227 @@
+"""``mutask demo``: the whole product on the embedded suite, end to end, on this machine.
+
+pretrain (or reuse) the default root -> evolve the embedded suite -> export -> serve on a
+free loopback port -> query every task's test images over HTTP -> stop the server -> print
+one row per task and write a report directory (markdown + JSON tables, PNG pictures).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+DESCRIPTION = """\
+Run the whole pipeline on the embedded task suite: pretrain the default root (or reuse the
+cached one), evolve every suite task with muNet (quick budget), export, start the server on a
+free loopback port, send every task's test images over HTTP, stop the server, and print a
+table per task: test accuracy through the server, params, accounted params, p50/p99 latency.
+The report directory (OUT/report) holds the tables (markdown + JSON) and pictures (PNG):
+the system graph, accuracy against parameters per task, latency per task.
+OUT is replaced if it holds an earlier demo; any other existing directory is refused."""
+
+MARKER = "demo.json"
+
+
+def add_parser(sub) -> None:
+    import argparse
+
+    p = sub.add_parser("demo", help="run the whole pipeline on the embedded suite", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="demo-out", help="output directory (default ./demo-out)")
+    p.add_argument("--budget", choices=["tiny", "quick", "full"], default="quick", help="evolution budget (default quick)")
+    p.add_argument("--task", action="append", help="evolve only these tasks (default: the whole embedded suite)")
+    p.add_argument("--requests-per-task", type=int, help="test images sent per task (default: the whole test split)")
+    p.add_argument("--concurrency", type=int, default=8, help="concurrent HTTP clients (default 8)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _stage(n: int, total: int, text: str) -> float:
+    print(f"\n[{n}/{total}] {text}", flush=True)
+    return time.perf_counter()
+
+
+def _prepare_out(out: Path) -> None:
+    from mutask.errors import MutaskError
+
+    if out.exists():
+        if not (out / MARKER).exists() and any(out.iterdir()):
+            raise MutaskError(f"--out {str(out)!r} exists and is not an earlier demo's directory; choose another --out.")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / MARKER).write_text(json.dumps({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "complete": False}))
+
+
+def _cmd_demo(a) -> None:
+    run_demo(Path(a.out), budget=a.budget, tasks=a.task, requests_per_task=a.requests_per_task, concurrency=a.concurrency, show_progress=not a.quiet)
+
+
+def run_demo(out: Path, *, budget: str = "quick", tasks=None, requests_per_task=None, concurrency: int = 8, show_progress: bool = True, root=None) -> dict:
+    from mutask.errors import MutaskError
+
+    from benchmarks.http import png_bytes, predict_all, running_server
+    from evolve.tasks import EMBEDDED_TASKS, load_task
+
+    t_start = time.perf_counter()
+    out = Path(out)
+    _prepare_out(out)
+    timings = {}
+    tasks = list(tasks or EMBEDDED_TASKS)
+    total = 5
+
+    t = _stage(1, total, "default root: reuse the cached one, or pretrain it (quick budget)")
+    from evolve.pretrain import default_root, default_root_dir
+
+    if root is None:
+        default_root()
+        root = str(default_root_dir())
+    print(f"root: {root}")
+    timings["root_s"] = time.perf_counter() - t
+
+    t = _stage(2, total, f"evolve {len(tasks)} tasks with muNet ({budget} budget): {', '.join(tasks)}")
+    from evolve.report import draw_system, report
+    from evolve.run import evolve
+
+    system = evolve(tasks, out / "state", root=root, budget=budget, show_progress=show_progress)
+    evo = report(system)
+    timings["evolve_s"] = time.perf_counter() - t
+
+    t = _stage(3, total, "export: one weights file, per-task and segment ONNX graphs, parity checked")
+    from export.artifact import artifact_stats
+    from export.build import export_system
+
+    data = {name: load_task(system.tasks[name]["spec"], seed=system.tasks[name]["seed"]) for name in tasks}
+    art = export_system(system, out / "artifact", data=data, show_progress=show_progress)
+    stats = artifact_stats(art)
+    timings["export_s"] = time.perf_counter() - t
+    print(f"artifact: {stats['total_bytes']:,} bytes for {stats['unique_param_bytes']:,} unique parameter bytes; one model per task would be {stats['naive_bytes']:,}")
+
+    t = _stage(4, total, "serve on a free loopback port and send every task's test images over HTTP")
+    items, truth = [], []
+    for name in tasks:
+        split = data[name].test
+        n = len(split) if requests_per_task is None else min(len(split), requests_per_task)
+        imgs = split.images
+        for i in range(n):
+            items.append((name, png_bytes(imgs[i])))
+            truth.append(int(split.labels[i]))
+    (out / "report").mkdir(exist_ok=True)
+    try:
+        with running_server(art, log_path=out / "report" / "server.log") as url:
+            print(f"server ready at {url}; sending {len(items)} requests with {concurrency} clients")
+            results = predict_all(url, items, concurrency=concurrency)
+    except RuntimeError as e:
+        raise MutaskError(f"demo failed while serving: {e}") from None
+    timings["serve_s"] = time.perf_counter() - t
+    bad = [r for r in results if r["status"] != 200]
+    if bad:
+        raise MutaskError(f"demo failed: {len(bad)} of {len(results)} requests did not answer 200 (first: {bad[0]['status']} {bad[0]['answer']}); see {out / 'report' / 'server.log'}")
+
+    t = _stage(5, total, "report")
+    rows = {}
+    for name in tasks:
+        mine = [(r, y) for r, y in zip(results, truth) if r["task"] == name]
+        lat = np.array([r["latency_s"] for r, _ in mine]) * 1000
+        acc = float(np.mean([r["answer"]["index"] == y for r, y in mine]))
+        e = evo["tasks"][name]
+        rows[name] = {
+            "test_accuracy_http": acc,
+            "test_accuracy_evolve": e["test_accuracy"],
+            "params": e["params"],
+            "accounted_params": e["accounted_params"],
+            "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)),
+            "requests": len(mine),
+        }
+    timings["total_s"] = time.perf_counter() - t_start
+    doc = {
+        "root": evo["root"], "root_params": evo["root_params"], "system_params": evo["system_params"],
+        "params_per_task": evo["params_per_task"], "budget": budget, "concurrency": concurrency,
+        "artifact": stats, "tasks": rows, "timings_s": {k: round(v, 1) for k, v in timings.items()},
+    }
+    md = format_table(doc)
+    rep = out / "report"
+    (rep / "demo.json").write_text(json.dumps(doc, indent=2))
+    (rep / "demo.md").write_text(md + "\n")
+    draw_system(system, rep / "system.png")
+    plot_accuracy_vs_params(doc, rep / "accuracy_vs_params.png")
+    plot_latency(doc, rep / "latency.png")
+    (out / MARKER).write_text(json.dumps({"complete": True, "timings_s": doc["timings_s"]}))
+    print()
+    print(md)
+    print(f"\nreport: {rep} (demo.md, demo.json, system.png, accuracy_vs_params.png, latency.png)")
+    return doc
+
+
+def format_table(doc: dict) -> str:
+    lines = [
+        f"root {doc['root']} ({doc['root_params']:,} params); system {doc['system_params']:,} unique params, "
+        f"{doc['params_per_task']:,.0f} params per task; artifact {doc['artifact']['total_bytes']:,} bytes "
+        f"(one model per task: {doc['artifact']['naive_bytes']:,})",
+        "",
+        "| task | test acc (HTTP) | params | accounted params | p50 ms | p99 ms | requests |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in doc["tasks"].items():
+        lines.append(f"| {name} | {r['test_accuracy_http']:.3f} | {r['params']:,} | {r['accounted_params']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['requests']} |")
+    t = doc["timings_s"]
+    lines.append("")
+    lines.append(f"wall time: root {t['root_s']:.0f} s, evolve {t['evolve_s']:.0f} s, export {t['export_s']:.0f} s, serve + requests {t['serve_s']:.0f} s, total {t['total_s']:.0f} s "
+                 f"(latency measured with {doc['concurrency']} concurrent clients)")
+    return "\n".join(lines)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy_vs_params(doc: dict, path: Path) -> None:
+    """This run's muNet tasks, plus the recorded quality benchmark (muNet and baselines), if any."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    acc = [r["test_accuracy_http"] for r in doc["tasks"].values()]
+    par = [r["accounted_params"] for r in doc["tasks"].values()]
+    ax.scatter(par, acc, label="this demo: muNet, per task", color="tab:blue", zorder=3)
+    for name, r in doc["tasks"].items():
+        ax.annotate(name, (r["accounted_params"], r["test_accuracy_http"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    recorded = Path(__file__).resolve().parent / "results" / "quality.json"
+    if recorded.exists():
+        q = json.loads(recorded.read_text())
+        for i, (cfg, r) in enumerate(q["runs"].items()):
+            ax.scatter([r["params_per_task"]], [r["avg_test_accuracy"]], marker="s", s=60, label=f"recorded: {cfg} (average)", color=plt.get_cmap("tab10")(i + 1), edgecolor="black", zorder=4)
+    ax.set_xscale("log")
+    ax.set_xlabel("accounted parameters per task (log)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("accuracy against parameters per task")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_latency(doc: dict, path: Path) -> None:
+    plt = _plt()
+    names = list(doc["tasks"])
+    p50 = [doc["tasks"][n]["p50_ms"] for n in names]
+    p99 = [doc["tasks"][n]["p99_ms"] for n in names]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.bar(x - 0.2, p50, 0.4, label="p50")
+    ax.bar(x + 0.2, p99, 0.4, label="p99")
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=30, ha="right")
+    ax.set_ylabel("HTTP latency (ms)")
+    ax.set_title(f"latency per task over HTTP ({doc['concurrency']} concurrent clients)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,122 @@
+"""The `mutask` command end to end on tiny budgets: pretrain, tasks, evolve, report, --from, errors."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.numpy import load_file
+
+from mutask.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_root_dir(tmp_path_factory):
+    import os
+
+    d = tmp_path_factory.mktemp("root") / "root"
+    os.environ["MUTASK_CACHE"] = str(tmp_path_factory.getbasetemp() / "mutask-cache")
+    assert main(["pretrain", "--out", str(d), "--budget", "tiny", "-q"]) == 0
+    return d
+
+
+@pytest.fixture(scope="module")
+def folder_task(tmp_path_factory):
+    """A 3-class ImageFolder of mixed sizes: bright band at the top, middle or bottom."""
+    d = tmp_path_factory.mktemp("data") / "bands"
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["top", "middle", "bottom"]):
+        (d / name).mkdir(parents=True)
+        for i in range(16):
+            size = int(rng.integers(24, 48))
+            img = (rng.random((size, size)) * 60).astype(np.uint8)
+            img[c * size // 3 : (c + 1) * size // 3] = 230
+            Image.fromarray(img, "L").save(d / name / f"{i}.png")
+    return d
+
+
+def component_bytes(state_dir, ids):
+    doc = json.loads((state_dir / "state.json").read_text())
+    tensors = load_file(str(state_dir / doc["weights"]))
+    return {k: v.tobytes() for k, v in tensors.items() if k.split("/")[0] in ids}
+
+
+def test_tasks_json(capsys):
+    assert main(["tasks", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) >= 8
+    for r in rows:
+        assert {"name", "num_classes", "splits", "image_size"} <= r.keys()
+
+
+def test_pretrain_writes_a_usable_root(tiny_root_dir):
+    cfg = json.loads((tiny_root_dir / "config.json").read_text())
+    assert cfg["pretrained_on"] == "symbols" and 0.0 <= cfg["val_accuracy"] <= 1.0
+    assert (tiny_root_dir / "model.safetensors").stat().st_size > 100_000
+
+
+def test_evolve_report_extend(tiny_root_dir, folder_task, tmp_path, capsys):
+    state = tmp_path / "state"
+    args = ["evolve", "--task", "digits", "--task", "shapes", "--task", f"bands={folder_task}",
+            "--root", str(tiny_root_dir), "--out", str(state), "--budget", "tiny", "-q"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(["report", str(state), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc["tasks"]) == {"digits", "shapes", "bands"}
+    assert doc["root_params"] > 0 and doc["system_params"] >= doc["root_params"]
+    for t in doc["tasks"].values():
+        assert 0.0 <= t["val_accuracy"] <= 1.0 and 0.0 <= t["test_accuracy"] <= 1.0
+        assert t["accounted_params"] <= t["params"]
+        assert t["components"]
+    assert any(t["accounted_params"] < t["params"] for t in doc["tasks"].values())
+    assert doc["params_per_task"] == pytest.approx(sum(t["accounted_params"] for t in doc["tasks"].values()) / 3)
+    assert (state / "system.png").stat().st_size > 1000
+
+    # extend with a new task: the first tasks' tensors stay byte-identical
+    ids = {c for t in doc["tasks"].values() for c in t["components"]}
+    before = component_bytes(state, ids)
+    state2 = tmp_path / "state2"
+    assert main(["evolve", "--from", str(state), "--task", "counting", "--out", str(state2), "--budget", "tiny", "-q"]) == 0
+    capsys.readouterr()
+    after = component_bytes(state2, ids)
+    assert after == before
+    assert main(["report", str(state2), "--json"]) == 0
+    doc2 = json.loads(capsys.readouterr().out)
+    assert set(doc2["tasks"]) == {"digits", "shapes", "bands", "counting"}
+    for t in ("digits", "shapes", "bands"):
+        assert doc2["tasks"][t]["components"] == doc["tasks"][t]["components"]
+        assert doc2["tasks"][t]["test_accuracy"] == doc["tasks"][t]["test_accuracy"]
+
+    # an existing STATE is never written over
+    stamp = (state / "state.json").read_bytes()
+    assert main(args) == 2
+    assert (state / "state.json").read_bytes() == stamp
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--task", "no_such_task"], "no_such_task"),
+        (["--task", "digits", "--root", "timm:not_a_model_xyz"], "not_a_model_xyz"),
+        (["--task", "digits", "--root", "/nonexistent/root"], "does not exist"),
+        (["--task", "digits", "--budget", "tiny", "--scale-factor", "1.5"], "scale-factor"),
+        (["--task", "digits", "--strategy", "bogus"], "strategy"),
+    ],
+)
+def test_evolve_bad_input_exits_2_and_writes_nothing(args, message, tmp_path, capsys, tiny_root_dir):
+    out = tmp_path / "out"
+    full = ["evolve", "--out", str(out), "-q"] + args
+    if "--root" not in args:
+        full += ["--root", str(tiny_root_dir)]
+    assert main(full) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_resume_and_report_of_bad_states(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "state.json").write_text("{")
+    assert main(["evolve", "--out", str(tmp_path / "half"), "--resume", "-q"]) == 2
+    assert "not valid JSON" in capsys.readouterr().err

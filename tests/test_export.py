@@ -1,0 +1,415 @@
+"""Export: deduplicated weights, per-task and segment ONNX graphs over them, parity, atomicity,
+the torch-free reader, the CLI and BentoML."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from evolve.data import PREPROCESSING
+from evolve.evolution import Evolution
+from evolve.model import Component, Path, PathModel, new_head
+from evolve.state import System
+from evolve.train import predict, to_model_input
+from export.artifact import WEIGHTS, ArtifactError, artifact_stats, external_refs, load_artifact
+from export.build import INLINE_LIMIT, content_key, export_system
+from export.segments import plan_segments
+from export.verify import verify_artifact
+from mutask.errors import MutaskError
+from tests.conftest import make_root, synthetic_task
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(rounds=1, children=3, generation_size=2, steps=4, validations=1, batch_size=16)
+
+
+def new_system(root, names, data):
+    from dataclasses import asdict
+
+    from evolve.evolution import EvolveConfig
+
+    s = System.new(root, seed=0)
+    s.config["evolve"] = asdict(EvolveConfig(**TINY))
+    s.config["order"] = names
+    s.tasks.update({t: {"spec": t, "seed": 0, "num_classes": data[t].num_classes} for t in names})
+    return s
+
+
+def _add_task(s: System, task: str, components: list[str], hparams: dict, num_classes: int, seed: int) -> None:
+    """Give ``task`` a best path over ``components`` plus its own random (non-zero) head."""
+    torch.manual_seed(seed)
+    head = new_head(s.root.embed_dim, num_classes)
+    torch.nn.init.normal_(head.weight, std=0.5)
+    torch.nn.init.normal_(head.bias, std=0.1)
+    comp = s.store.adopt(Component(s.store.new_id(), "head", head))
+    p = Path(s.new_path_id(), task, list(components) + [comp.id], dict(hparams), metrics={"val_accuracy": 0.5, "test_accuracy": 0.5})
+    s.paths[p.id] = p
+    s.best[task] = p.id
+    s.tasks[task] = {"spec": task, "seed": 0, "num_classes": num_classes, "class_names": [f"{task}-{i}" for i in range(num_classes)]}
+    for cid in p.components:
+        s.store[cid].locks.add(task)
+
+
+@pytest.fixture(scope="module")
+def evolved(tmp_path_factory):
+    """Tasks a and b evolved (b seeded from a: shared prefix); task c = a's path at image
+    size 48 (position embedding resampled in the graph) with an unchanged clone of a's norm
+    (the same bytes: stored once) and its own head. Exported once."""
+    base = tmp_path_factory.mktemp("evolved")
+    data = {"a": synthetic_task("a", 4, 1), "b": synthetic_task("b", 3, 2), "c": synthetic_task("c", 5, 3)}
+    s = new_system(make_root(), ["a", "b"], data)
+    Evolution(s, data, base / "st", show_progress=False).run(["a", "b"])
+    pa = s.best_path("a")
+    comps = list(pa.components[:-1])
+    i = [s.store[c].name for c in comps].index("norm")
+    comps[i] = s.store.adopt(s.store.clone(comps[i])).id
+    _add_task(s, "c", comps, dict(pa.hparams, image_size=48), 5, seed=3)
+    art = export_system(s, base / "art", data=data, show_progress=False)
+    return s, data, art
+
+
+@pytest.fixture(scope="module")
+def solo(tmp_path_factory):
+    """One task on the root (no evolution): the cheap system for the write-path tests."""
+    base = tmp_path_factory.mktemp("solo")
+    s = System.new(make_root(), seed=0)
+    _add_task(s, "solo", s.root_path.components[:-1], {"image_size": 32, "num_blocks": 3}, 3, seed=5)
+    s.config["order"] = ["solo"]
+    s.save(base / "st")
+    data = {"solo": synthetic_task("solo", 3, 5, n_train=8, n_eval=24)}
+    return s, data, base / "st"
+
+
+def _tree(d):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
+
+
+def _leftovers(parent, name):
+    return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")]
+
+
+# --------------------------------------------------------------------------- the artifact
+
+
+def test_weights_hold_every_unique_tensor_once(evolved):
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    s, _, art = evolved
+    a = load_artifact(art)
+    tensors = load_file(str(art / WEIGHTS))
+    keys = [content_key(v) for v in tensors.values()]
+    assert len(keys) == len(set(keys)), "a tensor is stored twice"
+    used = {c for t in s.best for c in s.best_path(t).components}
+    assert set(a.components) == used
+    # c's norm is an unchanged clone of a's: its tensors point at a's bytes, not copies
+    na = next(c for c in s.best_path("a").components if s.store[c].name == "norm")
+    nc = next(c for c in s.best_path("c").components if s.store[c].name == "norm")
+    assert na != nc and a.components[nc]["tensors"] == a.components[na]["tensors"]
+    # every component tensor is in the file, with its exact content
+    for cid in used:
+        rec = a.components[cid]
+        assert rec["num_params"] == s.store[cid].num_params and rec["name"] == s.store[cid].name
+        assert rec["used_by"] == [t for t in s.best if cid in s.best_path(t).components]
+        for name, t in s.store[cid].tensors().items():
+            assert np.array_equal(tensors[rec["tensor_map"][name]], t.numpy())
+    # header metadata says which components use each tensor
+    with safe_open(str(art / WEIGHTS), "np") as f:
+        meta = f.metadata()
+    assert meta["format"] == "mutask-weights"
+    for key in tensors:
+        assert all(key in a.components[c]["tensors"] for c in meta[key].split(","))
+    assert sum(v.nbytes for v in tensors.values()) == a.manifest["unique_param_bytes"]
+
+
+def test_manifest_contract(evolved):
+    s, data, art = evolved
+    m = load_artifact(art).manifest
+    assert m["format_version"] == 1 and m["weights"] == WEIGHTS
+    assert m["root"]["source"] == "tiny-test-root" and m["root"]["root_params"] == s.root_params
+    assert list(m["tasks"]) == ["a", "b", "c"]
+    for t, rec in m["tasks"].items():
+        p = s.best_path(t)
+        assert rec["labels"] == (data[t].class_names if t != "c" else [f"c-{i}" for i in range(5)])
+        assert rec["image_size"] == p.image_size and rec["preprocessing"] == dict(PREPROCESSING, image_size=p.image_size)
+        assert rec["params"] == s.path_params(p.components)
+        assert rec["accounted_params"] == pytest.approx(s.accounted_params(p.components, t))
+        assert rec["components"] == p.components and rec["metrics"]["test_accuracy"] == p.metrics["test_accuracy"]
+        assert rec["spec"] == t and rec["seed"] == 0
+        chain = rec["segments"]
+        assert sum((m["segments"][sid]["components"] for sid in chain), []) == p.components
+        assert m["segments"][chain[0]]["input"] == "image" and m["segments"][chain[0]]["parent"] is None
+        assert m["segments"][chain[-1]]["output"] == "logits"
+        for prev, sid in zip(chain, chain[1:]):
+            assert m["segments"][sid]["parent"] == prev and m["segments"][sid]["input"] == "hidden"
+        assert all(t in m["segments"][sid]["tasks"] for sid in chain)
+        assert all(m["segments"][sid]["image_size"] == p.image_size for sid in chain)
+        par = m["parity"]["tasks"][t]
+        assert par["inputs"] == "test split" and par["examples"] == len(data[t].test) and par["ok"]
+    assert m["tasks"]["c"]["image_size"] == 48
+    # a and b share a prefix at 32 px; c (48 px) shares no segment with them, only weights
+    shared = [sid for sid, seg in m["segments"].items() if len(seg["tasks"]) > 1]
+    assert shared and all("c" not in m["segments"][sid]["tasks"] for sid in shared)
+    assert set(m["tasks"]["c"]["components"][:3]) <= set(m["tasks"]["a"]["components"])
+
+
+def test_each_task_graph_runs_alone_in_onnxruntime(evolved, tmp_path):
+    import onnxruntime as ort
+
+    s, data, art = evolved
+    a = load_artifact(art)
+    for t in a.tasks:
+        d = tmp_path / t
+        d.mkdir()
+        shutil.copy(a.graph_path(t), d / "model.onnx")
+        shutil.copy(art / WEIGHTS, d / WEIGHTS)
+        sess = ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"])
+        assert [i.name for i in sess.get_inputs()] == ["image"] and [o.name for o in sess.get_outputs()] == ["logits"]
+        assert sess.get_inputs()[0].shape[0] == "batch"
+        p = s.best_path(t)
+        x = to_model_input(data[t].test.resized(p.image_size)).numpy()
+        got = np.concatenate([sess.run(None, {"image": x[:1]})[0], sess.run(None, {"image": x[1:]})[0]])
+        ref = predict(PathModel.from_store(s.store, p), data[t].test, p.image_size)
+        assert got.shape == (len(x), len(a.tasks[t]["labels"]))
+        assert np.abs(got - ref).max() <= 1e-4
+        assert (got.argmax(1) == ref.argmax(1)).all()
+
+
+def test_segment_chains_equal_task_graphs(evolved):
+    from export.verify import ort_session, run_chain
+
+    s, data, art = evolved
+    a = load_artifact(art)
+    for t in a.tasks:
+        x = to_model_input(data[t].test.resized(a.tasks[t]["image_size"])).numpy()
+        whole = ort_session(a.graph_path(t)).run(None, {"image": x})[0]
+        sessions = [ort_session(a.segment_path(sid)) for sid in a.chain(t)]
+        assert [ss.get_inputs()[0].name for ss in sessions] == ["input"] * len(sessions)
+        assert np.abs(run_chain(sessions, x) - whole).max() <= 1e-4
+    rep = verify_artifact(art, data=data)
+    assert rep["ok"] and all(r["inputs"] == "test split" for r in rep["tasks"].values())
+    # without data (the specs name no loadable task) it checks random inputs and says so
+    rep = verify_artifact(art)
+    assert rep["ok"] and all(r["inputs"].startswith("random inputs") for r in rep["tasks"].values())
+
+
+def test_graphs_carry_no_weights(evolved):
+    import onnx
+
+    s, _, art = evolved
+    a = load_artifact(art)
+    st = artifact_stats(art)
+    files = [a.graph_path(t) for t in a.tasks] + [a.segment_path(sid) for sid in a.segments]
+    for f in files:
+        model = onnx.load(str(f), load_external_data=False)
+        ext = [i for i in model.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
+        assert ext and all(len(i.raw_data) <= INLINE_LIMIT for i in model.graph.initializer)
+        assert all(e.value == WEIGHTS for i in ext for e in i.external_data if e.key == "location")
+        assert f.stat().st_size < 32 * 1024  # structure only
+        assert [r for r in external_refs(f.read_bytes()) if r["external"]]
+    # every weight byte is on disk once: the weights file is its tensors plus a small header
+    unique = a.manifest["unique_param_bytes"]
+    assert st["unique_param_bytes"] == unique
+    assert st["weights_file_bytes"] <= 1.01 * unique
+    assert st["total_bytes"] <= 1.01 * unique + st["graph_bytes"] + st["manifest_bytes"]
+    assert st["naive_bytes"] > st["weights_file_bytes"] * 1.5  # three tasks would hold ~3 copies
+    print(f"\nexport bytes: unique params {unique:,}, weights file {st['weights_file_bytes']:,}, graphs {st['graph_bytes']:,} "
+          f"({st['num_graphs']} files), manifest {st['manifest_bytes']:,}; total {st['total_bytes']:,}; naive {st['naive_bytes']:,}")
+
+
+def test_plan_segments():
+    steps = {
+        "a": [("p", 32), ("b0", 32), ("b1", 32), ("ha", 32)],
+        "b": [("p", 32), ("b0", 32), ("x1", 32), ("hb", 32)],
+        "c": [("p", 32), ("b0", 32), ("x1", 32), ("hc", 32)],
+        "d": [("p", 48), ("b0", 48), ("hd", 48)],
+    }
+    segs, chains = plan_segments(steps)
+    assert chains == {"a": ["s0", "s1"], "b": ["s0", "s2", "s3"], "c": ["s0", "s2", "s4"], "d": ["s5"]}
+    assert segs["s0"]["components"] == ["p", "b0"] and segs["s0"]["tasks"] == ["a", "b", "c"]
+    assert segs["s2"] == {"components": ["x1"], "image_size": 32, "tasks": ["b", "c"], "parent": "s0", "start": 2, "input": "hidden", "output": "hidden"}
+    assert segs["s5"]["input"] == "image" and segs["s5"]["output"] == "logits" and segs["s5"]["image_size"] == 48
+    with pytest.raises(ValueError, match="prefix"):
+        plan_segments({"a": [("p", 32)], "b": [("p", 32), ("h", 32)]})
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def test_force_and_interrupted_export(solo, tmp_path, monkeypatch):
+    import export.build as build
+
+    s, data, _ = solo
+    art = tmp_path / "art"
+    export_system(s, art, data=data, show_progress=False)
+    before = _tree(art)
+    with pytest.raises(MutaskError, match="--force"):
+        export_system(s, art, data=data, show_progress=False)
+    assert _tree(art) == before
+
+    # interrupted mid-way (weights written; then graphs written, parity running):
+    # no ART, no temp dirs, an old ART intact
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "plan_segments", boom)
+    with pytest.raises(KeyboardInterrupt):
+        export_system(s, tmp_path / "new", data=data, show_progress=False)
+    assert not (tmp_path / "new").exists() and not _leftovers(tmp_path, "new")
+    monkeypatch.undo()
+    monkeypatch.setattr(build, "ort_session", boom)
+    with pytest.raises(KeyboardInterrupt):
+        export_system(s, art, data=data, force=True, show_progress=False)
+    assert _tree(art) == before and not _leftovers(tmp_path, "art")
+    monkeypatch.undo()
+
+    (art / "marker").write_text("old")
+    export_system(s, art, data=data, force=True, show_progress=False)
+    assert not (art / "marker").exists() and load_artifact(art).tasks.keys() == {"solo"}
+    assert not _leftovers(tmp_path, "art")
+    # --force never deletes something that is not an artifact
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(MutaskError, match="not a mutask artifact"):
+        export_system(s, tmp_path / "mine", data=data, force=True, show_progress=False)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_parity_failure_writes_nothing(solo, tmp_path, monkeypatch):
+    s, data, _ = solo
+    original = PathModel.forward
+    monkeypatch.setattr(PathModel, "forward", lambda self, x: original(self, x) + 1e-3)  # the reference drifts
+    with pytest.raises(MutaskError, match="parity failed") as e:
+        export_system(s, tmp_path / "art", data=data, show_progress=False)
+    assert "solo" in str(e.value) and "max |diff|" in str(e.value)
+    assert not (tmp_path / "art").exists() and not _leftovers(tmp_path, "art")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def test_tampered_artifacts_are_refused(evolved, tmp_path):
+    import onnx
+
+    _, _, art = evolved
+
+    def copy(name):
+        d = tmp_path / name
+        shutil.copytree(art, d)
+        return d
+
+    d = copy("flip")
+    w = bytearray((d / WEIGHTS).read_bytes())
+    w[len(w) // 2] ^= 0xFF
+    (d / WEIGHTS).write_bytes(bytes(w))
+    with pytest.raises(ArtifactError, match="weights.safetensors.*sha256"):
+        load_artifact(d)
+    load_artifact(d, verify=False)  # the cheap open only checks presence and size
+
+    d = copy("trunc")
+    (d / WEIGHTS).write_bytes((art / WEIGHTS).read_bytes()[:-100])
+    with pytest.raises(ArtifactError, match="truncated"):
+        load_artifact(d, verify=False)
+
+    d = copy("missing")
+    victim = load_artifact(d).tasks["b"]["graph"]
+    (d / victim).unlink()
+    with pytest.raises(ArtifactError, match=f"missing {victim}"):
+        load_artifact(d)
+
+    d = copy("version")
+    m = json.loads((d / "manifest.json").read_text())
+    m["format_version"] = 2
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="format_version 2.*reads version 1"):
+        load_artifact(d)
+
+    d = copy("graph")
+    g = d / load_artifact(d).tasks["a"]["graph"]
+    b = bytearray(g.read_bytes())
+    b[-3] ^= 0x01
+    g.write_bytes(bytes(b))
+    with pytest.raises(ArtifactError, match=f"{g.name} does not match its sha256"):
+        load_artifact(d)
+
+    # a graph whose reference points off a tensor, with the manifest hash made to match
+    d = copy("offset")
+    g = d / load_artifact(d).tasks["a"]["graph"]
+    model = onnx.load(str(g), load_external_data=False)
+    init = next(i for i in model.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL)
+    entry = next(e for e in init.external_data if e.key == "offset")
+    entry.value = str(int(entry.value) + 4)
+    g.write_bytes(model.SerializeToString())
+    m = json.loads((d / "manifest.json").read_text())
+    m["graphs"][g.name] = {"sha256": hashlib.sha256(g.read_bytes()).hexdigest(), "bytes": g.stat().st_size}
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="not one tensor"):
+        load_artifact(d)
+
+    with pytest.raises(ArtifactError, match="does not exist"):
+        load_artifact(tmp_path / "nope")
+
+
+def test_reader_imports_without_torch(evolved):
+    _, _, art = evolved
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import export, export.artifact\n"
+        "from export import load_artifact, FORMAT_VERSION, ArtifactError, Artifact\n"
+        f"a = load_artifact({str(art)!r})\n"
+        "t = a.tensors()\n"
+        "assert a.chain('a') and a.graph_path('c').is_file() and a.segment_path(a.chain('c')[0]).is_file()\n"
+        "assert sorted(a.tasks) == ['a', 'b', 'c'] and a.weights_path.name == 'weights.safetensors'\n"
+        "assert set(t) == {k for c in a.components.values() for k in c['tensors']}\n"
+        "assert not [m for m in sys.modules if m.startswith(('torch.', 'onnx', 'evolve'))]\n"
+        "print('ok', len(t))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ok")
+
+
+# --------------------------------------------------------------------------- CLI and BentoML
+
+
+def test_cli_and_bentoml(solo, tmp_path, capsys):
+    from mutask.cli import main
+
+    _, _, state = solo
+    assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "half").mkdir()
+    assert main(["export", str(tmp_path / "half"), "--out", str(tmp_path / "x")]) == 2
+    old = tmp_path / "old"
+    shutil.copytree(state, old)
+    doc = json.loads((old / "state.json").read_text())
+    doc["version"] = 99
+    (old / "state.json").write_text(json.dumps(doc))
+    assert main(["export", str(old), "--out", str(tmp_path / "x")]) == 2
+    assert "version 99" in capsys.readouterr().err
+    assert main(["export", str(state)]) == 2 and "--out ART is required" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+    art = tmp_path / "art"
+    assert main(["export", str(state), "--out", str(art), "-q", "--bentoml-model", "mutask-test"]) == 0
+    out = capsys.readouterr().out
+    assert "exported 1 task(s)" in out and "unique parameter bytes" in out
+    assert main(["export", str(state), "--out", str(art), "-q"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["export", "--verify-only", str(art), "-q"]) == 0
+    assert "ok" in capsys.readouterr().out
+    (art / load_artifact(art).tasks["solo"]["graph"]).unlink()
+    assert main(["export", "--verify-only", str(art), "-q"]) == 2
+    assert "missing" in capsys.readouterr().err
+
+    import bentoml
+
+    model = bentoml.models.get("mutask-test:latest")
+    stored = load_artifact(model.path)
+    assert list(stored.tasks) == ["solo"] and stored.labels("solo") == ["solo-0", "solo-1", "solo-2"]
+    assert str(model.path).startswith(os.environ["BENTOML_HOME"])
