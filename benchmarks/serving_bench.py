@@ -1,0 +1,392 @@
+"""Serving: the segment-tree server against plain onnxruntime and one session per task graph.
+
+    python -m benchmarks.serving_bench ART [--repeats 3] [--requests 100] [--concurrency 1,4,16,32]
+
+Starts two real servers on loopback (``mutask serve ART``, free ports, stopped at the end):
+``tree`` (the server: one ONNX Runtime session per segment, requests for any tasks batched
+together through the segments they share) and ``per_task`` (``MUTASK_ENGINE=per_task``: one
+session per task graph, each batching its own task's requests: the baseline), and measures
+
+1. per-task HTTP latency at batch 1 (sequential requests; p50, p99) on ``tree`` against a bare
+   onnxruntime run of the same per-task graph in this process (the same preprocessed input);
+2. mixed-task throughput (requests/s; tasks round-robin) at each concurrency of the curve,
+   ``tree`` vs ``per_task``, repeats interleaved, medians; plus the share of compute time spent
+   in shared segments (from the server's ``mutask_segment_seconds_total``) and the mean
+   engine batch size;
+3. resident memory (RSS, psutil) of each server's worker process, against the artifact's
+   unique weight bytes and against each other.
+
+Client and server share the machine's cores (loopback): on a small machine the client is a
+real part of the load. Everything is bounded: ``--requests`` per measurement and a time cap
+per measurement (``--max-seconds``). Writes ``benchmarks/results/serving.json`` and
+``serving.md`` (``--out`` for elsewhere). Imports no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import RESULTS, _cpu_model, write
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def machine() -> dict:
+    import bentoml
+    import onnxruntime
+    import PIL
+
+    return {
+        "platform": platform.platform(),
+        "processor": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "onnxruntime": onnxruntime.__version__,
+        "onnxruntime_providers": onnxruntime.get_available_providers(),
+        "bentoml": bentoml.__version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+        "torch": "not used (serving is torch-free)",
+    }
+
+
+def pct(xs, q) -> float:
+    return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProc:
+    """``mutask serve ART`` in its own process group (stopped with the group)."""
+
+    def __init__(self, art: Path, mode: str, tmp: Path, extra_env: dict | None = None):
+        self.mode = mode
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ)
+        prom = tmp / f"prometheus-{mode}"
+        prom.mkdir(parents=True, exist_ok=True)
+        env.update(
+            BENTOML_DO_NOT_TRACK="true", BENTOML_HOME=str(tmp / "bentoml-home"), PROMETHEUS_MULTIPROC_DIR=str(prom),
+            MUTASK_ENGINE=mode, PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+        )
+        env.update({k: str(v) for k, v in (extra_env or {}).items()})
+        self.log_path = tmp / f"server-{mode}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mutask.cli", "serve", str(art), "--port", str(self.port), "--host", "127.0.0.1"],
+            cwd=str(REPO), env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def wait_ready(self, timeout=120.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.mode} server exited ({self.proc.returncode}): {self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"{self.mode} server not ready in {timeout} s: {self.log_path.read_text()[-3000:]}")
+
+    def worker_rss(self) -> dict:
+        """RSS of the worker (the process holding the sessions) and of the whole server."""
+        import psutil
+
+        root = psutil.Process(self.proc.pid)
+        procs = [root] + root.children(recursive=True)
+        rss = {}
+        for p in procs:
+            try:
+                rss[p.pid] = (p.memory_info().rss, " ".join(p.cmdline()))
+            except psutil.Error:
+                pass
+        workers = [v[0] for v in rss.values() if "_bentoml_impl.worker" in v[1]]
+        return {"worker_rss": max(workers) if workers else None, "total_rss": sum(v[0] for v in rss.values()), "processes": len(rss)}
+
+    def stop(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(timeout=15)
+                if sig == signal.SIGTERM:
+                    time.sleep(0.5)  # the arbiter stops its worker; SIGKILL below catches a straggler
+            except subprocess.TimeoutExpired:
+                continue
+        self._log.close()
+
+
+def task_images(art) -> dict[str, bytes]:
+    """A noise PNG per task at its image size (no resize: the model's own cost)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for t, rec in art.tasks.items():
+        s = int(rec["image_size"])
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (s, s, 3), dtype=np.uint8)).save(buf, "PNG")
+        out[t] = buf.getvalue()
+    return out
+
+
+def bare_ort_latency(art, images: dict, n: int, threads: int) -> dict:
+    """p50/p99 of one onnxruntime session per task graph, batch 1, in this process."""
+    import onnxruntime as ort
+
+    from serving.preprocess import preprocess_bytes
+
+    out = {}
+    for t in art.tasks:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(art.graph_path(t)), so, providers=["CPUExecutionProvider"])
+        x = preprocess_bytes(images[t], int(art.tasks[t]["image_size"]))
+        for _ in range(5):
+            sess.run(None, {"image": x})
+        lat = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            sess.run(None, {"image": x})
+            lat.append(time.perf_counter() - t0)
+        out[t] = {"p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3, "n": n}
+        del sess
+    return out
+
+
+def http_latency(url: str, images: dict, n: int, max_seconds: float) -> dict:
+    import httpx
+
+    out = {}
+    with httpx.Client(base_url=url, timeout=60) as c:
+        for t, img in images.items():
+            for _ in range(5):
+                c.post("/predict", data={"task": t}, files={"image": ("x.png", img, "image/png")}).raise_for_status()
+            lat, t_end = [], time.monotonic() + max_seconds
+            while len(lat) < n and time.monotonic() < t_end:
+                t0 = time.perf_counter()
+                r = c.post("/predict", data={"task": t}, files={"image": ("x.png", img, "image/png")})
+                lat.append(time.perf_counter() - t0)
+                r.raise_for_status()
+            out[t] = {"p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3, "n": len(lat)}
+    return out
+
+
+def scrape(url: str) -> dict:
+    import httpx
+
+    text = httpx.get(url + "/metrics", timeout=30).text
+    seg = {"shared": 0.0, "all": 0.0}
+    rows = batches = 0.0
+    for line in text.splitlines():
+        if line.startswith("mutask_segment_seconds_total{"):
+            v = float(line.rsplit(" ", 1)[1])
+            seg["all"] += v
+            if 'shared="true"' in line:
+                seg["shared"] += v
+        elif line.startswith("mutask_engine_batch_size_sum"):
+            rows += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("mutask_engine_batch_size_count"):
+            batches += float(line.rsplit(" ", 1)[1])
+    return {"seg_shared": seg["shared"], "seg_all": seg["all"], "rows": rows, "batches": batches}
+
+
+async def _throughput(url: str, images: dict, concurrency: int, n: int, max_seconds: float) -> dict:
+    import httpx
+
+    tasks = list(images)
+    counter = {"next": 0, "done": 0, "errors": 0}
+    t_end = time.monotonic() + max_seconds
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as c:
+        for t in tasks:  # warm: every task once
+            (await c.post("/predict", data={"task": t}, files={"image": ("x.png", images[t], "image/png")})).raise_for_status()
+
+        async def worker():
+            while counter["next"] < n and time.monotonic() < t_end:
+                i = counter["next"]
+                counter["next"] += 1
+                t = tasks[i % len(tasks)]
+                r = await c.post("/predict", data={"task": t}, files={"image": ("x.png", images[t], "image/png")})
+                if r.status_code == 200:
+                    counter["done"] += 1
+                else:
+                    counter["errors"] += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return {"requests": counter["done"], "errors": counter["errors"], "seconds": wall, "rps": counter["done"] / wall if wall else 0.0}
+
+
+def throughput(url, images, concurrency, n, max_seconds) -> dict:
+    before = scrape(url)
+    res = asyncio.run(_throughput(url, images, concurrency, n, max_seconds))
+    after = scrape(url)
+    d = {k: after[k] - before[k] for k in after}
+    res["shared_compute_share"] = d["seg_shared"] / d["seg_all"] if d["seg_all"] > 0 else None
+    res["mean_engine_batch"] = d["rows"] / d["batches"] if d["batches"] > 0 else None
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.serving_bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("artifact", metavar="ART", help="artifact directory written by `mutask export`")
+    p.add_argument("--repeats", type=int, default=3, help="repeats of each throughput point (interleaved; medians)")
+    p.add_argument("--requests", type=int, default=100, help="requests per latency series and per throughput point")
+    p.add_argument("--concurrency", default="1,4,16,32", help="comma-separated concurrency curve")
+    p.add_argument("--max-seconds", type=float, default=20.0, help="time cap per measurement")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results directory (default benchmarks/results)")
+    a = p.parse_args(argv)
+    curve = [int(c) for c in a.concurrency.split(",") if c.strip()]
+
+    from export.artifact import artifact_stats, load_artifact
+
+    art = load_artifact(a.artifact)
+    stats = artifact_stats(a.artifact)
+    images = task_images(art)
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    tmp = Path(tempfile.mkdtemp(prefix="mutask-serving-bench-"))
+    servers = {}
+    t_start = time.perf_counter()
+    try:
+        for mode in ("tree", "per_task"):
+            servers[mode] = ServerProc(Path(a.artifact).resolve(), mode, tmp)
+        for s in servers.values():
+            s.wait_ready()
+        print(f"servers ready: {', '.join(f'{m} {s.url}' for m, s in servers.items())}", flush=True)
+        # warm both, then memory at rest
+        for s in servers.values():
+            http_latency(s.url, images, 3, a.max_seconds)
+        memory = {m: s.worker_rss() for m, s in servers.items()}
+
+        print("latency at batch 1 ...", flush=True)
+        lat_http = http_latency(servers["tree"].url, images, a.requests, a.max_seconds)
+        lat_ort = bare_ort_latency(art, images, a.requests, threads)
+
+        print("throughput ...", flush=True)
+        tp: dict = {m: {c: [] for c in curve} for m in servers}
+        for r in range(a.repeats):
+            for c in curve:
+                for m in (("tree", "per_task") if r % 2 == 0 else ("per_task", "tree")):
+                    res = throughput(servers[m].url, images, c, max(a.requests, 4 * c), a.max_seconds)
+                    tp[m][c].append(res)
+                    print(f"  repeat {r + 1} {m:<8} c={c:<3} {res['rps']:8.1f} req/s  batch {res['mean_engine_batch'] or 0:.2f}", flush=True)
+        memory_after = {m: s.worker_rss() for m, s in servers.items()}
+    finally:
+        for s in servers.values():
+            s.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def med(xs, key):
+        vals = [x[key] for x in xs if x.get(key) is not None]
+        return statistics.median(vals) if vals else None
+
+    curve_doc = {
+        str(c): {
+            m: {"rps_median": med(tp[m][c], "rps"), "rps_all": [x["rps"] for x in tp[m][c]],
+                "mean_engine_batch": med(tp[m][c], "mean_engine_batch"), "errors": sum(x["errors"] for x in tp[m][c]),
+                "shared_compute_share": med(tp[m][c], "shared_compute_share")}
+            for m in tp
+        }
+        for c in curve
+    }
+    unique = stats["unique_param_bytes"]
+    doc = {
+        "artifact": str(Path(a.artifact).resolve()),
+        "tasks": list(art.tasks),
+        "segments": {sid: {"tasks": s["tasks"], "parent": s["parent"]} for sid, s in art.segments.items()},
+        "settings": {"repeats": a.repeats, "requests": a.requests, "concurrency": curve, "max_seconds": a.max_seconds, "ort_threads": threads},
+        "latency_batch1": {t: {"http": lat_http[t], "bare_onnxruntime": lat_ort[t]} for t in art.tasks},
+        "throughput": curve_doc,
+        "memory": {
+            "unique_weight_bytes": unique,
+            "naive_weight_bytes_one_model_per_task": stats["naive_bytes"],
+            "at_rest": memory,
+            "after_load": memory_after,
+        },
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+    doc["machine"] = machine()
+
+    mb = 1 / (1024 * 1024)
+    lines = [
+        f"# Serving benchmark ({len(art.tasks)} tasks, {len(art.segments)} segments)",
+        "",
+        "## Latency at batch 1 (ms; sequential requests)",
+        "",
+        "| task | HTTP p50 | HTTP p99 | bare ORT p50 | bare ORT p99 | HTTP overhead p50 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for t in art.tasks:
+        h, o = lat_http[t], lat_ort[t]
+        lines.append(f"| {t} | {h['p50_ms']:.2f} | {h['p99_ms']:.2f} | {o['p50_ms']:.2f} | {o['p99_ms']:.2f} | {h['p50_ms'] - o['p50_ms']:.2f} |")
+    lines += [
+        "",
+        f"## Mixed-task throughput (requests/s, median of {a.repeats}; tasks round-robin)",
+        "",
+        "| concurrency | segment tree | one session per task | speed-up | tree mean batch | per-task mean batch | shared-segment share of compute |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in curve:
+        tr, pt = curve_doc[str(c)]["tree"], curve_doc[str(c)]["per_task"]
+        sp = tr["rps_median"] / pt["rps_median"] if tr["rps_median"] and pt["rps_median"] else float("nan")
+        share = tr["shared_compute_share"]
+        lines.append(
+            f"| {c} | {tr['rps_median']:.1f} | {pt['rps_median']:.1f} | {sp:.2f}x | {tr['mean_engine_batch'] or 0:.2f} | "
+            f"{pt['mean_engine_batch'] or 0:.2f} | {'-' if share is None else f'{share:.1%}'} |"
+        )
+    lines += [
+        "",
+        "## Memory (worker process RSS)",
+        "",
+        "| server | RSS at rest (MiB) | RSS after load (MiB) | RSS / unique weights |",
+        "|---|---:|---:|---:|",
+    ]
+    for m, label in (("tree", "segment tree (each weight once)"), ("per_task", "one session per task graph")):
+        r0, r1 = memory[m]["worker_rss"], memory_after[m]["worker_rss"]
+        lines.append(f"| {label} | {r0 * mb:.1f} | {r1 * mb:.1f} | {r1 / unique:.1f}x |" if r0 and r1 else f"| {label} | - | - | - |")
+    lines += [
+        "",
+        f"Unique weight bytes: {unique * mb:.2f} MiB; one full model per task would hold {stats['naive_bytes'] * mb:.2f} MiB.",
+        f"Client and servers share this machine's {doc['machine']['cpu_affinity'] or doc['machine']['cpu_count']} cores (loopback); "
+        f"ONNX Runtime threads per server: {threads}. Wall time {doc['wall_seconds']:.0f} s.",
+    ]
+    j, m = write("serving", doc, "\n".join(lines), a.out)
+    print("\n".join(lines))
+    print(f"\nwrote {j} and {m}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

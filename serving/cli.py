@@ -1,0 +1,113 @@
+"""``mutask serve ART``: BentoML's HTTP server for every task of an exported system.
+
+Imports stay inside the handler, and none of them is torch: the artifact is verified first
+(a missing, truncated or tampered one exits with code 2 and a message before any server
+starts), then ``MUTASK_ARTIFACT`` names it and ``bentoml.serve`` runs ``serving.service:Mutask``
+(an arbiter and one worker process that holds every segment graph once).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+DESCRIPTION = """\
+Serve every task of an exported system (`mutask export`) from one process with BentoML:
+POST /predict (multipart: task, image), POST /predict_batch (JSON, base64 images), GET /tasks,
+/livez, /readyz, /metrics, and the OpenAPI page at /. CPU by default; CUDA through
+onnxruntime-gpu where a GPU is present. Concurrent requests for different tasks are batched
+together through the segments their tasks share.
+
+The same service runs under `bentoml serve serving.service:Mutask` with MUTASK_ARTIFACT=ART
+(or MUTASK_BENTOML_MODEL=TAG)."""
+
+
+def add_parser(subparsers) -> None:
+    s = subparsers.add_parser(
+        "serve", help="serve an exported system over HTTP (BentoML)", description=DESCRIPTION,
+        formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
+    )
+    s.add_argument("artifact", metavar="ART", help="artifact directory written by `mutask export`")
+    s.add_argument("--port", type=int, default=3000, help="TCP port (default 3000)")
+    s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1, loopback only)")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], help="execution device (default auto: CUDA if onnxruntime-gpu finds a GPU, else CPU)")
+    s.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    s.add_argument("--max-batch", type=int, help="most image rows per engine batch (default 32)")
+    s.add_argument("--max-wait-ms", type=float, help="how long a batch waits for requests being decoded (default 2 ms)")
+    s.add_argument("--max-image-bytes", type=int, help="upload size limit in bytes (default 10 MB, or MUTASK_MAX_IMAGE_BYTES)")
+    s.set_defaults(func=_cmd_serve)
+
+
+def _check_port(host: str, port: int) -> None:
+    from .loader import ServingError
+
+    if not 0 < port < 65536:
+        raise ServingError(f"--port {port} is not a TCP port (1-65535)")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ServingError(f"--host {host!r} cannot be resolved ({e})") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise ServingError(f"cannot listen on {host}:{port} ({e.strerror or e}): pick another --port") from None
+
+
+def _cmd_serve(a) -> None:
+    from .loader import ENV_ARTIFACT, ENV_MODEL, ServingError, open_artifact
+
+    for name, value in (("--threads", a.threads), ("--max-batch", a.max_batch), ("--max-image-bytes", a.max_image_bytes)):
+        if value is not None and value <= 0:
+            raise ServingError(f"{name} must be positive, got {value}")
+    path = Path(a.artifact).expanduser().resolve()
+    art = open_artifact(path)  # ServingError (exit 2) for a missing, truncated or tampered artifact
+    _check_port(a.host, a.port)
+
+    os.environ[ENV_ARTIFACT] = str(path)
+    os.environ.pop(ENV_MODEL, None)
+    for env, value in (
+        ("MUTASK_DEVICE", a.device), ("MUTASK_ORT_THREADS", a.threads), ("MUTASK_MAX_BATCH", a.max_batch),
+        ("MUTASK_MAX_WAIT_MS", a.max_wait_ms), ("MUTASK_MAX_IMAGE_BYTES", a.max_image_bytes),
+    ):
+        if value is not None:
+            os.environ[env] = str(value)
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+
+    import tempfile
+
+    import bentoml
+
+    from .service import check_settings
+
+    check_settings()  # ServingError (exit 2) for a bad --device/--threads/... before anything starts
+    fd, error_file = tempfile.mkstemp(prefix="mutask-serve-", suffix=".err")
+    os.close(fd)
+    os.environ["MUTASK_STARTUP_ERROR_FILE"] = error_file  # a worker that cannot start writes why, and stops the server
+
+    host = f"[{a.host}]" if ":" in a.host else a.host
+    url = f"http://{host}:{a.port}"
+    print(f"mutask serve: {len(art.tasks)} tasks ({', '.join(art.tasks)}) from {path}", flush=True)
+    print(f"mutask serve: listening on {url} (POST {url}/predict, GET {url}/tasks, {url}/metrics; Ctrl+C stops)", flush=True)
+    working_dir = str(Path(__file__).resolve().parent.parent)
+    try:
+        bentoml.serve("serving.service:Mutask", working_dir=working_dir, host=a.host, port=a.port, blocking=True)
+    except KeyboardInterrupt:
+        pass
+    except ServingError:
+        raise
+    except Exception as e:  # BentoML failing to start: say so, exit 2
+        raise ServingError(f"the server failed to start: {type(e).__name__}: {e}") from None
+    finally:
+        try:
+            failure = Path(error_file).read_text().strip()
+            os.unlink(error_file)
+        except OSError:
+            failure = ""
+    if failure:
+        raise ServingError(f"the service could not start, the server stopped: {failure}")
+    print("mutask serve: stopped", file=sys.stderr)

@@ -1,0 +1,524 @@
+"""The inference engine: an exported system's segment graphs run as a prefix tree.
+
+An export decomposes the tasks' paths into *segments* (see ``export/FORMAT.md``): a maximal
+run of components shared by the same set of tasks at the same image size. The tasks' chains
+form a prefix tree: the first segment of a chain takes the image, the others take their
+parent's hidden state, the last one answers the task's logits. Each unique weight belongs to
+exactly one segment, so one ONNX Runtime session per segment holds each weight in memory once
+(the per-task graphs would duplicate every shared weight).
+
+:meth:`Engine.run` takes a mixed list of (task, images) and runs every segment of the tree
+once, on the rows of all the tasks that pass through it, then splits the logits per task.
+:class:`MicroBatcher` feeds it: concurrent requests (any tasks) are collected for up to
+``max_wait_ms`` or ``max_batch`` rows, run in one worker thread (one inference at a time),
+split per request, and their futures resolved. Threads: sequential execution, inter-op 1, one
+inference at a time, and in the server one global ONNX Runtime intra-op pool of ``threads``
+threads (all cores by default) shared by every session: they never oversubscribe the cores
+(see :func:`_session_options`).
+
+Torch-free: this module imports onnxruntime and numpy only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .preprocess import check_spec
+
+log = logging.getLogger("mutask.serving")
+
+_GLOBAL_POOLS: dict = {}  # set once per process: {"threads": n} when ORT global pools are on
+_GLOBAL_LOCK = threading.Lock()
+
+
+class EngineError(RuntimeError):
+    """The artifact cannot be served (bad manifest, a graph that fails its check)."""
+
+
+def cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _gpu_present() -> bool:
+    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg"))
+
+
+def choose_providers(device: str | None = None) -> list:
+    """Execution providers for ``device``: "auto" (CUDA where onnxruntime-gpu has it and a GPU
+    is present, else CPU), "cuda" (CUDA, CPU fallback) or "cpu". Default: ``MUTASK_DEVICE`` or auto."""
+    import onnxruntime as ort
+
+    device = (device or os.environ.get("MUTASK_DEVICE") or "auto").lower()
+    if device not in ("auto", "cpu", "cuda", "gpu"):
+        raise EngineError(f"unknown device {device!r}: use auto, cpu or cuda")
+    available = ort.get_available_providers()
+    cuda = "CUDAExecutionProvider" in available
+    if device in ("cuda", "gpu") and not cuda:
+        log.warning("device %s asked for, but onnxruntime offers %s: running on CPU", device, available)
+    if cuda and (device in ("cuda", "gpu") or (device == "auto" and _gpu_present())):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _session_options(threads: int, global_pools: bool):
+    """Sequential-execution session options on a thread budget of ``threads``.
+
+    With ``global_pools`` (a process that is only a server: the BentoML worker) every session
+    shares ONNX Runtime's global intra-op pool of ``threads`` threads (inter-op 1): one pool
+    for all segments. Once set, a process can no longer create sessions with their own pools,
+    so library use (tests, benchmarks) gets per-session pools of ``threads`` threads with
+    spinning off, so a finished segment's idle pool does not compete with the next one's."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    with _GLOBAL_LOCK:
+        if global_pools and "threads" not in _GLOBAL_POOLS and hasattr(ort, "set_global_thread_pool_sizes"):
+            try:
+                ort.set_global_thread_pool_sizes(threads, 1)
+                _GLOBAL_POOLS["threads"] = threads
+            except Exception as e:
+                log.info("onnxruntime global thread pools unavailable (%s): per-session pools", e)
+        global_threads = _GLOBAL_POOLS.get("threads")
+    if global_threads:  # set in this process: every session must use them
+        so.use_per_session_threads = False
+    else:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return so
+
+
+@dataclass
+class Segment:
+    id: str
+    parent: str | None
+    tasks: tuple
+    input: str
+    output: str
+    image_size: int
+    session: object = None
+    input_name: str = "input"
+    children: list = field(default_factory=list)
+
+    @property
+    def shared(self) -> bool:
+        return len(self.tasks) > 1
+
+
+@dataclass
+class TaskInfo:
+    id: str
+    labels: list
+    image_size: int
+    scale: float
+    offset: float
+    chain: list
+    record: dict
+
+
+class Engine:
+    """One ONNX Runtime session per segment of ``artifact`` (an :class:`export.artifact.Artifact`).
+
+    ``run`` is synchronous and not re-entrant (the batcher calls it from one thread);
+    ``stats`` counts rows and seconds per segment (the share of compute in shared segments).
+    """
+
+    def __init__(
+        self, artifact, *, device: str | None = None, threads: int | None = None, verify: bool = True,
+        global_pools: bool = False, mode: str | None = None,
+    ):
+        import onnxruntime as ort
+
+        self.artifact = artifact
+        self.mode = (mode or os.environ.get("MUTASK_ENGINE") or "tree").replace("-", "_")
+        if self.mode not in ("tree", "per_task"):
+            raise EngineError(f"unknown engine mode {self.mode!r}: tree (the server) or per_task (a benchmark baseline)")
+        self.threads = int(threads or os.environ.get("MUTASK_ORT_THREADS") or cpu_count())
+        self.providers = choose_providers(device)
+        self.ready = False
+        self._lock = threading.Lock()
+        self.tasks: dict[str, TaskInfo] = {}
+        self.segments: dict[str, Segment] = {}
+        self._load_manifest()
+        so = _session_options(self.threads, global_pools)
+        t0 = time.perf_counter()
+        # tree: one session per segment (each weight once). per_task: one session per task
+        # graph, the baseline that duplicates every shared weight (benchmarks only).
+        self.sessions: dict[str, object] = {}
+        if self.mode == "tree":
+            units = [(sid, artifact.segment_path(sid), f"segment {sid}") for sid in self.order]
+        else:
+            units = [(f"task:{tid}", artifact.graph_path(tid), f"task {tid}'s graph") for tid in self.tasks]
+        for key, path, what in units:
+            try:
+                session = ort.InferenceSession(str(path), so, providers=self.providers)
+            except Exception as e:
+                raise EngineError(f"{what}: onnxruntime cannot load {path}: {e}") from e
+            inputs = session.get_inputs()
+            if len(inputs) != 1:
+                raise EngineError(f"{what}: expected one input, the graph has {[i.name for i in inputs]}")
+            self.sessions[key] = session
+            if self.mode == "tree":
+                self.segments[key].session = session
+                self.segments[key].input_name = inputs[0].name
+        self._input_names = {k: s.get_inputs()[0].name for k, s in self.sessions.items()}
+        first = next(iter(self.sessions.values()), None)
+        self.active_providers = list(first.get_providers()) if first else list(self.providers)
+        self.device = "cuda" if "CUDAExecutionProvider" in self.active_providers else "cpu"
+        self.load_seconds = time.perf_counter() - t0
+        self.stats = {k: {"rows": 0, "runs": 0, "seconds": 0.0} for k in self.sessions}
+        if verify:
+            self.verify()
+        self.ready = True
+        log.info(
+            "engine (%s): %d tasks, %d sessions on %s (%s), %d ORT threads%s, loaded in %.2f s",
+            self.mode, len(self.tasks), len(self.sessions), self.device, ",".join(self.active_providers), self.threads,
+            " (global pool)" if _GLOBAL_POOLS.get("threads") else "", self.load_seconds,
+        )
+
+    @classmethod
+    def check(cls, artifact) -> None:
+        """Validate what the engine needs from the manifest (chains, tree, preprocessing),
+        without loading any graph: :class:`EngineError` if it cannot be served."""
+        probe = cls.__new__(cls)
+        probe.artifact, probe.tasks, probe.segments = artifact, {}, {}
+        probe._load_manifest()
+
+    def is_shared(self, key: str) -> bool:
+        """Whether a ``stats`` key (a segment, or a per-task graph) serves more than one task."""
+        seg = self.segments.get(key)
+        return bool(seg is not None and seg.shared)
+
+    # ---- manifest -> tree -------------------------------------------------------------------
+
+    def _load_manifest(self) -> None:
+        art = self.artifact
+        if not art.tasks:
+            raise EngineError("the artifact has no tasks")
+        for sid, rec in art.segments.items():
+            try:
+                self.segments[sid] = Segment(
+                    id=sid, parent=rec.get("parent"), tasks=tuple(rec.get("tasks") or ()), input=rec["input"],
+                    output=rec["output"], image_size=int(rec["image_size"]),
+                )
+            except (KeyError, TypeError, ValueError) as e:
+                raise EngineError(f"segment {sid}: malformed manifest record ({e!r})") from None
+        for sid, seg in self.segments.items():
+            if seg.parent is None:
+                if seg.input != "image":
+                    raise EngineError(f"segment {sid} has no parent but takes {seg.input!r}, not the image")
+            else:
+                if seg.parent not in self.segments:
+                    raise EngineError(f"segment {sid}: parent {seg.parent} is not in the manifest")
+                self.segments[seg.parent].children.append(sid)
+        for tid, rec in art.tasks.items():
+            try:
+                labels = [str(x) for x in rec["labels"]]
+                size = int(rec["image_size"])
+                scale, offset = check_spec(rec.get("preprocessing") or {}, f"task {tid}")
+            except (KeyError, TypeError, ValueError) as e:
+                raise EngineError(f"task {tid}: {e}") from None
+            chain = list(art.chain(tid))
+            if not chain:
+                raise EngineError(f"task {tid} has an empty segment chain")
+            for i, sid in enumerate(chain):
+                seg = self.segments.get(sid)
+                if seg is None:
+                    raise EngineError(f"task {tid}: segment {sid} is not in the manifest")
+                if seg.parent != (chain[i - 1] if i else None):
+                    raise EngineError(f"task {tid}: segment {sid} follows {chain[i - 1] if i else None}, but its parent is {seg.parent}")
+            if self.segments[chain[0]].image_size != size:
+                raise EngineError(f"task {tid}: image size {size} but its first segment takes {self.segments[chain[0]].image_size}")
+            if self.segments[chain[-1]].output != "logits":
+                raise EngineError(f"task {tid}: its last segment {chain[-1]} does not output logits")
+            self.tasks[tid] = TaskInfo(tid, labels, size, scale, offset, chain, rec)
+        # parents before children
+        order, seen = [], set()
+
+        def visit(sid, depth=0):
+            if sid in seen:
+                return
+            if depth > len(self.segments):
+                raise EngineError(f"segment {sid}: the parent links form a cycle")
+            parent = self.segments[sid].parent
+            if parent is not None:
+                visit(parent, depth + 1)
+            seen.add(sid)
+            order.append(sid)
+
+        for sid in self.segments:
+            visit(sid)
+        self.order = order
+
+    # ---- inference --------------------------------------------------------------------------
+
+    def run(self, items: list) -> list:
+        """Run a mixed batch: ``items`` is a list of (task id, float32 (n, 3, S, S)); returns
+        one float32 (n, num_labels) logits array per item. Every segment runs once, on the
+        rows of every item whose chain passes through it."""
+        with self._lock:
+            return self._run(items) if self.mode == "tree" else self._run_per_task(items)
+
+    def _run_per_task(self, items: list) -> list:
+        """The baseline: each task's requests batched on its own graph."""
+        by_task: dict[str, list] = {}
+        for i, (task, _) in enumerate(items):
+            by_task.setdefault(task, []).append(i)
+        results: list = [None] * len(items)
+        for task, idx in by_task.items():
+            key = f"task:{task}"
+            x = np.concatenate([items[i][1] for i in idx], axis=0) if len(idx) > 1 else items[idx[0]][1]
+            t0 = time.perf_counter()
+            out = self.sessions[key].run(None, {self._input_names[key]: x})[0]
+            st = self.stats[key]
+            st["seconds"] += time.perf_counter() - t0
+            st["rows"] += x.shape[0]
+            st["runs"] += 1
+            pos = 0
+            for i in idx:
+                n = items[i][1].shape[0]
+                results[i] = np.asarray(out[pos : pos + n], dtype=np.float32)
+                pos += n
+        return results
+
+    def _run(self, items: list) -> list:
+        # per segment: the item indices through it (in item order), and their row offsets
+        through: dict[str, list] = {}
+        for i, (task, x) in enumerate(items):
+            for sid in self.tasks[task].chain:
+                through.setdefault(sid, []).append(i)
+        # a segment's output is kept while a child still has to read it or an item ends there
+        refs = {sid: sum(c in through for c in self.segments[sid].children) for sid in through}
+        for task, _ in items:
+            refs[self.tasks[task].chain[-1]] += 1
+        outputs: dict[str, np.ndarray] = {}
+        offsets: dict[str, dict] = {}
+        for sid in self.order:
+            idx = through.get(sid)
+            if not idx:
+                continue
+            seg = self.segments[sid]
+            if seg.parent is None:
+                parts = [items[i][1] for i in idx]
+            else:
+                parent_out = outputs[seg.parent]
+                if through[seg.parent] == idx:
+                    parts = [parent_out]
+                else:
+                    po = offsets[seg.parent]
+                    parts = [parent_out[po[i][0] : po[i][1]] for i in idx]
+                refs[seg.parent] -= 1
+                if refs[seg.parent] <= 0:
+                    outputs.pop(seg.parent)
+            x = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+            t0 = time.perf_counter()
+            out = seg.session.run(None, {seg.input_name: x})[0]
+            st = self.stats[sid]
+            st["seconds"] += time.perf_counter() - t0
+            st["rows"] += x.shape[0]
+            st["runs"] += 1
+            outputs[sid] = out
+            off, pos = {}, 0
+            for i in idx:
+                n = items[i][1].shape[0]
+                off[i] = (pos, pos + n)
+                pos += n
+            offsets[sid] = off
+        results = []
+        for i, (task, x) in enumerate(items):
+            last = self.tasks[task].chain[-1]
+            a, b = offsets[last][i]
+            results.append(np.asarray(outputs[last][a:b], dtype=np.float32))
+        return results
+
+    def predict(self, task: str, x: np.ndarray) -> np.ndarray:
+        """Logits of one task for a float32 (n, 3, S, S) batch (no batching with others)."""
+        return self.run([(task, x)])[0]
+
+    def verify(self) -> None:
+        """Run every task's chain once on a constant image: right shape, finite logits."""
+        for tid, info in self.tasks.items():
+            x = np.zeros((2, 3, info.image_size, info.image_size), np.float32)
+            x[1] += 0.5
+            try:
+                y = self.predict(tid, x)
+            except Exception as e:
+                raise EngineError(f"task {tid}: its segment chain {info.chain} fails to run: {e}") from e
+            if y.shape != (2, len(info.labels)):
+                raise EngineError(f"task {tid}: logits of shape {y.shape}, expected (2, {len(info.labels)}) (one per label)")
+            if not np.isfinite(y).all():
+                raise EngineError(f"task {tid}: non-finite logits on a constant image")
+        for st in self.stats.values():
+            st.update(rows=0, runs=0, seconds=0.0)
+
+    def shared_share(self) -> float:
+        """Share of the compute time spent in segments shared by more than one task."""
+        total = sum(s["seconds"] for s in self.stats.values())
+        shared = sum(s["seconds"] for k, s in self.stats.items() if self.is_shared(k))
+        return shared / total if total else 0.0
+
+    def describe(self) -> dict:
+        return {
+            "mode": self.mode,
+            "device": self.device,
+            "providers": self.active_providers,
+            "ort_threads": self.threads,
+            "ort_global_thread_pool": bool(_GLOBAL_POOLS.get("threads")),
+            "segments": {
+                sid: {"parent": s.parent, "tasks": list(s.tasks), "shared": s.shared, "children": list(s.children)}
+                for sid, s in self.segments.items()
+            },
+        }
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def top_k(info: TaskInfo, logits: np.ndarray, k: int = 5) -> dict:
+    """One row of logits to the answer: task, label, index, top-k scores (softmax)."""
+    p = softmax(logits[None])[0]
+    order = np.argsort(-p, kind="stable")[: min(k, len(p))]
+    index = int(np.argmax(logits))
+    return {
+        "task": info.id,
+        "label": info.labels[index],
+        "index": index,
+        "scores": {info.labels[int(j)]: float(p[j]) for j in order},
+    }
+
+
+class MicroBatcher:
+    """Adaptive asyncio micro-batcher in front of :meth:`Engine.run`.
+
+    ``await submit(task, x)`` queues a request; one collector task per event loop takes the
+    first waiting request, then keeps collecting while more are known to be coming (requests
+    still being decoded, see :meth:`expect`) for up to ``max_wait_ms``, or until ``max_batch``
+    rows; a lone request runs at once. The batch runs in one worker thread (one inference at
+    a time), and each request gets its own rows back. ``on_batch(items, seconds)`` is called
+    after each batch (metrics).
+    """
+
+    def __init__(self, engine: Engine, *, max_batch: int = 32, max_wait_ms: float = 2.0, on_batch=None):
+        self.engine = engine
+        self.max_batch = max(1, int(max_batch))
+        self.max_wait = max(0.0, float(max_wait_ms)) / 1000.0
+        self.on_batch = on_batch
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mutask-infer")
+        self._loop = None
+        self._queue: asyncio.Queue | None = None
+        self._collector: asyncio.Task | None = None
+        self._arrived: asyncio.Event | None = None
+        self.incoming = 0  # requests being decoded that will submit soon
+        self.batches = 0
+
+    def _ensure(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._collector is None or self._collector.done():
+            self._loop = loop
+            self._queue = asyncio.Queue()
+            self._arrived = asyncio.Event()
+            self._collector = loop.create_task(self._collect(), name="mutask-batcher")
+
+    class _Expect:
+        def __init__(self, b):
+            self.b = b
+
+        def __enter__(self):
+            self.b.incoming += 1
+
+        def __exit__(self, *exc):
+            self.b.incoming -= 1
+            if self.b._arrived is not None:
+                self.b._arrived.set()
+
+    def expect(self):
+        """Context manager around a request's decoding: while it runs, the collector waits
+        (up to max_wait_ms) for it instead of running a smaller batch."""
+        return MicroBatcher._Expect(self)
+
+    async def submit(self, task: str, x: np.ndarray) -> np.ndarray:
+        """Logits for ``x`` (n, 3, S, S) of ``task``, batched with concurrent requests."""
+        self._ensure()
+        n = x.shape[0]
+        if n > self.max_batch:  # a large client batch goes through in max_batch chunks
+            parts = await asyncio.gather(*(self.submit(task, x[i : i + self.max_batch]) for i in range(0, n, self.max_batch)))
+            return np.concatenate(parts, axis=0)
+        fut = self._loop.create_future()
+        self._queue.put_nowait((task, x, fut))
+        self._arrived.set()
+        return await fut
+
+    async def _collect(self) -> None:
+        loop = asyncio.get_running_loop()
+        queue = self._queue
+        carry = None
+        while True:
+            item = carry if carry is not None else await queue.get()
+            carry = None
+            batch, rows = [item], item[1].shape[0]
+            deadline = loop.time() + self.max_wait
+            while rows < self.max_batch:
+                try:
+                    nxt = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    remaining = deadline - loop.time()
+                    if self.incoming <= 0 or remaining <= 0:
+                        break
+                    self._arrived.clear()
+                    try:
+                        await asyncio.wait_for(self._arrived.wait(), remaining)
+                    except asyncio.TimeoutError:
+                        pass
+                    continue
+                if rows + nxt[1].shape[0] > self.max_batch:
+                    carry = nxt
+                    break
+                batch.append(nxt)
+                rows += nxt[1].shape[0]
+            live = [b for b in batch if not b[2].done()]
+            if not live:
+                continue
+            t0 = time.perf_counter()
+            try:
+                outs = await loop.run_in_executor(self._executor, self.engine.run, [(t, x) for t, x, _ in live])
+            except Exception as e:  # an engine failure fails this batch only
+                log.exception("inference failed for a batch of %d requests", len(live))
+                for _, _, fut in live:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            seconds = time.perf_counter() - t0
+            self.batches += 1
+            for (_, _, fut), out in zip(live, outs):
+                if not fut.done():
+                    fut.set_result(out)
+            if self.on_batch is not None:
+                try:
+                    self.on_batch([(t, x.shape[0]) for t, x, _ in live], seconds)
+                except Exception:
+                    log.exception("batch metrics callback failed")
+
+    def close(self) -> None:
+        if self._collector is not None and not self._collector.done():
+            try:
+                self._collector.cancel()
+            except RuntimeError:  # its loop is closed
+                pass
+        self._executor.shutdown(wait=False)

@@ -1,0 +1,587 @@
+"""The BentoML service: every task of an exported muNet system from one process.
+
+Run it with ``mutask serve ART`` or ``MUTASK_ARTIFACT=ART bentoml serve serving.service:Mutask``
+(or ``MUTASK_BENTOML_MODEL=TAG``). Endpoints:
+
+* ``POST /predict``: multipart form, ``task`` (a task id) and ``image`` (a file Pillow reads);
+  answers ``{"task", "label", "index", "scores": {label: probability}}`` (top 5, softmax).
+* ``POST /predict_batch``: JSON ``{"task": ..., "images": [base64, ...]}``; one answer per image.
+* ``GET /tasks`` (or ``POST /tasks``): every task with labels, image size, params, accounted
+  params and accuracy.
+* BentoML's ``/livez``, ``/readyz`` (ready once every task's segment chain is loaded and
+  verified), ``/metrics`` (with the per-task ``mutask_*`` series, see :mod:`serving.metrics`)
+  and the OpenAPI page at ``/``.
+
+Bad input never answers 500: an unknown task is a 404 naming the valid ids; a missing field,
+a malformed body, a file that is not an image, a truncated one, one over the size limit
+(``MUTASK_MAX_IMAGE_BYTES``, default 10 MB) or the pixel limit is a 400 with a clear message
+(:class:`InputGuard` checks the body before BentoML parses it, the API checks the rest).
+
+Settings (environment, checked before anything starts): ``MUTASK_DEVICE`` (auto, cpu, cuda),
+``MUTASK_ORT_THREADS`` (default: all cores), ``MUTASK_MAX_BATCH`` (rows per engine batch, 32),
+``MUTASK_MAX_WAIT_MS`` (2), ``MUTASK_MAX_IMAGE_BYTES`` (10 MB), ``MUTASK_MAX_IMAGE_PIXELS``
+(40 M), ``MUTASK_MAX_BATCH_IMAGES`` (images per /predict_batch request, 64),
+``MUTASK_MAX_BODY_BYTES`` (a /predict_batch body, 64 MB), ``MUTASK_ENGINE`` (tree; per_task is
+the benchmark's baseline), ``MUTASK_ORT_GLOBAL_POOLS`` (0/1; default on in a server worker).
+
+A worker that cannot start stops the whole server (no half-ready server behind a listening
+socket); ``mutask serve`` then exits 2 with the reason.
+
+No torch, no timm, no evolve: onnxruntime, numpy, Pillow, BentoML.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import concurrent.futures
+import json
+import logging
+import os
+import time
+import typing as t
+from pathlib import Path
+
+import bentoml
+import numpy as np
+from pydantic import BaseModel, BeforeValidator, Field
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from . import metrics as _metrics
+from . import preprocess
+from .engine import Engine, EngineError, MicroBatcher, cpu_count, top_k
+from .loader import ENV_MODEL, ServingError, artifact_source, open_artifact
+
+log = logging.getLogger("mutask.serving")
+
+ROUTES = {"/predict", "/predict_batch", "/tasks"}
+_STATE: dict = {}  # "service": the live instance (for GET /tasks and the guard's metrics)
+
+
+def _env_number(name: str, default, cast=int):
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return cast(float(raw)) if cast is int else cast(raw)
+    except ValueError:
+        raise ServingError(f"{name}={raw!r} is not a number") from None
+
+
+def _dedicated_process() -> bool:
+    """True in a BentoML server worker (a process that only serves): ONNX Runtime's global
+    thread pool can be used there. ``MUTASK_ORT_GLOBAL_POOLS=0/1`` overrides."""
+    raw = os.environ.get("MUTASK_ORT_GLOBAL_POOLS", "").strip().lower()
+    if raw:
+        return raw in ("1", "true", "yes", "on")
+    try:
+        from bentoml._internal.context import server_context
+
+        return server_context.worker_index is not None
+    except Exception:
+        return False
+
+
+def max_body_bytes() -> int:
+    return _env_number("MUTASK_MAX_BODY_BYTES", 64 * 1024 * 1024)
+
+
+def max_batch_images() -> int:
+    return _env_number("MUTASK_MAX_BATCH_IMAGES", 64)
+
+
+def _as_text(v):
+    # multipart fields are JSON-decoded by BentoML: a task id "7" arrives as 7
+    return v if isinstance(v, str) or v is None else json.dumps(v)
+
+
+TaskId = t.Annotated[str, BeforeValidator(_as_text), Field(description="Task id (see GET /tasks)", examples=["mnist"])]
+
+
+class Prediction(BaseModel):
+    """One image's answer."""
+
+    task: str = Field(description="The task id asked for")
+    label: str = Field(description="The arg-max label")
+    index: int = Field(description="The arg-max label's index in the task's labels")
+    scores: dict[str, float] = Field(description="Top-5 labels and their softmax probabilities, best first")
+
+
+class BatchPrediction(BaseModel):
+    """One answer per image, in order."""
+
+    task: str
+    predictions: list[Prediction]
+
+
+class TaskRecord(BaseModel):
+    labels: list[str]
+    num_labels: int
+    image_size: int = Field(description="Images are resized to image_size x image_size (bilinear)")
+    params: t.Optional[int] = Field(None, description="Parameters on the task's path")
+    accounted_params: t.Optional[float] = Field(None, description="Parameters accounted to the task (shared ones divided among their tasks)")
+    val_accuracy: t.Optional[float] = None
+    test_accuracy: t.Optional[float] = None
+    segments: list[str] = Field(description="The task's segment chain, first to last")
+    shared_segments: list[str] = Field(description="Segments of the chain shared with other tasks")
+
+
+def error(status: int, message: str, **extra) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+# ---- the guard: checks a request body before BentoML parses it ------------------------------
+
+
+class InputGuard:
+    """ASGI middleware for the API routes: bounds the body (no unbounded buffering), requires
+    the right content type, and parses /predict's form itself, so a malformed body, a missing
+    or misplaced field becomes a clear 400 (BentoML would answer some of them with 500). A good
+    /predict form is handed to BentoML re-encoded (task and image only, a safe file name);
+    other bodies are replayed unchanged."""
+
+    DRAIN_LIMIT = 256 * 1024 * 1024
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        route = scope.get("path", "").rstrip("/") or "/"
+        if route not in ROUTES:
+            return await self.app(scope, receive, send)
+        from starlette.datastructures import Headers
+
+        headers = Headers(scope=scope)
+        media = headers.get("content-type", "").split(";")[0].strip().lower()
+        limit = preprocess.max_image_bytes() + 256 * 1024 if route == "/predict" else max_body_bytes()
+        if route == "/tasks":
+            limit = 64 * 1024
+        try:
+            declared = int(headers.get("content-length", "-1"))
+        except ValueError:
+            return await self._reject(scope, receive, send, 400, "bad Content-Length header", drain=False)
+        if declared > limit:
+            return await self._reject(scope, receive, send, 400, self._too_large(route, declared, limit))
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > limit:
+                return await self._reject(scope, receive, send, 400, self._too_large(route, size, limit), more=message.get("more_body", False))
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        problem, task = None, None
+        if route == "/predict":
+            problem, task, form_body = await self._check_form(scope, body, media)
+            if form_body is not None:  # BentoML gets the form re-encoded: task and image only
+                body, content_type = form_body
+                scope = dict(scope)
+                scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() not in (b"content-type", b"content-length")] + [
+                    (b"content-type", content_type.encode("latin-1")), (b"content-length", str(len(body)).encode("latin-1"))
+                ]
+        elif media not in ("", "application/json"):
+            problem = f"send {route} a JSON body (Content-Type: application/json), not {media}"
+        elif route == "/predict_batch" and not body.strip():
+            problem = 'empty body: send JSON {"task": TASK, "images": [BASE64, ...]}'
+        if problem:
+            _count_error(task, "bad_request")
+            return await error(400, problem)(scope, _replay(b"", receive), send)
+        return await self.app(scope, _replay(body, receive), send)
+
+    @staticmethod
+    def _too_large(route, size, limit):
+        if route == "/predict":
+            return f"request body of {size} bytes is over the image size limit of {preprocess.max_image_bytes()} bytes (MUTASK_MAX_IMAGE_BYTES)"
+        if route == "/predict_batch":
+            return f"request body of {size} bytes is over the limit of {limit} bytes (MUTASK_MAX_BODY_BYTES)"
+        return f"request body of {size} bytes is too large for {route}"
+
+    async def _reject(self, scope, receive, send, status, message, drain=True, more=True):
+        _count_error(None, "bad_request")
+        if drain and more:  # read (and drop) the rest, so the client sees the answer, not a reset
+            seen = 0
+            while seen < self.DRAIN_LIMIT:
+                m = await receive()
+                if m["type"] == "http.disconnect":
+                    return
+                seen += len(m.get("body", b""))
+                if not m.get("more_body", False):
+                    break
+        await error(status, message)(scope, _replay(b"", receive), send)
+
+    @staticmethod
+    async def _check_form(scope, body, media):
+        """(problem, known task or None, (body, content type) re-encoded or None)."""
+        from starlette.datastructures import UploadFile
+        from starlette.requests import Request
+
+        usage = "send multipart/form-data with a text field `task` and a file field `image`"
+        if not body:
+            return f"empty body: {usage}", None, None
+        if media not in ("multipart/form-data", "application/x-www-form-urlencoded"):
+            return f"Content-Type {media or 'missing'}: {usage}", None, None
+        inner = {k: v for k, v in scope.items() if k != "app"}  # parse errors raise, not HTTPException
+        request = Request(inner, _replay(body, None))
+        try:
+            form = await request.form(max_files=4, max_fields=16)
+        except Exception as e:
+            return f"malformed multipart body ({getattr(e, 'message', None) or e}): {usage}", None, None
+        try:
+            task = form.get("task")
+            images = form.getlist("image")
+            if task is None:
+                return f"missing field `task`: {usage}", None, None
+            if isinstance(task, UploadFile):
+                return f"`task` must be a text field, not a file: {usage}", None, None
+            svc = _STATE.get("service")
+            known = task if (svc is not None and task in svc.engine.tasks) else None
+            if not images:
+                return f"missing field `image`: {usage}", known, None
+            if len(images) > 1:
+                return f"{len(images)} `image` fields: one image per /predict request (use /predict_batch for more)", known, None
+            if not isinstance(images[0], UploadFile):
+                return f"`image` must be a file upload, not a text field: {usage}", known, None
+            data = await images[0].read()
+            return None, known, _encode_form(task, data, images[0].filename)
+        finally:
+            await form.close()
+
+
+def _encode_form(task: str, image: bytes, filename: str | None) -> tuple[bytes, str]:
+    """The form BentoML parses: the task and the image under a short, safe file name (a long or
+    odd client file name would otherwise fail BentoML's temporary file)."""
+    import re
+    import secrets
+
+    suffix = os.path.splitext(filename or "")[1]
+    suffix = suffix if re.fullmatch(r"\.[A-Za-z0-9]{1,10}", suffix) else ""
+    boundary = "mutask-" + secrets.token_hex(16)
+    body = b"".join(
+        [
+            f'--{boundary}\r\nContent-Disposition: form-data; name="task"\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n'.encode(),
+            task.encode("utf-8"),
+            f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="upload{suffix}"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n".encode(),
+            image,
+            f"\r\n--{boundary}--\r\n".encode(),
+        ]
+    )
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def _replay(body: bytes, receive):
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        if receive is None:
+            return {"type": "http.disconnect"}
+        return await receive()
+
+    return replay
+
+
+def _count_error(task, kind):
+    try:
+        _metrics.get().errors.labels(task=task or "_invalid", kind=kind).inc()
+    except Exception:  # metrics never break a request
+        log.debug("metrics unavailable", exc_info=True)
+
+
+# ---- GET /tasks (BentoML APIs are POST; this small app answers the GET) ----------------------
+
+
+async def _get_tasks(request):
+    svc = _STATE.get("service")
+    if svc is None:
+        return error(503, "the service is starting")
+    return JSONResponse({k: v.model_dump() for k, v in svc.task_records().items()})
+
+
+tasks_app = Starlette(routes=[Route("/tasks", _get_tasks, methods=["GET"])])
+
+
+# ---- the service ----------------------------------------------------------------------------
+
+
+def check_settings() -> dict:
+    """The MUTASK_* settings, validated: :class:`ServingError` (exit 2) for a bad one."""
+    try:
+        device = (os.environ.get("MUTASK_DEVICE") or "auto").strip().lower()
+        if device not in ("auto", "cpu", "cuda", "gpu"):
+            raise ServingError(f"MUTASK_DEVICE={device!r}: use auto, cpu or cuda")
+        out = {
+            "device": device,
+            "threads": _env_number("MUTASK_ORT_THREADS", None),
+            "max_batch": _env_number("MUTASK_MAX_BATCH", 32),
+            "max_wait_ms": _env_number("MUTASK_MAX_WAIT_MS", 2.0, float),
+            "max_image_bytes": preprocess.max_image_bytes(),
+            "max_image_pixels": preprocess.max_image_pixels(),
+            "max_batch_images": max_batch_images(),
+            "max_body_bytes": max_body_bytes(),
+        }
+    except ValueError as e:
+        raise ServingError(str(e)) from None
+    for k in ("threads", "max_batch", "max_batch_images", "max_body_bytes"):
+        if out[k] is not None and out[k] <= 0:
+            raise ServingError(f"{k} must be positive, got {out[k]}")
+    if out["max_wait_ms"] < 0:
+        raise ServingError(f"MUTASK_MAX_WAIT_MS must be >= 0, got {out['max_wait_ms']}")
+    mode = (os.environ.get("MUTASK_ENGINE") or "tree").replace("-", "_")
+    if mode not in ("tree", "per_task"):
+        raise ServingError(f"MUTASK_ENGINE={mode!r}: tree (the server) or per_task (a benchmark baseline)")
+    return out
+
+
+def _startup_failed(exc: BaseException) -> None:
+    """A worker that cannot start takes the whole server down (BentoML would restart it in a
+    loop behind a listening socket: a half-ready server). The message goes to the log and to
+    ``MUTASK_STARTUP_ERROR_FILE`` (``mutask serve`` reads it and exits 2)."""
+    message = str(exc) if isinstance(exc, (ServingError, EngineError)) else f"{type(exc).__name__}: {exc}"
+    logging.getLogger("bentoml.serve").error("mutask: the service cannot start: %s", message)
+    path = os.environ.get("MUTASK_STARTUP_ERROR_FILE")
+    if path:
+        try:
+            Path(path).write_text(message)
+        except OSError:
+            pass
+    try:
+        from bentoml._internal.context import server_context
+
+        in_worker = server_context.worker_index is not None
+    except Exception:
+        in_worker = False
+    if in_worker:
+        import signal
+
+        os.kill(os.getppid(), signal.SIGTERM)  # the arbiter: it stops this worker and exits
+
+
+# Fail fast: the process that imports the service (the `bentoml serve` arbiter, each worker)
+# refuses to go on with a missing or bad artifact or setting, so no half-ready server listens.
+if artifact_source() is not None:
+    check_settings()
+    open_artifact()
+
+
+@bentoml.asgi_app(tasks_app, path="/", name="mutask-tasks")
+@bentoml.service(
+    name="mutask",
+    workers=1,
+    traffic={"timeout": 120, "max_concurrency": 1024},
+    metrics={"enabled": True},
+)
+class Mutask:
+    """Every task of an exported muNet system (ONNX segment graphs, one weight file), batched
+    across tasks through the segments they share."""
+
+    if os.environ.get(ENV_MODEL, "").strip() and not os.environ.get("MUTASK_ARTIFACT", "").strip():
+        bento_model = bentoml.models.BentoModel(os.environ[ENV_MODEL].strip())  # shipped in a Bento
+
+    def __init__(self) -> None:
+        try:
+            self._start()
+        except Exception as e:
+            _startup_failed(e)
+            raise
+
+    def _start(self) -> None:
+        settings = check_settings()
+        self.artifact = open_artifact()
+        self.engine = Engine(self.artifact, global_pools=_dedicated_process(), device=settings["device"], threads=settings["threads"])
+        self.metrics = _metrics.get()
+        self.metrics.init_tasks(self.engine.tasks)
+        self.max_image_bytes = settings["max_image_bytes"]
+        self.max_image_pixels = settings["max_image_pixels"]
+        self.batcher = MicroBatcher(self.engine, max_batch=settings["max_batch"], max_wait_ms=settings["max_wait_ms"], on_batch=self._on_batch)
+        self._decode_pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(4, cpu_count())), thread_name_prefix="mutask-decode")
+        self._records = self._build_records()
+        _STATE["service"] = self
+        logging.getLogger("bentoml.serve").info(
+            "mutask: %d tasks (%s), engine %s on %s (%s), %d ONNX Runtime threads%s, max batch %d, max wait %.1f ms",
+            len(self.engine.tasks), ", ".join(self.engine.tasks), self.engine.mode, self.engine.device,
+            ",".join(self.engine.active_providers), self.engine.threads,
+            " in one global pool" if self.engine.describe()["ort_global_thread_pool"] else " per session",
+            self.batcher.max_batch, self.batcher.max_wait * 1000,
+        )
+
+    def __is_ready__(self) -> bool:
+        return bool(getattr(self, "engine", None) is not None and self.engine.ready)
+
+    @bentoml.on_shutdown
+    def _shutdown(self) -> None:
+        self.batcher.close()
+        self._decode_pool.shutdown(wait=False)
+        if _STATE.get("service") is self:
+            _STATE.pop("service", None)
+
+    # ---- helpers ----
+
+    def _build_records(self) -> dict:
+        out = {}
+        for tid, info in self.engine.tasks.items():
+            rec = info.record
+            m = rec.get("metrics") or {}
+            out[tid] = TaskRecord(
+                labels=info.labels,
+                num_labels=len(info.labels),
+                image_size=info.image_size,
+                params=rec.get("params"),
+                accounted_params=rec.get("accounted_params"),
+                val_accuracy=m.get("val_accuracy"),
+                test_accuracy=m.get("test_accuracy"),
+                segments=info.chain,
+                shared_segments=[s for s in info.chain if self.engine.segments[s].shared],
+            )
+        return out
+
+    def task_records(self) -> dict:
+        return self._records
+
+    def _on_batch(self, rows, seconds) -> None:
+        per_task: dict = {}
+        for task, n in rows:
+            per_task[task] = per_task.get(task, 0) + n
+        for task, n in per_task.items():
+            self.metrics.batch_size.labels(task=task).observe(n)
+        self.metrics.engine_batch.observe(sum(per_task.values()))
+        stats = self.engine.stats
+        seen = getattr(self, "_seg_seen", {})
+        for sid, st in stats.items():
+            delta = st["seconds"] - seen.get(sid, 0.0)
+            if delta > 0:
+                self.metrics.segment_seconds.labels(segment=sid, shared=str(self.engine.is_shared(sid)).lower()).inc(delta)
+                seen[sid] = st["seconds"]
+        self._seg_seen = seen
+
+    def _unknown(self, task) -> JSONResponse:
+        _count_error(None, "unknown_task")
+        valid = list(self.engine.tasks)
+        shown = repr(task) if len(str(task)) <= 64 else repr(str(task)[:64]) + "..."
+        return error(404, f"unknown task {shown}; valid tasks: {', '.join(valid)}", valid_tasks=valid)
+
+    def _prepare(self, info, data: bytes | Path):
+        if isinstance(data, Path):
+            try:
+                size = data.stat().st_size
+                if size > self.max_image_bytes:
+                    raise preprocess.ImageError(
+                        f"the image is {size} bytes, over the limit of {self.max_image_bytes} bytes (MUTASK_MAX_IMAGE_BYTES)"
+                    )
+                data = data.read_bytes()
+            except OSError as e:
+                raise preprocess.ImageError(f"the upload could not be read: {e}") from None
+        return preprocess.preprocess_bytes(
+            data, info.image_size, info.scale, info.offset, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels
+        )
+
+    async def _infer(self, info, sources: list) -> list | JSONResponse:
+        loop = asyncio.get_running_loop()
+        with self.batcher.expect():
+            try:
+                xs = await asyncio.gather(*(loop.run_in_executor(self._decode_pool, self._prepare, info, s) for s in sources))
+            except preprocess.ImageError as e:
+                self.metrics.errors.labels(task=info.id, kind="bad_image").inc()
+                which = "" if len(sources) == 1 else " (one of the images)"
+                return error(400, f"bad image{which}: {e}", task=info.id)
+        x = xs[0] if len(xs) == 1 else np.concatenate(xs, axis=0)
+        try:
+            logits = await self.batcher.submit(info.id, x)
+        except Exception:
+            self.metrics.errors.labels(task=info.id, kind="internal").inc()
+            raise
+        return [top_k(info, row) for row in logits]
+
+    # ---- the API ----
+
+    @bentoml.api(route="/predict")
+    async def predict(
+        self,
+        task: TaskId,
+        image: t.Annotated[Path, Field(description="The image: PNG, JPEG or any format Pillow reads, any size and mode")],
+    ) -> Prediction:
+        """Classify one image for one task.
+
+        Send multipart/form-data with `task` (a task id, see /tasks) and `image` (a file: PNG,
+        JPEG or any format Pillow reads, any size and mode, up to MUTASK_MAX_IMAGE_BYTES, 10 MB
+        by default). The image gets the task's own preprocessing from the export manifest
+        (EXIF orientation, RGB, bilinear resize to the task's image size, [-1, 1] scaling),
+        exactly as in evaluation. Concurrent requests, for any tasks, are batched together
+        through the segments their tasks share.
+
+        Answers `task`, the arg-max `label` and its `index`, and the top-5 `scores` (label ->
+        softmax probability). 404 for an unknown task (the answer lists the valid ones), 400
+        for a missing field, a malformed body or a file that is not a usable image.
+        """
+        t0 = time.perf_counter()
+        info = self.engine.tasks.get(task)
+        if info is None:
+            return self._unknown(task)
+        self.metrics.requests.labels(task=task).inc()
+        out = await self._infer(info, [image])
+        if isinstance(out, JSONResponse):
+            return out
+        self.metrics.latency.labels(task=task).observe(time.perf_counter() - t0)
+        return Prediction(**out[0])
+
+    @bentoml.api(route="/predict_batch")
+    async def predict_batch(
+        self,
+        task: TaskId,
+        images: t.Annotated[list[str], Field(description="Images as base64 strings (or data: URLs), up to MUTASK_MAX_BATCH_IMAGES (64)")],
+    ) -> BatchPrediction:
+        """Classify several images for one task (JSON, images in base64).
+
+        Send `{"task": TASK, "images": [BASE64, ...]}` (plain base64 or `data:image/...;base64,`
+        URLs). Each image is preprocessed as in /predict; the answer holds one prediction per
+        image, in order. 404 for an unknown task, 400 for an empty list, too many images, bad
+        base64 or an image that cannot be used (the message says which one).
+        """
+        t0 = time.perf_counter()
+        info = self.engine.tasks.get(task)
+        if info is None:
+            return self._unknown(task)
+        self.metrics.requests.labels(task=task).inc()
+        limit = max_batch_images()
+        if not images:
+            self.metrics.errors.labels(task=task, kind="bad_request").inc()
+            return error(400, "`images` is empty: send at least one base64 image", task=task)
+        if len(images) > limit:
+            self.metrics.errors.labels(task=task, kind="bad_request").inc()
+            return error(400, f"{len(images)} images, over the limit of {limit} per request (MUTASK_MAX_BATCH_IMAGES)", task=task)
+        blobs = []
+        for i, s in enumerate(images):
+            if s.startswith("data:") and "," in s:
+                s = s.split(",", 1)[1]
+            try:
+                blobs.append(base64.b64decode(s, validate=True))
+            except (binascii.Error, ValueError):
+                self.metrics.errors.labels(task=task, kind="bad_request").inc()
+                return error(400, f"images[{i}] is not valid base64", task=task)
+        out = await self._infer(info, blobs)
+        if isinstance(out, JSONResponse):
+            return out
+        self.metrics.latency.labels(task=task).observe(time.perf_counter() - t0)
+        return BatchPrediction(task=task, predictions=[Prediction(**p) for p in out])
+
+    @bentoml.api(route="/tasks")
+    def tasks(self) -> dict[str, TaskRecord]:
+        """Every task served: labels, image size, params, accounted params, validation and test
+        accuracy, and its segment chain (which segments it shares). `GET /tasks` answers the same."""
+        return self._records
+
+
+Mutask.add_asgi_middleware(InputGuard)

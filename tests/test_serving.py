@@ -1,0 +1,441 @@
+"""Serving in-process: preprocessing bit-for-bit with evaluation, the segment engine and its
+batcher against plain onnxruntime, the BentoML service through starlette's TestClient, the
+bad-input battery, no torch, and refusing bad artifacts (CLI and `bentoml serve`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from tests.test_serving_helpers import (
+    REPO, check_battery, copy_artifact, evolve_input, free_port, png_bomb, reference_logits,
+    sample_images, serving_artifact, subprocess_env,
+)
+
+__all__ = ["serving_artifact"]  # the session fixture, imported for pytest
+_APP: dict = {}
+
+
+# ---- preprocessing ------------------------------------------------------------------------
+
+
+def test_preprocess_matches_evaluation_bit_for_bit():
+    from serving.preprocess import preprocess_bytes
+
+    images = sample_images()
+    assert len(images) >= 15
+    for name, data in images.items():
+        for size in (32, 24, 57):
+            want = evolve_input(data, size)
+            got = preprocess_bytes(data, size)
+            assert got.dtype == np.float32 and got.shape == (1, 3, size, size), name
+            assert got.flags["C_CONTIGUOUS"]
+            assert np.array_equal(got, want), f"{name} at {size}: max diff {np.abs(got - want).max()}"
+            assert got.min() >= -1.0 and got.max() <= 1.0
+
+
+def test_preprocess_applies_exif_orientation():
+    from PIL import Image
+
+    from serving.preprocess import preprocess_bytes
+    from tests.test_serving_helpers import encode
+
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 0, 20, 20))  # left half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW: the blue half goes to the top
+    x = preprocess_bytes(encode(img, "PNG", exif=exif), 20)
+    assert x[0, 2, 2, 10] > 0.9 and x[0, 0, 2, 10] < -0.9  # top: blue
+    assert x[0, 0, 17, 10] > 0.9  # bottom: red
+
+
+def test_preprocess_rejects_bad_bytes_with_clear_messages():
+    from PIL import Image
+
+    from serving.preprocess import ImageError, decode
+    from tests.test_serving_helpers import encode
+
+    png = encode(Image.new("RGB", (50, 50), (1, 2, 3)), "PNG")
+    jpeg = encode(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)), "JPEG")
+    cases = {
+        b"": "empty",
+        b"not an image at all": "not an image",
+        png[:40]: "",
+        jpeg[: len(jpeg) // 2]: "truncated",
+        png_bomb(): "pixels",
+        png_bomb(1 << 20, 1 << 20): "",  # past Image.MAX_IMAGE_PIXELS: DecompressionBombError or our limit
+    }
+    for data, text in cases.items():
+        with pytest.raises(ImageError, match=text):
+            decode(data)
+    with pytest.raises(ImageError, match="over the limit of 100 bytes"):
+        decode(png, max_bytes=100)
+    with pytest.raises(ImageError, match="MUTASK_MAX_IMAGE_PIXELS"):
+        decode(png, max_pixels=100)
+
+
+# ---- the engine ---------------------------------------------------------------------------
+
+
+def test_engine_runs_segments_as_a_prefix_tree(serving_artifact):
+    from export.artifact import external_refs, load_artifact
+    from serving.engine import Engine
+
+    art = load_artifact(serving_artifact)
+    engine = Engine(art, device="cpu", threads=1)
+    assert engine.ready and engine.device == "cpu"
+    # one session per segment, and each weight in exactly one segment graph: held once
+    assert set(engine.segments) == set(art.segments)
+    seen = {}
+    for sid in art.segments:
+        for r in external_refs(art.segment_path(sid).read_bytes()):
+            if r["external"]:
+                key = (r["offset"], r["length"])
+                assert key not in seen, f"weight {r['name']} in segments {seen.get(key)} and {sid}"
+                seen[key] = sid
+    shared = [sid for sid, s in engine.segments.items() if s.shared]
+    assert shared, "the test system should share a segment"
+
+    images = sample_images()
+    names = sorted(images)
+    items, refs = [], []
+    for i, task in enumerate(["a", "b", "c", "a", "c", "b", "a"]):
+        data = [images[names[(i + k) % len(names)]] for k in range(1 + i % 3)]
+        x = np.concatenate([evolve_input(d, engine.tasks[task].image_size) for d in data])
+        items.append((task, x))
+        refs.append(np.stack([reference_logits(serving_artifact, task, d) for d in data]))
+    runs_before = {sid: s["runs"] for sid, s in engine.stats.items()}
+    outs = engine.run(items)
+    for (task, x), out, ref in zip(items, outs, refs):
+        assert out.shape == (x.shape[0], len(art.tasks[task]["labels"]))
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+        assert (out.argmax(1) == ref.argmax(1)).all()
+    # each segment ran once for the whole mixed batch; the shared one saw every row
+    assert all(engine.stats[sid]["runs"] - runs_before[sid] == 1 for sid in engine.stats)
+    for sid in shared:
+        assert engine.stats[sid]["rows"] >= sum(x.shape[0] for t, x in items if t in engine.segments[sid].tasks)
+    assert 0.0 < engine.shared_share() <= 1.0
+    # the benchmark's baseline (one session per task graph) answers the same
+    baseline = Engine(art, device="cpu", threads=1, mode="per_task")
+    assert len(baseline.sessions) == len(art.tasks) and baseline.shared_share() == 0.0
+    for out, ref in zip(outs, baseline.run(items)):
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_providers_choice_and_cpu_fallback(serving_artifact, monkeypatch):
+    import onnxruntime as ort
+
+    from export.artifact import load_artifact
+    from serving import engine as eng
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(eng, "_gpu_present", lambda: True)
+    assert eng.choose_providers("auto") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert eng.choose_providers("cpu") == ["CPUExecutionProvider"]
+    monkeypatch.setattr(eng, "_gpu_present", lambda: False)
+    assert eng.choose_providers("auto") == ["CPUExecutionProvider"]
+    assert eng.choose_providers("cuda")[0] == "CUDAExecutionProvider"
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert eng.choose_providers("cuda") == ["CPUExecutionProvider"]
+    with pytest.raises(eng.EngineError, match="unknown device"):
+        eng.choose_providers("tpu")
+    monkeypatch.undo()
+    # asking for CUDA where it cannot run (no GPU, or no CUDA libraries) falls back to CPU
+    engine = eng.Engine(load_artifact(serving_artifact), device="cuda", threads=1)
+    assert engine.ready
+    if not eng._gpu_present():
+        assert engine.device == "cpu" and engine.active_providers == ["CPUExecutionProvider"]
+
+
+def test_artifact_from_a_bentoml_model(serving_artifact, monkeypatch):
+    import shutil
+
+    import bentoml
+
+    from serving.loader import open_artifact
+
+    with bentoml.models.create("mutask-serving-test") as model:
+        for f in serving_artifact.iterdir():
+            shutil.copy2(f, model.path + "/" + f.name)
+    monkeypatch.delenv("MUTASK_ARTIFACT", raising=False)
+    monkeypatch.setenv("MUTASK_BENTOML_MODEL", str(model.tag))
+    art = open_artifact(cache=False)
+    assert set(art.tasks) == {"a", "b", "c"} and str(art.path).startswith(str(bentoml.models.get(model.tag).path))
+    monkeypatch.setenv("MUTASK_BENTOML_MODEL", "no-such-model:v1")
+    from serving.loader import ServingError
+
+    with pytest.raises(ServingError, match="no such BentoML model"):
+        open_artifact(cache=False)
+
+
+def test_batcher_batches_concurrent_mixed_tasks(serving_artifact):
+    from export.artifact import load_artifact
+    from serving.engine import Engine, MicroBatcher
+
+    engine = Engine(load_artifact(serving_artifact), device="cpu", threads=1)
+    seen = []
+    batcher = MicroBatcher(engine, max_batch=8, max_wait_ms=5, on_batch=lambda rows, s: seen.append(rows))
+    rng = np.random.default_rng(1)
+    reqs = [(t, rng.uniform(-1, 1, (1 + i % 2, 3, 32, 32)).astype(np.float32)) for i, t in enumerate("abcabcabcabcabcabcab")]
+    big = ("b", rng.uniform(-1, 1, (19, 3, 32, 32)).astype(np.float32))  # over max_batch: chunked
+
+    async def main():
+        return await asyncio.gather(*(batcher.submit(t, x) for t, x in reqs + [big]))
+
+    outs = asyncio.run(main())
+    for (t, x), out in zip(reqs + [big], outs):
+        np.testing.assert_allclose(out, engine.predict(t, x), rtol=1e-5, atol=1e-5)
+    rows = [sum(n for _, n in b) for b in seen]
+    assert max(rows) <= 8 and sum(rows) == sum(x.shape[0] for _, x in reqs) + 19
+    assert len(seen) < len(reqs)  # requests were batched together
+    assert any(len({t for t, _ in b}) > 1 for b in seen)  # across tasks
+    batcher.close()
+
+
+# ---- the service in-process ---------------------------------------------------------------
+
+
+@pytest.fixture()
+def client(serving_artifact, monkeypatch):
+    monkeypatch.setenv("MUTASK_ARTIFACT", str(serving_artifact))
+    monkeypatch.setenv("MUTASK_MAX_IMAGE_BYTES", "300000")
+    from starlette.testclient import TestClient
+
+    from serving.service import Mutask
+
+    if "app" not in _APP:  # BentoML registers its metrics per ASGI app: build it once per process
+        _APP["app"] = Mutask.to_asgi()
+    with TestClient(_APP["app"]) as c:
+        yield c
+
+
+def test_service_in_process(client, serving_artifact):
+    images = sample_images()
+    for task in ("a", "b", "c"):
+        for name in ("rgb45x61-png", "CMYK-jpeg", "exif-rotated-jpeg"):
+            r = client.post("/predict", data={"task": task}, files={"image": (name, images[name], "application/octet-stream")})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            ref = reference_logits(serving_artifact, task, images[name])
+            assert body["task"] == task and body["index"] == int(ref.argmax())
+            assert body["label"] == client.get("/tasks").json()[task]["labels"][body["index"]]
+            assert len(body["scores"]) == min(5, len(ref))
+            p = np.exp(ref - ref.max()) / np.exp(ref - ref.max()).sum()
+            assert abs(body["scores"][body["label"]] - p.max()) < 1e-4
+            assert list(body["scores"].values()) == sorted(body["scores"].values(), reverse=True)
+    tasks = client.get("/tasks").json()
+    assert set(tasks) == {"a", "b", "c"} and client.post("/tasks").json() == tasks
+    for t, rec in tasks.items():
+        assert rec["num_labels"] == len(rec["labels"]) and rec["image_size"] == 32
+        assert rec["params"] > 0 and 0 < rec["accounted_params"] <= rec["params"]
+        assert 0.0 <= rec["val_accuracy"] <= 1.0 and rec["test_accuracy"] is not None
+        assert rec["shared_segments"]
+    assert client.get("/readyz").status_code == 200 and client.get("/livez").status_code == 200
+    metrics = client.get("/metrics").text
+    for t in ("a", "b", "c"):
+        assert f'mutask_requests_total{{task="{t}"}}' in metrics
+        assert f'mutask_request_latency_seconds_count{{task="{t}"}}' in metrics
+        assert f'mutask_batch_size_count{{task="{t}"}}' in metrics
+    from serving.engine import _GLOBAL_POOLS
+
+    assert not _GLOBAL_POOLS.get("threads")  # in-process: per-session pools, other ORT users unaffected
+    spec = client.get("/docs.json").json()
+    for path in ("/predict", "/predict_batch", "/tasks"):
+        assert path in spec["paths"]
+    assert "multipart/form-data" in json.dumps(spec["paths"]["/predict"])
+    assert "top-5" in json.dumps(spec["paths"]["/predict"])
+
+
+def test_predict_batch_in_process(client, serving_artifact):
+    from tests.test_serving_helpers import b64
+
+    images = sample_images()
+    names = ["rgb32-png", "L-png", "P-gif", "RGBA-png", "1-png", "I16-png"]
+    r = client.post("/predict_batch", json={"task": "c", "images": [b64(images[n]) for n in names[:-1]] + ["data:image/png;base64," + b64(images[names[-1]])]})
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert [p["index"] for p in preds] == [int(reference_logits(serving_artifact, "c", images[n]).argmax()) for n in names]
+
+
+def test_bad_input_battery_in_process(client):
+    check_battery(client, sample_images()["rgb45x61-png"], limit_bytes=300000)
+    metrics = client.get("/metrics").text
+    assert 'mutask_errors_total{kind="bad_image",task="a"}' in metrics
+    assert 'kind="unknown_task"' in metrics
+
+
+# ---- no torch -----------------------------------------------------------------------------
+
+
+def test_serving_never_imports_torch(serving_artifact, tmp_path):
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from starlette.testclient import TestClient
+        import serving, serving.cli, serving.engine, serving.preprocess
+        from serving.service import Mutask
+        from tests.test_serving_helpers import sample_images
+        with TestClient(Mutask.to_asgi()) as c:
+            for t in ("a", "b", "c"):
+                r = c.post("/predict", data={{"task": t}}, files={{"image": ("x.png", sample_images()["rgb-jpeg"])}})
+                assert r.status_code == 200, r.text
+            assert c.get("/tasks").status_code == 200 and c.get("/metrics").status_code == 200
+        bad = [m for m in ("torch", "timm", "torchvision", "evolve") if m in sys.modules]
+        assert not bad, bad
+        print("NO-TORCH-OK")
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), env=subprocess_env({"MUTASK_ARTIFACT": serving_artifact}),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "NO-TORCH-OK" in r.stdout, r.stdout + r.stderr
+
+
+# ---- bad artifacts: the service refuses to start ------------------------------------------
+
+
+def _damaged(serving_artifact, tmp_path):
+    """name -> a damaged copy of the artifact."""
+    out = {"missing": tmp_path / "does-not-exist"}
+    d = copy_artifact(serving_artifact, tmp_path / "tampered")
+    w = d / "weights.safetensors"
+    b = bytearray(w.read_bytes())
+    b[-5] ^= 0xFF
+    w.write_bytes(bytes(b))
+    out["tampered"] = d
+    d = copy_artifact(serving_artifact, tmp_path / "truncated")
+    w = d / "weights.safetensors"
+    w.write_bytes(w.read_bytes()[:-100])
+    out["truncated"] = d
+    d = copy_artifact(serving_artifact, tmp_path / "graph")
+    g = sorted(d.glob("segment.*.onnx"))[0]
+    g.write_bytes(g.read_bytes()[:-10])
+    out["graph"] = d
+    d = copy_artifact(serving_artifact, tmp_path / "preprocessing")
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["tasks"]["b"]["preprocessing"]["resize"] = "nearest"
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    out["preprocessing"] = d
+    d = copy_artifact(serving_artifact, tmp_path / "nomanifest")
+    (d / "manifest.json").unlink()
+    out["nomanifest"] = d
+    return out
+
+
+def test_bad_artifacts_are_refused(serving_artifact, tmp_path, monkeypatch):
+    from serving.loader import ServingError, open_artifact
+
+    bad = _damaged(serving_artifact, tmp_path)
+    for name, path in bad.items():
+        with pytest.raises(ServingError, match="does not exist|sha256|truncated|bytes|manifest|not supported") as e:
+            open_artifact(path, cache=False)
+        assert str(path) in str(e.value), name
+        assert e.value.exit_code == 2
+    monkeypatch.delenv("MUTASK_ARTIFACT", raising=False)
+    monkeypatch.delenv("MUTASK_BENTOML_MODEL", raising=False)
+    with pytest.raises(ServingError, match="MUTASK_ARTIFACT"):
+        open_artifact()
+
+    # `mutask serve` exits 2 with the message, before any server starts
+    port = free_port()
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "mutask.cli", "serve", str(bad["tampered"]), "--port", str(port)],
+                       cwd=str(REPO), env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "mutask serve: error:" in r.stderr and "sha256" in r.stderr and str(bad["tampered"]) in r.stderr
+    assert "listening" not in r.stdout
+    r = subprocess.run([sys.executable, "-m", "mutask.cli", "serve", str(bad["missing"])],
+                       cwd=str(REPO), env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "does not exist" in r.stderr, r.stderr
+
+    # `bentoml serve` with MUTASK_ARTIFACT naming a damaged artifact exits at once: no half-ready server
+    r = subprocess.run([sys.executable, "-m", "bentoml", "serve", "serving.service:Mutask", "--host", "127.0.0.1", "--port", str(port)],
+                       cwd=str(REPO), env=subprocess_env({"MUTASK_ARTIFACT": bad["truncated"]}), capture_output=True, text=True, timeout=90)
+    assert r.returncode != 0
+    assert "cannot be served" in r.stdout + r.stderr and "truncated" in r.stdout + r.stderr
+    assert time.monotonic() - t0 < 80
+
+
+# ---- packaging ----------------------------------------------------------------------------
+
+
+def _uv_available() -> bool:
+    import importlib.metadata
+    import shutil
+
+    if shutil.which("uv"):
+        return True
+    try:
+        importlib.metadata.version("uv")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not _uv_available(), reason="bentoml build would pip-install uv (needs the network)")
+def test_bentoml_build_packs_a_torch_free_service(serving_artifact, tmp_path):
+    home = tmp_path / "bentoml-home"
+    r = subprocess.run([sys.executable, "-m", "bentoml", "build", "."], cwd=str(REPO), env=subprocess_env({"BENTOML_HOME": home}),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "Successfully built" in r.stdout + r.stderr, r.stdout + r.stderr
+    (bento,) = [p for p in (home / "bentos" / "mutask").iterdir() if p.name != "latest"]
+    src = bento / "src"
+    files = {str(p.relative_to(src)) for p in src.rglob("*.py")}
+    assert {"serving/service.py", "serving/engine.py", "serving/preprocess.py", "export/artifact.py", "mutask/errors.py"} <= files
+    assert not any(f.startswith(("evolve/", "tests/", "benchmarks/")) or f == "export/build.py" for f in files), files
+    reqs = (bento / "env" / "python" / "requirements.txt").read_text().lower()
+    assert "onnxruntime" in reqs and "pillow" in reqs and "torch" not in reqs and "timm" not in reqs
+    # the Bento's sources alone serve (the repo's editable install hidden): every import is packed
+    code = textwrap.dedent(
+        f"""
+        import sys
+        sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__ + getattr(f, "__name__", "")]
+        sys.path[:] = [{str(src)!r}] + [p for p in sys.path if p and p.rstrip("/") not in ({str(REPO)!r}, ".")]
+        from starlette.testclient import TestClient
+        from serving.service import Mutask
+        import serving.service, export.artifact, mutask.errors
+        for m in (serving.service, export.artifact, mutask.errors):
+            assert m.__file__.startswith({str(src)!r}), m.__file__
+        with TestClient(Mutask.to_asgi()) as c:
+            png = open({str(REPO / "tests" / "__init__.py")!r}, "rb").read()
+            assert c.get("/tasks").status_code == 200
+            assert c.post("/predict", data={{"task": "a"}}, files={{"image": ("x", png)}}).status_code == 400
+        assert "torch" not in sys.modules
+        print("BENTO-OK")
+        """
+    )
+    env = subprocess_env({"MUTASK_ARTIFACT": serving_artifact, "BENTOML_HOME": home})
+    env.pop("PYTHONPATH", None)
+    r = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "BENTO-OK" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_worker_that_cannot_start_stops_the_whole_server(serving_artifact, tmp_path):
+    """No half-ready server: when the service fails in the worker (after the arbiter's checks
+    passed), the worker stops the arbiter instead of BentoML restarting it forever, and
+    `mutask serve` exits 2 with the reason."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('MUTASK_TEST_BREAK_ENGINE'):\n"
+        "    import serving.engine as e\n"
+        "    def boom(self, *a, **k):\n"
+        "        raise e.EngineError('simulated failure while loading the sessions')\n"
+        "    e.Engine.__init__ = boom\n"
+    )
+    env = subprocess_env({"MUTASK_TEST_BREAK_ENGINE": "1", "MUTASK_ARTIFACT": serving_artifact})
+    env["PYTHONPATH"] = f"{hook}{os.pathsep}{env['PYTHONPATH']}"
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "mutask.cli", "serve", str(serving_artifact), "--port", str(free_port())],
+                       cwd=str(REPO), env=env, capture_output=True, text=True, timeout=90)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "could not start" in r.stderr and "simulated failure" in r.stderr, r.stderr[-2000:]
+    assert time.monotonic() - t0 < 60

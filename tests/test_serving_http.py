@@ -1,0 +1,148 @@
+"""A real server (`mutask serve ART` in a subprocess, loopback, a free port) queried over HTTP
+with BentoML's SyncHTTPClient and plain httpx: answers equal a plain onnxruntime run of each
+per-task graph, a burst of concurrent mixed-task requests, /tasks, /readyz, /metrics, the
+bad-input battery (never a 500, the server alive after)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import re
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.test_serving_helpers import Server, check_battery, reference_logits, sample_images, serving_artifact
+
+__all__ = ["serving_artifact"]  # the session fixture, imported for pytest
+
+LIMIT = 300_000  # MUTASK_MAX_IMAGE_BYTES for this server
+
+
+@pytest.fixture(scope="module")
+def server(serving_artifact, tmp_path_factory):
+    base = tmp_path_factory.getbasetemp()
+    env = {
+        "BENTOML_HOME": base / "bentoml-home-http",
+        "PROMETHEUS_MULTIPROC_DIR": tmp_path_factory.mktemp("prometheus-http"),
+        "MUTASK_MAX_IMAGE_BYTES": LIMIT,
+        "MUTASK_MAX_IMAGE_PIXELS": 4_000_000,
+    }
+    srv = Server(serving_artifact, tmp_path_factory.mktemp("server") / "server.log", env)
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+    assert srv.proc.poll() is not None
+
+
+def _metric(text: str, name: str, **labels) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_cli_printed_the_url_and_no_torch_is_loaded(server):
+    import psutil
+
+    assert re.search(rf"listening on http://127\.0\.0\.1:{server.port}", server.log())
+    assert "global pool" in server.log()  # the worker shares one ONNX Runtime thread pool
+    procs = [psutil.Process(server.proc.pid)] + psutil.Process(server.proc.pid).children(recursive=True)
+    assert any("_bentoml_impl.worker" in " ".join(p.cmdline()) for p in procs)
+    for p in procs:  # neither the CLI/arbiter nor the worker has torch's libraries mapped
+        maps = Path(f"/proc/{p.pid}/maps")
+        if maps.exists():
+            text = maps.read_text()
+            assert "libtorch" not in text and "/torch/" not in text, p.cmdline()
+
+
+def test_every_task_matches_plain_onnxruntime(server, serving_artifact, tmp_path):
+    import bentoml
+
+    images = sample_images()
+    names = ["rgb45x61-png", "large-jpeg", "P-png", "LA-png", "exif-rotated-jpeg"]
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        for task in ("a", "b", "c"):
+            for name in names:
+                r = c.post("/predict", data={"task": task}, files={"image": (name, images[name])})
+                assert r.status_code == 200, r.text
+                ref = reference_logits(serving_artifact, task, images[name])
+                assert r.json()["index"] == int(ref.argmax()), (task, name)
+    with bentoml.SyncHTTPClient(server.url, timeout=30) as client:
+        assert client.is_ready()
+        for task in ("a", "b", "c"):
+            path = tmp_path / f"{task}.jpg"
+            path.write_bytes(images["rgb-jpeg"])
+            out = client.predict(task=task, image=path)
+            out = out if isinstance(out, dict) else out.model_dump()
+            ref = reference_logits(serving_artifact, task, images["rgb-jpeg"])
+            assert out["task"] == task and out["index"] == int(ref.argmax())
+            assert abs(sum(out["scores"].values()) - 1.0) < 1e-6 or len(out["scores"]) == 5
+        tasks = client.tasks()
+        tasks = tasks if isinstance(tasks, dict) else dict(tasks)
+        assert set(tasks) == {"a", "b", "c"}
+
+
+def test_burst_of_concurrent_mixed_task_requests(server, serving_artifact):
+    images = sample_images()
+    names = sorted(images)
+    jobs = [("abc"[i % 3], names[i % len(names)]) for i in range(64)]
+    expected = {(t, n): int(reference_logits(serving_artifact, t, images[n]).argmax()) for t, n in set(jobs)}
+    with httpx.Client(base_url=server.url, timeout=60, limits=httpx.Limits(max_connections=32)) as c:
+        before = c.get("/metrics").text
+
+        def one(job):
+            t, n = job
+            r = c.post("/predict", data={"task": t}, files={"image": (n, images[n])})
+            return job, r.status_code, r.json()
+
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            results = list(pool.map(one, jobs))
+        after = c.get("/metrics").text
+    bad = [(job, status, body) for job, status, body in results if status != 200 or body["index"] != expected[job] or body["task"] != job[0]]
+    assert not bad, bad[:3]
+    for t in "abc":
+        assert _metric(after, "mutask_requests_total", task=t) - _metric(before, "mutask_requests_total", task=t) == 64 // 3 + (t == "a")
+    rows = _metric(after, "mutask_engine_batch_size_sum") - _metric(before, "mutask_engine_batch_size_sum")
+    batches = _metric(after, "mutask_engine_batch_size_count") - _metric(before, "mutask_engine_batch_size_count")
+    assert rows == 64 and 1 <= batches <= 64
+
+
+def test_tasks_readyz_metrics_openapi(server):
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        assert c.get("/readyz").status_code == 200
+        assert c.get("/livez").status_code == 200
+        tasks = c.get("/tasks").json()
+        assert set(tasks) == {"a", "b", "c"}
+        for rec in tasks.values():
+            assert {"labels", "image_size", "params", "accounted_params", "val_accuracy", "test_accuracy"} <= set(rec)
+        c.post("/predict_batch", json={"task": "b", "images": []})  # an error series for b
+        m = c.get("/metrics")
+        assert m.status_code == 200
+        for t in ("a", "b", "c"):
+            for series in ("mutask_requests_total", "mutask_request_latency_seconds_bucket", "mutask_batch_size_bucket", "mutask_errors_total"):
+                assert re.search(rf'^{series}{{[^}}]*task="{t}"', m.text, re.M), (series, t)
+        assert _metric(m.text, "mutask_errors_total", task="b", kind="bad_request") >= 1
+        assert "mutask_segment_seconds_total" in m.text and 'shared="true"' in m.text
+        assert c.get("/").status_code == 200
+        spec = c.get("/docs.json").json()
+        assert {"/predict", "/predict_batch", "/tasks"} <= set(spec["paths"])
+
+
+def test_bad_input_battery_over_http(server):
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        check_battery(c, sample_images()["rgb45x61-png"], limit_bytes=LIMIT)
+        # far over the limit, declared up front: answered without buffering the body
+        big = np.random.default_rng(1).integers(0, 255, 3 * LIMIT, dtype=np.uint8).tobytes()
+        r = c.post("/predict", data={"task": "a"}, files={"image": ("big.bin", big)})
+        assert r.status_code == 400 and "limit" in r.json()["error"]
+        m = c.get("/metrics").text
+        assert _metric(m, "bentoml_service_request_total", http_response_code="500") == 0
+        assert _metric(m, "mutask_errors_total", kind="bad_image") >= 4
+    assert server.proc.poll() is None
