@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import machine, median, write
+from benchmarks.common import median, write
 from evolve.data import Split
 from evolve.model import Component, ComponentStore, Path, PathModel, new_head
 from evolve.pretrain import ARCH

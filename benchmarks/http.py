@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -28,51 +29,85 @@ def png_bytes(image_uint8: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-@contextlib.contextmanager
-def running_server(art, *, port: int | None = None, timeout_s: float = 180.0, log_path=None, env: dict | None = None):
-    """Start ``mutask serve ART`` on 127.0.0.1, wait until /readyz answers 200, yield the
-    base URL; always stop the whole process group afterwards (no server left running)."""
-    import httpx
+REPO = Path(__file__).resolve().parent.parent
 
-    port = port or free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(log_path, "w") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mutask.cli", "serve", str(art), "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env=dict(os.environ, BENTOML_DO_NOT_TRACK="true", **(env or {})),
-    )
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited with code {proc.returncode} before it was ready" + (f"; see {log_path}" if log_path else ""))
+
+class ServerProcess:
+    """``mutask serve ART`` on 127.0.0.1 in its own process group (BentoML's arbiter and its
+    worker), stopped with the whole group. ``env``: the child's full environment (default:
+    this process's, with BentoML tracking off and the repository on PYTHONPATH)."""
+
+    def __init__(self, art, *, log_path, env: dict | None = None, port: int | None = None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_path)
+        if env is None:
+            env = dict(os.environ, BENTOML_DO_NOT_TRACK="true")
+            env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mutask.cli", "serve", str(art), "--port", str(self.port), "--host", "127.0.0.1"],
+            cwd=str(REPO), env={k: str(v) for k, v in env.items()}, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Until /readyz answers 200; raises with the server's log if it exits or times out."""
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with code {self.proc.returncode} before it was ready:\n{self.log()}")
             try:
-                if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
-                    break
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
             except httpx.HTTPError:
                 pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the server was not ready within {timeout_s:.0f} s")
-            time.sleep(0.5)
-        yield url
-    finally:
-        stop(proc)
-        if log_path:
-            log.close()
+            time.sleep(0.25)
+        raise RuntimeError(f"the server was not ready within {timeout:.0f} s:\n{self.log()}")
+
+    def worker_rss(self) -> dict:
+        """RSS of the worker (the process holding the sessions) and of the whole server."""
+        import psutil
+
+        root = psutil.Process(self.proc.pid)
+        rss = {}
+        for p in [root] + root.children(recursive=True):
+            try:
+                rss[p.pid] = (p.memory_info().rss, " ".join(p.cmdline()))
+            except psutil.Error:
+                pass
+        workers = [v[0] for v in rss.values() if "_bentoml_impl.worker" in v[1]]
+        return {"worker_rss": max(workers) if workers else None, "total_rss": sum(v[0] for v in rss.values()), "processes": len(rss)}
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM the group (the arbiter stops its worker), then SIGKILL whatever is left."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=grace_s)
+        if self.proc.poll() is None:
+            self.proc.wait(timeout=10)
+        self._log.close()
 
 
-def stop(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
+@contextlib.contextmanager
+def running_server(art, *, log_path=None, env: dict | None = None, timeout_s: float = 180.0):
+    """A ready server for the ``with`` block, yielding its base URL; always stopped after."""
+    import tempfile
+
+    log_path = log_path or Path(tempfile.mkdtemp(prefix="mutask-server-")) / "server.log"
+    srv = ServerProcess(art, log_path=log_path, env=env)
     try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+        srv.wait_ready(timeout_s)
+        yield srv.url
+    finally:
+        srv.stop()
 
 
 def predict_all(url: str, items: list[tuple[str, bytes]], concurrency: int = 8, timeout_s: float = 60.0) -> list[dict]:

@@ -30,10 +30,7 @@ import io
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,9 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import RESULTS, _cpu_model, write
-
-REPO = Path(__file__).resolve().parent.parent
-
+from benchmarks.http import REPO, ServerProcess
 
 def machine() -> dict:
     import bentoml
@@ -69,79 +64,6 @@ def machine() -> dict:
 
 def pct(xs, q) -> float:
     return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProc:
-    """``mutask serve ART`` in its own process group (stopped with the group)."""
-
-    def __init__(self, art: Path, mode: str, tmp: Path, extra_env: dict | None = None):
-        self.mode = mode
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ)
-        prom = tmp / f"prometheus-{mode}"
-        prom.mkdir(parents=True, exist_ok=True)
-        env.update(
-            BENTOML_DO_NOT_TRACK="true", BENTOML_HOME=str(tmp / "bentoml-home"), PROMETHEUS_MULTIPROC_DIR=str(prom),
-            MUTASK_ENGINE=mode, PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
-        )
-        env.update({k: str(v) for k, v in (extra_env or {}).items()})
-        self.log_path = tmp / f"server-{mode}.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mutask.cli", "serve", str(art), "--port", str(self.port), "--host", "127.0.0.1"],
-            cwd=str(REPO), env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-
-    def wait_ready(self, timeout=120.0) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.mode} server exited ({self.proc.returncode}): {self.log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"{self.mode} server not ready in {timeout} s: {self.log_path.read_text()[-3000:]}")
-
-    def worker_rss(self) -> dict:
-        """RSS of the worker (the process holding the sessions) and of the whole server."""
-        import psutil
-
-        root = psutil.Process(self.proc.pid)
-        procs = [root] + root.children(recursive=True)
-        rss = {}
-        for p in procs:
-            try:
-                rss[p.pid] = (p.memory_info().rss, " ".join(p.cmdline()))
-            except psutil.Error:
-                pass
-        workers = [v[0] for v in rss.values() if "_bentoml_impl.worker" in v[1]]
-        return {"worker_rss": max(workers) if workers else None, "total_rss": sum(v[0] for v in rss.values()), "processes": len(rss)}
-
-    def stop(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(timeout=15)
-                if sig == signal.SIGTERM:
-                    time.sleep(0.5)  # the arbiter stops its worker; SIGKILL below catches a straggler
-            except subprocess.TimeoutExpired:
-                continue
-        self._log.close()
 
 
 def task_images(art) -> dict[str, bytes]:
@@ -281,7 +203,11 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     try:
         for mode in ("tree", "per_task"):
-            servers[mode] = ServerProc(Path(a.artifact).resolve(), mode, tmp)
+            prom = tmp / f"prometheus-{mode}"
+            prom.mkdir(parents=True, exist_ok=True)
+            env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", BENTOML_HOME=tmp / "bentoml-home", PROMETHEUS_MULTIPROC_DIR=prom, MUTASK_ENGINE=mode)
+            env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+            servers[mode] = ServerProcess(Path(a.artifact).resolve(), log_path=tmp / f"server-{mode}.log", env=env)
         for s in servers.values():
             s.wait_ready()
         print(f"servers ready: {', '.join(f'{m} {s.url}' for m, s in servers.items())}", flush=True)

@@ -39,7 +39,7 @@ log = logging.getLogger("mutask")
 
 BUDGETS = {
     "tiny": dict(rounds=1, children=3, generation_size=3, steps=6, validations=1, batch_size=32),
-    "quick": dict(rounds=2, children=8, generation_size=4, steps=120, validations=3, batch_size=64),
+    "quick": dict(rounds=2, children=8, generation_size=4, steps=200, validations=3, batch_size=64),
     "full": dict(rounds=2, children=24, generation_size=8, steps=200, validations=3, batch_size=64),
 }
 

@@ -59,6 +59,10 @@ def format_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e3:.0f}k" if n >= 10_000 else f"{n / 1e3:.1f}k" if n >= 1000 else str(n)
+
+
 def _layer_order(name: str) -> float:
     kind, _, idx = name.partition(".")
     fixed = {"patch_embed": 0, "cls_token": 1, "pos_embed": 2, "norm": 1000, "head": 1001}
@@ -98,7 +102,7 @@ def draw_system(system: System, out_png) -> FsPath:
             first_owner = next((t for t in tasks if t in c.locks), tasks[col])
             colour = (0.82, 0.82, 0.82, 1) if c.root else owner_colour[first_owner]
             ax.add_patch(Rectangle((col + 0.06, y + 0.1), end - col + 0.88, 0.8, facecolor=colour, edgecolor="black", linewidth=0.6))
-            label = comp if c.root else f"{comp} ({c.num_params / 1e3:.0f}k)"
+            label = comp if c.root else f"{comp} ({_count(c.num_params)})"
             ax.text((col + end + 1) / 2, y + 0.5, label, ha="center", va="center", fontsize=7)
             col = end + 1
     ax.set_xlim(0, len(tasks))

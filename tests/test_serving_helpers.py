@@ -7,11 +7,6 @@ import base64
 import io
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -161,10 +156,7 @@ def reference_logits(artifact: Path, task: str, data: bytes) -> np.ndarray:
 # ---- a real server ------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from benchmarks.http import free_port  # noqa: E402,F401  (re-exported for the tests)
 
 
 def subprocess_env(extra: dict | None = None) -> dict:
@@ -178,54 +170,11 @@ def subprocess_env(extra: dict | None = None) -> dict:
     return env
 
 
-class Server:
-    """``mutask serve ART --port P`` as a subprocess in its own process group; always stop it."""
+def Server(artifact: Path, log_path: Path, env: dict | None = None):
+    """``mutask serve ART`` as a subprocess (benchmarks.http.ServerProcess) with the test environment."""
+    from benchmarks.http import ServerProcess
 
-    def __init__(self, artifact: Path, log_path: Path, env: dict | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mutask.cli", "serve", str(artifact), "--port", str(self.port), "--host", "127.0.0.1"],
-            cwd=str(REPO), env=subprocess_env(env), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log()}")
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")[-5000:]
-
-    def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # the arbiter stops its worker
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            pass
-        try:  # anything of ours still there (a worker that ignored SIGTERM)
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        if self.proc.poll() is None:
-            self.proc.wait(timeout=10)
-        self._log.close()
+    return ServerProcess(artifact, log_path=log_path, env=subprocess_env(env))
 
 
 # ---- the bad-input battery ----------------------------------------------------------------
