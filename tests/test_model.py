@@ -114,3 +114,22 @@ def test_rebuild_components_from_tensors(root):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(PathModel.from_store(store, path)(x), PathModel.from_store(rebuilt, path)(x))
+
+
+def test_timm_root_by_name_matches_timm_and_rejects_non_vits():
+    from evolve.root import load_root
+    from mutask.errors import MutaskError
+
+    torch.manual_seed(0)
+    root = load_root("timm:vit_tiny_patch16_224")  # timm's architecture, random weights (no network)
+    assert (root.depth, root.embed_dim, root.patch_size, root.image_size) == (12, 192, 16, 224)
+    store = ComponentStore()
+    path = root.add_to(store)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(PathModel.from_store(store, path)(x), root.template(x), atol=1e-5, rtol=0)
+    with pytest.raises(MutaskError, match="not supported"):
+        load_root("timm:resnet18")
+    avg = {"timm_model": "VisionTransformer", "kwargs": dict(TINY["kwargs"], global_pool="avg")}
+    with pytest.raises(MutaskError, match="pools with 'avg'"):
+        Root(avg, build_vit(avg), "avg-pool")
