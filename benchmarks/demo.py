@@ -197,8 +197,10 @@ def plot_accuracy_vs_params(doc: dict, path: Path) -> None:
         q = json.loads(recorded.read_text())
         for i, (cfg, r) in enumerate(q["runs"].items()):
             ax.scatter([r["params_per_task"]], [r["avg_test_accuracy"]], marker="s", s=60, label=f"recorded: {cfg} (average)", color=plt.get_cmap("tab10")(i + 1), edgecolor="black", zorder=4)
-    ax.set_xscale("log")
-    ax.set_xlabel("accounted parameters per task (log)")
+    from matplotlib.ticker import FuncFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e3:.0f}k"))
+    ax.set_xlabel("accounted parameters per task")
     ax.set_ylabel("test accuracy")
     ax.set_title("accuracy against parameters per task")
     ax.legend(fontsize=7, loc="lower right")

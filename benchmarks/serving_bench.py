@@ -66,6 +66,40 @@ def pct(xs, q) -> float:
     return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
 
 
+def engine_throughput(art, images: dict, batch: int, repeats: int, threads: int) -> dict:
+    """Images/s of the engine alone (no HTTP): mixed batches of ``batch`` single-image requests,
+    tasks round-robin, through the segment tree and through one session per task graph.
+    Interleaved repeats, medians: what shared-segment batching buys where compute dominates."""
+    from serving.engine import Engine
+    from serving.preprocess import preprocess_bytes
+
+    tasks = list(art.tasks)
+    xs = {t: preprocess_bytes(images[t], int(art.tasks[t]["image_size"])) for t in tasks}
+    items = [(tasks[i % len(tasks)], xs[tasks[i % len(tasks)]]) for i in range(batch)]
+    import gc
+
+    import psutil
+
+    proc = psutil.Process()
+    engines, rss_delta = {}, {}
+    Engine(art, mode="tree", verify=False, threads=threads).run(items)  # ONNX Runtime's one-time set-up, not counted
+    for m in ("tree", "per_task"):  # RSS this process gains by loading (and warming) each engine
+        gc.collect()
+        before = proc.memory_info().rss
+        engines[m] = Engine(art, mode=m, verify=False, threads=threads)
+        engines[m].run(items)  # warm-up
+        rss_delta[m] = proc.memory_info().rss - before
+    runs = {m: [] for m in engines}
+    for r in range(repeats):
+        for m in (("tree", "per_task") if r % 2 == 0 else ("per_task", "tree")):
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < 1.0:
+                engines[m].run(items)
+                n += batch
+            runs[m].append(n / (time.perf_counter() - t0))
+    return {m: {"images_per_s_median": statistics.median(v), "runs": v, "rss_delta_bytes": rss_delta[m]} for m, v in runs.items()} | {"batch": batch, "repeats": repeats}
+
+
 def task_images(art) -> dict[str, bytes]:
     """A noise PNG per task at its image size (no resize: the model's own cost)."""
     from PIL import Image
@@ -234,6 +268,9 @@ def main(argv=None) -> int:
             s.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
+    print("engine only (no HTTP) ...", flush=True)
+    engine_only = {str(b): engine_throughput(art, images, b, max(3, a.repeats), threads) for b in (8, 32)}
+
     def med(xs, key):
         vals = [x[key] for x in xs if x.get(key) is not None]
         return statistics.median(vals) if vals else None
@@ -255,6 +292,7 @@ def main(argv=None) -> int:
         "settings": {"repeats": a.repeats, "requests": a.requests, "concurrency": curve, "max_seconds": a.max_seconds, "ort_threads": threads},
         "latency_batch1": {t: {"http": lat_http[t], "bare_onnxruntime": lat_ort[t]} for t in art.tasks},
         "throughput": curve_doc,
+        "engine_only": engine_only,
         "memory": {
             "unique_weight_bytes": unique,
             "naive_weight_bytes_one_model_per_task": stats["naive_bytes"],
@@ -292,6 +330,24 @@ def main(argv=None) -> int:
             f"| {c} | {tr['rps_median']:.1f} | {pt['rps_median']:.1f} | {sp:.2f}x | {tr['mean_engine_batch'] or 0:.2f} | "
             f"{pt['mean_engine_batch'] or 0:.2f} | {'-' if share is None else f'{share:.1%}'} |"
         )
+    lines += [
+        "",
+        "## Engine only, no HTTP (images/s, mixed tasks round-robin, one image per request)",
+        "",
+        "| requests per batch | segment tree | one session per task | speed-up |",
+        "|---:|---:|---:|---:|",
+    ]
+    for b, e in engine_only.items():
+        tr, pt = e["tree"]["images_per_s_median"], e["per_task"]["images_per_s_median"]
+        lines.append(f"| {b} | {tr:.0f} | {pt:.0f} | {tr / pt:.2f}x |")
+    e = engine_only["8"]
+    lines += [
+        "",
+        f"Memory the engine itself adds to a process (RSS after loading and one batch, minus before): segment tree "
+        f"{e['tree']['rss_delta_bytes'] * mb:.1f} MiB, one session per task {e['per_task']['rss_delta_bytes'] * mb:.1f} MiB, "
+        f"for {unique * mb:.2f} MiB of unique weights. The rest of the worker's RSS below is the fixed runtime "
+        "(Python, BentoML, ONNX Runtime), the same whatever the artifact.",
+    ]
     lines += [
         "",
         "## Memory (worker process RSS)",
