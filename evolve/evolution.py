@@ -6,6 +6,7 @@ path, then trains ``children`` children in generations of ``generation_size``: f
 best-score first with probability 0.5 ** (children already made). A same-task child is
 accepted only when it beats its parent's score; a child of a seed is accepted. The visit ends
 by keeping the task's best path, locking its components and dropping everything else.
+Seeds take at most half of a visit's children (see :meth:`Evolution.pick_seeds`).
 
 score = validation accuracy * s ** (accounted params / root params).
 
@@ -125,7 +126,7 @@ class Evolution:
                     s.store[cid].locks.discard(task)
             seeds = ["root"]
             if self.strategy == "munet":
-                seeds = [s.best[t] for t in s.best if t != task] + ["root"]
+                seeds = self.pick_seeds([s.best[t] for t in s.best if t != task] + ["root"])
             prog["visit"] = {
                 "task": task,
                 "generation": 0,
@@ -217,6 +218,17 @@ class Evolution:
         )
 
     # -- parents and children -------------------------------------------------------------
+    def pick_seeds(self, candidates: list[str]) -> list[str]:
+        """Seeds take at most half of a visit's children (deviation: the reference's 64
+        children per visit leave ~85% to mutated children; with the small budgets of a CPU
+        run, every other task's best path as a seed would leave none). When there are more
+        candidates, a random subset (evolution RNG) is tried, in candidate order."""
+        cap = max(1, self.cfg.children // 2)
+        if len(candidates) <= cap:
+            return candidates
+        keep = set(self.sys.rng.sample(range(len(candidates)), cap))
+        return [c for i, c in enumerate(candidates) if i in keep]
+
     def sample_parent(self, v: dict) -> Path:
         """Best score first, each taken with probability 0.5 ** (children it already has);
         failing that, uniformly among the seeds tried and the task's own paths."""

@@ -3,7 +3,6 @@
 import json
 from dataclasses import asdict
 
-import numpy as np
 import pytest
 import torch
 
@@ -32,12 +31,13 @@ def tensors_of(system, task):
 
 def test_evolve_two_tasks_and_report(tiny_root, tmp_path):
     data = {"a": synthetic_task("a", 4, 1), "b": synthetic_task("b", 3, 2)}
-    s = new_system(tiny_root, ["a", "b"], data)
+    s = new_system(tiny_root, ["a", "b"], data, children=4)
     Evolution(s, data, tmp_path / "st", show_progress=False).run(["a", "b"])
     assert set(s.best) == {"a", "b"}
-    assert len(s.history) == 6
-    # b's first child is the seed made from a's best path: it shares a's frozen components
-    assert s.history[3]["seed"] and s.history[3]["parent"] == s.best["a"]
+    assert len(s.history) == 8
+    # b's first children are the seeds, unmutated: a's best path, then the root
+    assert [(h["seed"], h["parent"]) for h in s.history[4:6]] == [(True, s.best["a"]), (True, "root")]
+    assert not any(h["seed"] for h in s.history[6:])
     doc = report(s)
     for t in ("a", "b"):
         rec = doc["tasks"][t]
@@ -51,6 +51,15 @@ def test_evolve_two_tasks_and_report(tiny_root, tmp_path):
         assert comp.locks == users
     png = draw_system(s, tmp_path / "system.png")
     assert png.stat().st_size > 1000
+
+
+def test_seeds_take_at_most_half_of_a_visit(tiny_root, tmp_path):
+    data = {t: synthetic_task(t, 3, i) for i, t in enumerate("abcd")}
+    s = new_system(tiny_root, list("abcd"), data, children=4, generation_size=4)
+    Evolution(s, data, tmp_path / "st", show_progress=False).run(list("abcd"))
+    seeds_per_task = {t: sum(h["seed"] for h in s.history if h["task"] == t) for t in "abcd"}
+    assert seeds_per_task == {"a": 1, "b": 2, "c": 2, "d": 2}  # d had 4 candidates: 3 best paths + root
+    assert all(h["seed"] for h in s.history[:1]) and s.history[0]["parent"] == "root"
 
 
 def test_children_only_train_their_own_clones(tiny_root, tmp_path):
