@@ -12,33 +12,13 @@ parity figures, and machine facts. Without --out the artifact goes to a temp dir
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def _machine() -> dict:
-    try:
-        from benchmarks.common import machine
-
-        return machine()
-    except Exception:  # the shared helper is optional here
-        import onnxruntime
-        import torch
-
-        return {
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        }
+from benchmarks.common import machine, write
 
 
 def run(state, out=None, results_dir=None, show_progress=True) -> dict:
@@ -88,7 +68,7 @@ def run(state, out=None, results_dir=None, show_progress=True) -> dict:
             "naive_over_artifact": st["naive_over_total"],
             "seconds": {"load_state": round(t_load, 2), "export_with_parity": round(t_export, 2), "load_artifact_verify": round(t_verify, 2)},
             "tasks": tasks,
-            "machine": _machine(),
+            "machine": machine(),
         }
     finally:
         if tmp is not None:
@@ -128,15 +108,7 @@ def _table(doc: dict) -> str:
 
 
 def _write(doc: dict, results_dir=None) -> None:
-    d = Path(results_dir) if results_dir else Path(__file__).resolve().parent / "results"
-    d.mkdir(parents=True, exist_ok=True)
-    m = doc["machine"]
-    (d / "export.json").write_text(json.dumps(doc, indent=2))
-    footer = (
-        f"\n\nMachine: {m.get('processor', '')} ({m.get('cpu_count')} cores), {m.get('platform')}; python {m.get('python')}, "
-        f"torch {m.get('torch')}, onnxruntime {m.get('onnxruntime')}. Recorded {m.get('date')}.\n"
-    )
-    (d / "export.md").write_text(_table(doc) + footer)
+    write("export", doc, _table(doc), results_dir)
 
 
 def main(argv=None) -> int:

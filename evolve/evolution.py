@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from mutask.errors import MutaskError
 
@@ -90,7 +90,7 @@ class Evolution:
         self.sys = system
         self.data = data
         self.out = out
-        self.cfg = EvolveConfig(**{k: v for k, v in system.config["evolve"].items()})
+        self.cfg = EvolveConfig(**system.config["evolve"])
         self.show_progress = show_progress
         self.dev = device()
         kind, _, arg = self.cfg.strategy.partition(":")
@@ -164,7 +164,8 @@ class Evolution:
         base_hp = base.hparams if base else self.default_hparams(task)
         data_keys = {k: base_hp[k] for k in H.DATA_KEYS}
         if base is not None:
-            data_keys = {k: H.mutate(base_hp, H.DATA_KEYS, self.mu_of(base_hp), rng)[k] for k in H.DATA_KEYS}
+            moved = H.mutate(base_hp, H.DATA_KEYS, self.mu_of(base_hp), rng)
+            data_keys = {k: moved[k] for k in H.DATA_KEYS}
         batch_seed = rng.randrange(2**31)
         plan = []  # (parent, mutate)
         for _ in range(n):
@@ -346,7 +347,3 @@ class Evolution:
             "components": [s.store[c].name if c in s.store else fresh[c].name for c in child.components],
             "train_seconds": round(time.perf_counter() - t0, 2),
         }
-
-
-def config_dict(cfg: EvolveConfig) -> dict:
-    return asdict(cfg)

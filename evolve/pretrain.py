@@ -10,7 +10,6 @@ resized crops and colour jitter, label smoothing 0.1.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
@@ -101,7 +100,3 @@ def default_root(budget: str = "quick"):
         log.warning("no cached default root at %s: pretraining it now (budget %s)", d, budget)
         pretrain(d, budget=budget)
     return load_root_dir(d)
-
-
-def describe(root_dir) -> dict:
-    return json.loads((root_dir / "config.json").read_text())

@@ -40,7 +40,7 @@ def resolve_tasks(specs: list[str], seed: int) -> tuple[list[str], dict, dict]:
             raise MutaskError(f"task {td.name!r} is given twice. Name directory tasks apart with NAME=DIR.")
         # record directory tasks by absolute path, so --resume finds them from anywhere
         stored = spec
-        name, sep, rest = spec.partition("=")
+        _, sep, rest = spec.partition("=")
         target = rest if sep else spec
         if os.path.isdir(target):
             stored = f"{td.name}={os.path.abspath(target)}"

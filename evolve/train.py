@@ -163,7 +163,7 @@ def train(
             if acc > best[0]:
                 best = (acc, step, [p.detach().clone() for p in params])
         if progress is not None:
-            progress(step, steps, float(loss))
+            progress(step, steps, loss.item())
     elapsed = time.perf_counter() - t0
     model.eval()
     with torch.no_grad():

@@ -92,15 +92,17 @@ def test_engine_runs_segments_as_a_prefix_tree(serving_artifact):
     art = load_artifact(serving_artifact)
     engine = Engine(art, device="cpu", threads=1)
     assert engine.ready and engine.device == "cpu"
-    # one session per segment, and each weight in exactly one segment graph: held once
+    # one session per segment; each task's chain covers its path; the segments load fewer
+    # weight tensors than one graph per task would (a shared segment's weights load once; a
+    # component shared behind different prefixes or at two image sizes loads once per segment)
     assert set(engine.segments) == set(art.segments)
-    seen = {}
-    for sid in art.segments:
-        for r in external_refs(art.segment_path(sid).read_bytes()):
-            if r["external"]:
-                key = (r["offset"], r["length"])
-                assert key not in seen, f"weight {r['name']} in segments {seen.get(key)} and {sid}"
-                seen[key] = sid
+    for task, rec in art.tasks.items():
+        assert [c for sid in art.chain(task) for c in art.segments[sid]["components"]] == rec["components"]
+
+    def loads(paths):
+        return sum(r["external"] for p in paths for r in external_refs(p.read_bytes()))
+
+    assert loads(art.segment_path(sid) for sid in art.segments) < loads(art.graph_path(t) for t in art.tasks)
     shared = [sid for sid, s in engine.segments.items() if s.shared]
     assert shared, "the test system should share a segment"
 
@@ -237,7 +239,8 @@ def test_service_in_process(client, serving_artifact):
         assert rec["num_labels"] == len(rec["labels"]) and rec["image_size"] == 32
         assert rec["params"] > 0 and 0 < rec["accounted_params"] <= rec["params"]
         assert 0.0 <= rec["val_accuracy"] <= 1.0 and rec["test_accuracy"] is not None
-        assert rec["shared_segments"]
+        assert set(rec["shared_segments"]) <= set(rec["segments"])
+    assert any(rec["shared_segments"] for rec in tasks.values())
     assert client.get("/readyz").status_code == 200 and client.get("/livez").status_code == 200
     metrics = client.get("/metrics").text
     for t in ("a", "b", "c"):
