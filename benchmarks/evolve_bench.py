@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import median, write
 from evolve.data import Split
-from evolve.model import Component, ComponentStore, Path, PathModel, new_head
+from evolve.model import Component, ComponentStore, Path, PathModel, block_index, component_kind, new_head
 from evolve.pretrain import ARCH
 from evolve.root import Root, build_vit
 from evolve.train import to_model_input, train
@@ -60,7 +60,7 @@ def mutask_path(frozen_blocks: int, seed: int):
     fresh, ids = {}, []
     for cid in root_path.components[:-1]:
         name = store[cid].name
-        frozen = name in ("patch_embed", "cls_token", "pos_embed") or (name.startswith("blocks.") and int(name[7:]) < frozen_blocks)
+        frozen = name in ("patch_embed", "cls_token", "pos_embed") or (component_kind(name) == "blocks" and block_index(name) < frozen_blocks)
         if frozen and frozen_blocks > 0:
             ids.append(cid)
             continue

@@ -32,7 +32,7 @@ from mutask.errors import MutaskError
 
 from . import hparams as H
 from .data import TaskData
-from .model import Adapter, Component, Path, PathModel, new_head, resample_pos_embed
+from .model import Adapter, Component, Path, PathModel, block_index, component_kind, new_head, resample_pos_embed
 from .state import System
 from .train import accuracy, device, train
 
@@ -310,8 +310,7 @@ class Evolution:
         if self.strategy == "finetune":
             return True
         if self.strategy == "freeze":
-            idx = int(name.split(".")[1]) if name.startswith("blocks.") else -1
-            return name.startswith("blocks.") and idx >= self.strategy_arg
+            return component_kind(name) == "blocks" and block_index(name) >= self.strategy_arg
         if self.strategy == "adapters":
             return False
         return rng.random() < mu

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path as FsPath
 
+from .model import block_index, component_kind
 from .state import System
 
 
@@ -64,11 +65,11 @@ def _count(n: int) -> str:
 
 
 def _layer_order(name: str) -> float:
-    kind, _, idx = name.partition(".")
+    kind = component_kind(name)
     fixed = {"patch_embed": 0, "cls_token": 1, "pos_embed": 2, "norm": 1000, "head": 1001}
     if kind in fixed:
         return fixed[kind]
-    return 3 + 2 * int(idx) + (0 if kind == "adapters" else 1)
+    return 3 + 2 * block_index(name) + (0 if kind == "adapters" else 1)
 
 
 def draw_system(system: System, out_png) -> FsPath:

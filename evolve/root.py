@@ -17,7 +17,7 @@ from torch import nn
 
 from mutask.errors import MutaskError
 
-from .model import Adapter, ClsToken, ComponentStore, Head, PatchEmbed, Path, PosEmbed
+from .model import Adapter, ClsToken, ComponentStore, Head, PatchEmbed, Path, PosEmbed, component_kind
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -106,7 +106,7 @@ class Root:
 
     def module_for(self, name: str, tensors: dict[str, torch.Tensor]) -> nn.Module:
         """Rebuild a component's module from its tensors (loading a saved state)."""
-        kind = name.split(".", 1)[0]
+        kind = component_kind(name)
         if kind == "patch_embed":
             m = PatchEmbed(copy.deepcopy(self.template.patch_embed.proj), copy.deepcopy(self.template.patch_embed.norm))
         elif kind == "cls_token":
