@@ -20,7 +20,7 @@ import numpy
 from mutask.errors import MutaskError
 
 FORMAT = "mutask-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: segments form a DAG ("parents"); 1 had a prefix tree ("parent")
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 

@@ -5,7 +5,7 @@ What it writes, into a temp directory next to ART that is renamed into place at 
 - ``weights.safetensors``: every unique tensor of the components the tasks' best paths use,
   deduplicated by content (sha256 of dtype, shape and bytes), so an unchanged clone costs
   nothing;
-- one ONNX graph per segment of the tasks' prefix tree (:mod:`export.segments`), and one per
+- one ONNX graph per segment of the tasks' step graph (:mod:`export.segments`), and one per
   task (image in, logits out) that is its segment chain composed into a single graph (so the
   two agree by construction, and each segment is exported once); all read their weights from
   ``weights.safetensors`` as ONNX external data (offset and length into that file): the
@@ -370,7 +370,7 @@ def export_system(system, out, *, data=None, force: bool = False, bentoml_model:
         for sid in bar:
             seg = segments[sid]
             p = paths[seg["tasks"][0]]
-            first = seg["start"]
+            first = p.components.index(seg["components"][0])
             if p.components[first : first + len(seg["components"])] != seg["components"]:
                 raise RuntimeError(f"segment {sid} does not match the path of {p.task}")
             bar.set_postfix_str(seg_files[sid])
@@ -495,7 +495,7 @@ def export_system(system, out, *, data=None, force: bool = False, bentoml_model:
                 "graph": seg_files[sid],
                 "components": seg["components"],
                 "tasks": seg["tasks"],
-                "parent": seg["parent"],
+                "parents": seg["parents"],
                 "input": seg["input"],
                 "output": seg["output"],
                 "image_size": seg["image_size"],

@@ -1,14 +1,25 @@
-"""The inference engine: an exported system's segment graphs run as a prefix tree.
+"""The inference engine: an exported system's segment graphs, each weight in memory once.
 
-An export decomposes the tasks' paths into *segments* (see ``export/FORMAT.md``): a maximal
-run of components shared by the same set of tasks at the same image size. The tasks' chains
-form a prefix tree: the first segment of a chain takes the image, the others take their
-parent's hidden state, the last one answers the task's logits. Each unique weight belongs to
-exactly one segment, so one ONNX Runtime session per segment holds each weight in memory once
-(the per-task graphs would duplicate every shared weight).
+An export cuts the tasks' paths into *segments* (see ``export/FORMAT.md``): maximal runs of
+steps (a component at an image size) that the same tasks pass. The segments form a directed
+acyclic graph: tasks that cloned different early components meet again at a frozen component
+they share, whose segment then has several parents. Each step works on every image's rows
+independently, so rows of different tasks go through a shared segment in one batch.
 
-:meth:`Engine.run` takes a mixed list of (task, images) and runs every segment of the tree
-once, on the rows of all the tasks that pass through it, then splits the logits per task.
+:meth:`Engine.run` takes a mixed list of (task, images) and runs every segment that some item
+passes through exactly once, in topological order, on the rows of all those items (each item's
+rows come from its own previous segment), then returns each item's logits.
+
+**Weights once.** The engine reads ``weights.safetensors`` into memory once and hands every
+session the tensors it needs as ONNX Runtime initializers that point into that one buffer
+(``SessionOptions.add_initializer``), so a component used by several segments (at two image
+sizes, say) or by several tasks is never copied per session. Two ONNX Runtime features would
+make per-session copies and are turned off for these sessions: pre-packing of MatMul weights
+(``session.disable_prepacking``) and constant folding, which would fold the graphs'
+``Transpose(weight)`` into a new transposed tensor (without it ONNX Runtime fuses the transpose
+into ``FusedMatMul``). Measured on the demo system: the same logits (bit for bit), ~15 % slower
+at batch 1 and no slower at batch 8 or more (``benchmarks/serving_bench.py``).
+
 :class:`MicroBatcher` feeds it: concurrent requests (any tasks) are collected for up to
 ``max_wait_ms`` or ``max_batch`` rows, run in one worker thread (one inference at a time),
 split per request, and their futures resolved. Threads: sequential execution, inter-op 1, one
@@ -16,7 +27,7 @@ inference at a time, and in the server one global ONNX Runtime intra-op pool of 
 threads (all cores by default) shared by every session: they never oversubscribe the cores
 (see :func:`_session_options`).
 
-Torch-free: this module imports onnxruntime and numpy only.
+Torch-free: this module imports onnxruntime and numpy only (and the artifact reader).
 """
 
 from __future__ import annotations
@@ -31,12 +42,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from export.artifact import external_refs, read_safetensors_header
+
 from .preprocess import check_spec
 
 log = logging.getLogger("mutask.serving")
 
 _GLOBAL_POOLS: dict = {}  # set once per process: {"threads": n} when ORT global pools are on
 _GLOBAL_LOCK = threading.Lock()
+
+# safetensors dtype -> numpy (the dtypes an export can hold that numpy has)
+_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
 
 
 class EngineError(RuntimeError):
@@ -102,10 +118,56 @@ def _session_options(threads: int, global_pools: bool):
     return so
 
 
+class WeightStore:
+    """Every tensor of an artifact's ``weights.safetensors``, read into one buffer once.
+
+    ``arrays[name]`` is a numpy view into that buffer and ``values[name]`` an ONNX Runtime
+    ``OrtValue`` over the same memory (no copy); :meth:`bind` adds, to a graph's session
+    options, the tensors its external-data initializers name (by their offset in the file)."""
+
+    def __init__(self, path):
+        import onnxruntime as ort
+
+        start, header = read_safetensors_header(path)
+        self.path = path
+        self.buffer = np.fromfile(path, dtype=np.uint8)
+        self.arrays: dict[str, np.ndarray] = {}
+        self._by_range: dict[tuple, str] = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = _DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise EngineError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which the engine cannot hold (it serves {sorted(_DTYPES)})")
+            b, e = info["data_offsets"]
+            arr = self.buffer[start + b : start + e].view(dtype).reshape(info["shape"])
+            self.arrays[name] = arr
+            self._by_range[(start + b, e - b)] = name
+        self.values = {name: ort.OrtValue.ortvalue_from_numpy(arr) for name, arr in self.arrays.items()}
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.buffer.nbytes)
+
+    def bind(self, so, graph_path) -> dict[str, str]:
+        """Point every external initializer of ``graph_path`` at the store; returns
+        {initializer name: tensor name}. :class:`EngineError` if one is not a stored tensor."""
+        bound = {}
+        for ref in external_refs(graph_path.read_bytes()):
+            if not ref["external"]:
+                continue
+            name = self._by_range.get((ref["offset"], ref["length"]))
+            if name is None:
+                raise EngineError(f"{graph_path}: initializer {ref['name']!r} is not one tensor of {self.path}")
+            so.add_initializer(ref["name"], self.values[name])
+            bound[ref["name"]] = name
+        return bound
+
+
 @dataclass
 class Segment:
     id: str
-    parent: str | None
+    parents: tuple
     tasks: tuple
     input: str
     output: str
@@ -131,10 +193,13 @@ class TaskInfo:
 
 
 class Engine:
-    """One ONNX Runtime session per segment of ``artifact`` (an :class:`export.artifact.Artifact`).
+    """One ONNX Runtime session per segment of ``artifact`` (an :class:`export.artifact.Artifact`),
+    all reading their weights from one :class:`WeightStore`.
 
     ``run`` is synchronous and not re-entrant (the batcher calls it from one thread);
     ``stats`` counts rows and seconds per segment (the share of compute in shared segments).
+    ``mode="per_task"`` is the benchmarks' baseline: one plain session per task graph, each
+    loading its own weights the way ONNX Runtime does by default.
     """
 
     def __init__(
@@ -154,18 +219,27 @@ class Engine:
         self.tasks: dict[str, TaskInfo] = {}
         self.segments: dict[str, Segment] = {}
         self._load_manifest()
-        so = _session_options(self.threads, global_pools)
         t0 = time.perf_counter()
-        # tree: one session per segment (each weight once). per_task: one session per task
-        # graph, the baseline that duplicates every shared weight (benchmarks only).
+        # tree: one session per segment over the shared weight store. per_task: one session
+        # per task graph, the baseline that loads every shared weight per task (benchmarks only).
         self.sessions: dict[str, object] = {}
+        self.bindings: dict[str, dict] = {}  # session key -> {initializer: tensor in the store}
+        self.weights = WeightStore(artifact.weights_path) if self.mode == "tree" else None
         if self.mode == "tree":
             units = [(sid, artifact.segment_path(sid), f"segment {sid}") for sid in self.order]
         else:
             units = [(f"task:{tid}", artifact.graph_path(tid), f"task {tid}'s graph") for tid in self.tasks]
         for key, path, what in units:
+            so = _session_options(self.threads, global_pools)
+            disabled = None
             try:
-                session = ort.InferenceSession(str(path), so, providers=self.providers)
+                if self.weights is not None:
+                    self.bindings[key] = self.weights.bind(so, path)
+                    so.add_session_config_entry("session.disable_prepacking", "1")
+                    disabled = ["ConstantFolding"]
+                session = ort.InferenceSession(str(path), so, providers=self.providers, disabled_optimizers=disabled)
+            except EngineError:
+                raise
             except Exception as e:
                 raise EngineError(f"{what}: onnxruntime cannot load {path}: {e}") from e
             inputs = session.get_inputs()
@@ -192,8 +266,8 @@ class Engine:
 
     @classmethod
     def check(cls, artifact) -> None:
-        """Validate what the engine needs from the manifest (chains, tree, preprocessing),
-        without loading any graph: :class:`EngineError` if it cannot be served."""
+        """Validate what the engine needs from the manifest (chains, segment graph,
+        preprocessing), without loading any graph: :class:`EngineError` if it cannot be served."""
         probe = cls.__new__(cls)
         probe.artifact, probe.tasks, probe.segments = artifact, {}, {}
         probe._load_manifest()
@@ -203,7 +277,7 @@ class Engine:
         seg = self.segments.get(key)
         return bool(seg is not None and seg.shared)
 
-    # ---- manifest -> tree -------------------------------------------------------------------
+    # ---- manifest -> segment graph -----------------------------------------------------------
 
     def _load_manifest(self) -> None:
         art = self.artifact
@@ -212,19 +286,18 @@ class Engine:
         for sid, rec in art.segments.items():
             try:
                 self.segments[sid] = Segment(
-                    id=sid, parent=rec.get("parent"), tasks=tuple(rec.get("tasks") or ()), input=rec["input"],
+                    id=sid, parents=tuple(rec["parents"]), tasks=tuple(rec.get("tasks") or ()), input=rec["input"],
                     output=rec["output"], image_size=int(rec["image_size"]),
                 )
             except (KeyError, TypeError, ValueError) as e:
                 raise EngineError(f"segment {sid}: malformed manifest record ({e!r})") from None
         for sid, seg in self.segments.items():
-            if seg.parent is None:
-                if seg.input != "image":
-                    raise EngineError(f"segment {sid} has no parent but takes {seg.input!r}, not the image")
-            else:
-                if seg.parent not in self.segments:
-                    raise EngineError(f"segment {sid}: parent {seg.parent} is not in the manifest")
-                self.segments[seg.parent].children.append(sid)
+            if (seg.input == "image") != (not seg.parents):
+                raise EngineError(f"segment {sid} takes {seg.input!r} but has parents {list(seg.parents)}")
+            for p in seg.parents:
+                if p not in self.segments:
+                    raise EngineError(f"segment {sid}: parent {p} is not in the manifest")
+                self.segments[p].children.append(sid)
         for tid, rec in art.tasks.items():
             try:
                 labels = [str(x) for x in rec["labels"]]
@@ -239,25 +312,31 @@ class Engine:
                 seg = self.segments.get(sid)
                 if seg is None:
                     raise EngineError(f"task {tid}: segment {sid} is not in the manifest")
-                if seg.parent != (chain[i - 1] if i else None):
-                    raise EngineError(f"task {tid}: segment {sid} follows {chain[i - 1] if i else None}, but its parent is {seg.parent}")
+                if tid not in seg.tasks:
+                    raise EngineError(f"task {tid}: its chain has segment {sid}, which does not list it among its tasks")
+                if i == 0 and seg.input != "image":
+                    raise EngineError(f"task {tid}: its first segment {sid} does not take the image")
+                if i and chain[i - 1] not in seg.parents:
+                    raise EngineError(f"task {tid}: segment {sid} follows {chain[i - 1]}, which is not one of its parents {list(seg.parents)}")
+                if i < len(chain) - 1 and seg.output != "hidden":
+                    raise EngineError(f"task {tid}: segment {sid} outputs {seg.output!r} in the middle of its chain")
             if self.segments[chain[0]].image_size != size:
                 raise EngineError(f"task {tid}: image size {size} but its first segment takes {self.segments[chain[0]].image_size}")
             if self.segments[chain[-1]].output != "logits":
                 raise EngineError(f"task {tid}: its last segment {chain[-1]} does not output logits")
             self.tasks[tid] = TaskInfo(tid, labels, size, scale, offset, chain, rec)
         # parents before children
-        order, seen = [], set()
+        order, state = [], {}
 
-        def visit(sid, depth=0):
-            if sid in seen:
+        def visit(sid):
+            if state.get(sid) == "done":
                 return
-            if depth > len(self.segments):
+            if state.get(sid) == "open":
                 raise EngineError(f"segment {sid}: the parent links form a cycle")
-            parent = self.segments[sid].parent
-            if parent is not None:
-                visit(parent, depth + 1)
-            seen.add(sid)
+            state[sid] = "open"
+            for p in self.segments[sid].parents:
+                visit(p)
+            state[sid] = "done"
             order.append(sid)
 
         for sid in self.segments:
@@ -296,54 +375,30 @@ class Engine:
         return results
 
     def _run(self, items: list) -> list:
-        # per segment: the item indices through it (in item order), and their row offsets
-        through: dict[str, list] = {}
-        for i, (task, x) in enumerate(items):
+        through: dict[str, list] = {}  # segment -> the items through it, in item order
+        for i, (task, _) in enumerate(items):
             for sid in self.tasks[task].chain:
                 through.setdefault(sid, []).append(i)
-        # a segment's output is kept while a child still has to read it or an item ends there
-        refs = {sid: sum(c in through for c in self.segments[sid].children) for sid in through}
-        for task, _ in items:
-            refs[self.tasks[task].chain[-1]] += 1
-        outputs: dict[str, np.ndarray] = {}
-        offsets: dict[str, dict] = {}
+        # where each item's rows are now: (array, first row, end row)
+        where = [(x, 0, x.shape[0]) for _, x in items]
         for sid in self.order:
             idx = through.get(sid)
             if not idx:
                 continue
             seg = self.segments[sid]
-            if seg.parent is None:
-                parts = [items[i][1] for i in idx]
-            else:
-                parent_out = outputs[seg.parent]
-                if through[seg.parent] == idx:
-                    parts = [parent_out]
-                else:
-                    po = offsets[seg.parent]
-                    parts = [parent_out[po[i][0] : po[i][1]] for i in idx]
-                refs[seg.parent] -= 1
-                if refs[seg.parent] <= 0:
-                    outputs.pop(seg.parent)
-            x = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+            x = _gather([where[i] for i in idx])
             t0 = time.perf_counter()
             out = seg.session.run(None, {seg.input_name: x})[0]
             st = self.stats[sid]
             st["seconds"] += time.perf_counter() - t0
             st["rows"] += x.shape[0]
             st["runs"] += 1
-            outputs[sid] = out
-            off, pos = {}, 0
+            pos = 0
             for i in idx:
-                n = items[i][1].shape[0]
-                off[i] = (pos, pos + n)
+                n = where[i][2] - where[i][1]
+                where[i] = (out, pos, pos + n)
                 pos += n
-            offsets[sid] = off
-        results = []
-        for i, (task, x) in enumerate(items):
-            last = self.tasks[task].chain[-1]
-            a, b = offsets[last][i]
-            results.append(np.asarray(outputs[last][a:b], dtype=np.float32))
-        return results
+        return [np.asarray(a[lo:hi], dtype=np.float32) for a, lo, hi in where]
 
     def predict(self, task: str, x: np.ndarray) -> np.ndarray:
         """Logits of one task for a float32 (n, 3, S, S) batch (no batching with others)."""
@@ -378,11 +433,21 @@ class Engine:
             "providers": self.active_providers,
             "ort_threads": self.threads,
             "ort_global_thread_pool": bool(_GLOBAL_POOLS.get("threads")),
+            "weights_in_memory_bytes": self.weights.nbytes if self.weights is not None else None,
             "segments": {
-                sid: {"parent": s.parent, "tasks": list(s.tasks), "shared": s.shared, "children": list(s.children)}
+                sid: {"parents": list(s.parents), "tasks": list(s.tasks), "shared": s.shared, "children": list(s.children)}
                 for sid, s in self.segments.items()
             },
         }
+
+
+def _gather(parts: list) -> np.ndarray:
+    """One input array from (array, lo, hi) row ranges, in order: a view when the ranges are
+    consecutive rows of one array (e.g. every row of the previous segment), else a copy."""
+    a0, lo0, hi = parts[0]
+    if all(a is a0 for a, _, _ in parts) and all(parts[k][1] == parts[k - 1][2] for k in range(1, len(parts))):
+        return a0[lo0 : parts[-1][2]] if (lo0, parts[-1][2]) != (0, a0.shape[0]) else a0
+    return np.concatenate([a[lo:hi] for a, lo, hi in parts], axis=0)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

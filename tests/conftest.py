@@ -53,3 +53,32 @@ def synthetic_task(name, num_classes, seed, n_train=96, n_eval=48):
 @pytest.fixture()
 def tiny_root():
     return make_root()
+
+
+def add_task(s, task: str, components: list, hparams: dict, num_classes: int, seed: int, own: tuple = ()) -> None:
+    """Give ``task`` of System ``s`` a best path over ``components`` plus its own random
+    (non-zero) head. ``own``: names of components (e.g. "patch_embed") the task gets as its own
+    perturbed clones, so it reaches the rest of the path through a different prefix."""
+    import torch
+
+    from evolve.model import Component, Path, new_head
+
+    torch.manual_seed(seed)
+    components = list(components)
+    for i, cid in enumerate(components):
+        if s.store[cid].name in own:
+            clone = s.store.adopt(s.store.clone(cid))
+            with torch.no_grad():
+                for t in clone.module.parameters():
+                    t.add_(0.05 * torch.randn_like(t))
+            components[i] = clone.id
+    head = new_head(s.root.embed_dim, num_classes)
+    torch.nn.init.normal_(head.weight, std=0.5)
+    torch.nn.init.normal_(head.bias, std=0.1)
+    comp = s.store.adopt(Component(s.store.new_id(), "head", head))
+    p = Path(s.new_path_id(), task, components + [comp.id], dict(hparams), metrics={"val_accuracy": 0.5, "test_accuracy": 0.5})
+    s.paths[p.id] = p
+    s.best[task] = p.id
+    s.tasks[task] = {"spec": task, "seed": 0, "num_classes": num_classes, "class_names": [f"{task}-{i}" for i in range(num_classes)]}
+    for cid in p.components:
+        s.store[cid].locks.add(task)

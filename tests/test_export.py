@@ -10,11 +10,10 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from evolve.data import PREPROCESSING
 from evolve.evolution import Evolution
-from evolve.model import Component, Path, PathModel, new_head
+from evolve.model import PathModel
 from evolve.state import System
 from evolve.train import predict, to_model_input
 from export.artifact import WEIGHTS, ArtifactError, artifact_stats, external_refs, load_artifact
@@ -22,7 +21,7 @@ from export.build import INLINE_LIMIT, content_key, export_system
 from export.segments import plan_segments
 from export.verify import verify_artifact
 from mutask.errors import MutaskError
-from tests.conftest import make_root, synthetic_task
+from tests.conftest import add_task, make_root, synthetic_task
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(rounds=1, children=3, generation_size=2, steps=4, validations=1, batch_size=16)
@@ -40,35 +39,23 @@ def new_system(root, names, data):
     return s
 
 
-def _add_task(s: System, task: str, components: list[str], hparams: dict, num_classes: int, seed: int) -> None:
-    """Give ``task`` a best path over ``components`` plus its own random (non-zero) head."""
-    torch.manual_seed(seed)
-    head = new_head(s.root.embed_dim, num_classes)
-    torch.nn.init.normal_(head.weight, std=0.5)
-    torch.nn.init.normal_(head.bias, std=0.1)
-    comp = s.store.adopt(Component(s.store.new_id(), "head", head))
-    p = Path(s.new_path_id(), task, list(components) + [comp.id], dict(hparams), metrics={"val_accuracy": 0.5, "test_accuracy": 0.5})
-    s.paths[p.id] = p
-    s.best[task] = p.id
-    s.tasks[task] = {"spec": task, "seed": 0, "num_classes": num_classes, "class_names": [f"{task}-{i}" for i in range(num_classes)]}
-    for cid in p.components:
-        s.store[cid].locks.add(task)
-
-
 @pytest.fixture(scope="module")
 def evolved(tmp_path_factory):
     """Tasks a and b evolved (b seeded from a: shared prefix); task c = a's path at image
     size 48 (position embedding resampled in the graph) with an unchanged clone of a's norm
-    (the same bytes: stored once) and its own head. Exported once."""
+    (the same bytes: stored once) and its own head; task d = b's path with its own patch_embed
+    (it meets b's components after a different first step). Exported once."""
     base = tmp_path_factory.mktemp("evolved")
-    data = {"a": synthetic_task("a", 4, 1), "b": synthetic_task("b", 3, 2), "c": synthetic_task("c", 5, 3)}
+    data = {"a": synthetic_task("a", 4, 1), "b": synthetic_task("b", 3, 2), "c": synthetic_task("c", 5, 3), "d": synthetic_task("d", 3, 4)}
     s = new_system(make_root(), ["a", "b"], data)
     Evolution(s, data, base / "st", show_progress=False).run(["a", "b"])
     pa = s.best_path("a")
     comps = list(pa.components[:-1])
     i = [s.store[c].name for c in comps].index("norm")
     comps[i] = s.store.adopt(s.store.clone(comps[i])).id
-    _add_task(s, "c", comps, dict(pa.hparams, image_size=48), 5, seed=3)
+    add_task(s, "c", comps, dict(pa.hparams, image_size=48), 5, seed=3)
+    pb = s.best_path("b")
+    add_task(s, "d", pb.components[:-1], dict(pb.hparams), 3, seed=4, own=("patch_embed",))
     art = export_system(s, base / "art", data=data, show_progress=False)
     return s, data, art
 
@@ -78,7 +65,7 @@ def solo(tmp_path_factory):
     """One task on the root (no evolution): the cheap system for the write-path tests."""
     base = tmp_path_factory.mktemp("solo")
     s = System.new(make_root(), seed=0)
-    _add_task(s, "solo", s.root_path.components[:-1], {"image_size": 32, "num_blocks": 3}, 3, seed=5)
+    add_task(s, "solo", s.root_path.components[:-1], {"image_size": 32, "num_blocks": 3}, 3, seed=5)
     s.config["order"] = ["solo"]
     s.save(base / "st")
     data = {"solo": synthetic_task("solo", 3, 5, n_train=8, n_eval=24)}
@@ -130,12 +117,12 @@ def test_weights_hold_every_unique_tensor_once(evolved):
 def test_manifest_contract(evolved):
     s, data, art = evolved
     m = load_artifact(art).manifest
-    assert m["format_version"] == 1 and m["weights"] == WEIGHTS
+    assert m["format_version"] == 2 and m["weights"] == WEIGHTS
     assert m["root"]["source"] == "tiny-test-root" and m["root"]["root_params"] == s.root_params
-    assert list(m["tasks"]) == ["a", "b", "c"]
+    assert list(m["tasks"]) == ["a", "b", "c", "d"]
     for t, rec in m["tasks"].items():
         p = s.best_path(t)
-        assert rec["labels"] == (data[t].class_names if t != "c" else [f"c-{i}" for i in range(5)])
+        assert rec["labels"] == (data[t].class_names if t in "ab" else [f"{t}-{i}" for i in range(data[t].num_classes)])
         assert rec["image_size"] == p.image_size and rec["preprocessing"] == dict(PREPROCESSING, image_size=p.image_size)
         assert rec["params"] == s.path_params(p.components)
         assert rec["accounted_params"] == pytest.approx(s.accounted_params(p.components, t))
@@ -143,10 +130,11 @@ def test_manifest_contract(evolved):
         assert rec["spec"] == t and rec["seed"] == 0
         chain = rec["segments"]
         assert sum((m["segments"][sid]["components"] for sid in chain), []) == p.components
-        assert m["segments"][chain[0]]["input"] == "image" and m["segments"][chain[0]]["parent"] is None
+        assert m["segments"][chain[0]]["input"] == "image" and m["segments"][chain[0]]["parents"] == []
         assert m["segments"][chain[-1]]["output"] == "logits"
         for prev, sid in zip(chain, chain[1:]):
-            assert m["segments"][sid]["parent"] == prev and m["segments"][sid]["input"] == "hidden"
+            assert prev in m["segments"][sid]["parents"] and m["segments"][sid]["input"] == "hidden"
+            assert int(prev[1:]) < int(sid[1:])  # ids in topological order
         assert all(t in m["segments"][sid]["tasks"] for sid in chain)
         assert all(m["segments"][sid]["image_size"] == p.image_size for sid in chain)
         par = m["parity"]["tasks"][t]
@@ -156,6 +144,14 @@ def test_manifest_contract(evolved):
     shared = [sid for sid, seg in m["segments"].items() if len(seg["tasks"]) > 1]
     assert shared and all("c" not in m["segments"][sid]["tasks"] for sid in shared)
     assert set(m["tasks"]["c"]["components"][:3]) <= set(m["tasks"]["a"]["components"])
+    # each (component, image size) is in exactly one segment
+    steps = [(c, seg["image_size"]) for seg in m["segments"].values() for c in seg["components"]]
+    assert len(steps) == len(set(steps))
+    # d starts with its own patch_embed, then joins b: the segment where they meet has two parents
+    db, dd = m["tasks"]["b"]["segments"], m["tasks"]["d"]["segments"]
+    assert db[0] != dd[0] and db[1:] and dd[1:]
+    meet = m["segments"][dd[1]]
+    assert {"b", "d"} <= set(meet["tasks"]) and {db[0], dd[0]} <= set(meet["parents"])
 
 
 def test_each_task_graph_runs_alone_in_onnxruntime(evolved, tmp_path):
@@ -228,14 +224,31 @@ def test_plan_segments():
         "b": [("p", 32), ("b0", 32), ("x1", 32), ("hb", 32)],
         "c": [("p", 32), ("b0", 32), ("x1", 32), ("hc", 32)],
         "d": [("p", 48), ("b0", 48), ("hd", 48)],
+        "e": [("q", 32), ("b0", 32), ("x1", 32), ("he", 32)],  # own first step, then joins b and c
     }
     segs, chains = plan_segments(steps)
-    assert chains == {"a": ["s0", "s1"], "b": ["s0", "s2", "s3"], "c": ["s0", "s2", "s4"], "d": ["s5"]}
-    assert segs["s0"]["components"] == ["p", "b0"] and segs["s0"]["tasks"] == ["a", "b", "c"]
-    assert segs["s2"] == {"components": ["x1"], "image_size": 32, "tasks": ["b", "c"], "parent": "s0", "start": 2, "input": "hidden", "output": "hidden"}
-    assert segs["s5"]["input"] == "image" and segs["s5"]["output"] == "logits" and segs["s5"]["image_size"] == 48
-    with pytest.raises(ValueError, match="prefix"):
+    assert chains == {
+        "a": ["s0", "s3", "s4"], "b": ["s0", "s3", "s5", "s6"], "c": ["s0", "s3", "s5", "s7"],
+        "d": ["s1"], "e": ["s2", "s3", "s5", "s8"],
+    }
+    assert segs["s0"] == {"components": ["p"], "image_size": 32, "tasks": ["a", "b", "c"], "parents": [], "input": "image", "output": "hidden"}
+    # b0 is shared by a, b, c and e although e reached it through q: one segment, two parents
+    assert segs["s3"] == {"components": ["b0"], "image_size": 32, "tasks": ["a", "b", "c", "e"], "parents": ["s0", "s2"], "input": "hidden", "output": "hidden"}
+    assert segs["s5"]["components"] == ["x1"] and segs["s5"]["tasks"] == ["b", "c", "e"] and segs["s5"]["parents"] == ["s3"]
+    assert segs["s4"] == {"components": ["b1", "ha"], "image_size": 32, "tasks": ["a"], "parents": ["s3"], "input": "hidden", "output": "logits"}
+    # the same components at 48 px are other steps: d runs alone, in one segment
+    assert segs["s1"] == {"components": ["p", "b0", "hd"], "image_size": 48, "tasks": ["d"], "parents": [], "input": "image", "output": "logits"}
+    # a pure prefix tree stays one: every segment has at most one parent
+    segs, chains = plan_segments({t: steps[t] for t in "abc"})
+    assert all(len(s["parents"]) <= 1 for s in segs.values()) and chains["a"] == ["s0", "s1"]
+    with pytest.raises(ValueError, match="own head"):
         plan_segments({"a": [("p", 32)], "b": [("p", 32), ("h", 32)]})
+    with pytest.raises(ValueError, match="cycle"):
+        plan_segments({"a": [("p", 32), ("x", 32), ("y", 32), ("ha", 32)], "b": [("p", 32), ("y", 32), ("x", 32), ("hb", 32)]})
+    with pytest.raises(ValueError, match="starts the path"):
+        plan_segments({"a": [("p", 32), ("ha", 32)], "b": [("q", 32), ("p", 32), ("hb", 32)]})
+    with pytest.raises(ValueError, match="empty"):
+        plan_segments({"a": []})
 
 
 # --------------------------------------------------------------------------- writing
@@ -324,9 +337,9 @@ def test_tampered_artifacts_are_refused(evolved, tmp_path):
 
     d = copy("version")
     m = json.loads((d / "manifest.json").read_text())
-    m["format_version"] = 2
+    m["format_version"] = 1  # the prefix-tree format: "parent" where version 2 has "parents"
     (d / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ArtifactError, match="format_version 2.*reads version 1"):
+    with pytest.raises(ArtifactError, match="format_version 1.*reads version 2"):
         load_artifact(d)
 
     d = copy("graph")
@@ -364,7 +377,7 @@ def test_reader_imports_without_torch(evolved):
         f"a = load_artifact({str(art)!r})\n"
         "t = a.tensors()\n"
         "assert a.chain('a') and a.graph_path('c').is_file() and a.segment_path(a.chain('c')[0]).is_file()\n"
-        "assert sorted(a.tasks) == ['a', 'b', 'c'] and a.weights_path.name == 'weights.safetensors'\n"
+        "assert sorted(a.tasks) == ['a', 'b', 'c', 'd'] and a.weights_path.name == 'weights.safetensors'\n"
         "assert set(t) == {k for c in a.components.values() for k in c['tensors']}\n"
         "assert not [m for m in sys.modules if m.startswith(('torch.', 'onnx', 'evolve'))]\n"
         "print('ok', len(t))\n"

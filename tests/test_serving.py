@@ -85,31 +85,33 @@ def test_preprocess_rejects_bad_bytes_with_clear_messages():
 # ---- the engine ---------------------------------------------------------------------------
 
 
-def test_engine_runs_segments_as_a_prefix_tree(serving_artifact):
+def test_engine_runs_the_segment_graph_over_one_copy_of_the_weights(serving_artifact):
     from export.artifact import external_refs, load_artifact
     from serving.engine import Engine
 
     art = load_artifact(serving_artifact)
     engine = Engine(art, device="cpu", threads=1)
     assert engine.ready and engine.device == "cpu"
-    # one session per segment; each task's chain covers its path; the segments load fewer
-    # weight tensors than one graph per task would (a shared segment's weights load once; a
-    # component shared behind different prefixes or at two image sizes loads once per segment)
+    # one session per segment; each task's chain covers its path; d joins a's components
+    # after its own patch_embed, so a segment has two parents
     assert set(engine.segments) == set(art.segments)
     for task, rec in art.tasks.items():
         assert [c for sid in art.chain(task) for c in art.segments[sid]["components"]] == rec["components"]
-
-    def loads(paths):
-        return sum(r["external"] for p in paths for r in external_refs(p.read_bytes()))
-
-    assert loads(art.segment_path(sid) for sid in art.segments) < loads(art.graph_path(t) for t in art.tasks)
+    assert any(len(s.parents) > 1 for s in engine.segments.values()), "the test system should have segments meeting"
     shared = [sid for sid, s in engine.segments.items() if s.shared]
     assert shared, "the test system should share a segment"
+
+    # weights once: the store is the weights file, read once, and every external initializer
+    # of every session is bound to a tensor in it (none is read from disk by a session)
+    assert engine.weights.nbytes == art.weights_path.stat().st_size
+    for sid in art.segments:
+        refs = [r["name"] for r in external_refs(art.segment_path(sid).read_bytes()) if r["external"]]
+        assert refs and sorted(engine.bindings[sid]) == sorted(refs)
 
     images = sample_images()
     names = sorted(images)
     items, refs = [], []
-    for i, task in enumerate(["a", "b", "c", "a", "c", "b", "a"]):
+    for i, task in enumerate(["a", "b", "d", "c", "a", "d", "c", "b", "a"]):
         data = [images[names[(i + k) % len(names)]] for k in range(1 + i % 3)]
         x = np.concatenate([evolve_input(d, engine.tasks[task].image_size) for d in data])
         items.append((task, x))
@@ -120,11 +122,46 @@ def test_engine_runs_segments_as_a_prefix_tree(serving_artifact):
         assert out.shape == (x.shape[0], len(art.tasks[task]["labels"]))
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
         assert (out.argmax(1) == ref.argmax(1)).all()
-    # each segment ran once for the whole mixed batch; the shared one saw every row
+    # each segment ran once for the whole mixed batch, on the rows of every task through it
     assert all(engine.stats[sid]["runs"] - runs_before[sid] == 1 for sid in engine.stats)
     for sid in shared:
         assert engine.stats[sid]["rows"] >= sum(x.shape[0] for t, x in items if t in engine.segments[sid].tasks)
     assert 0.0 < engine.shared_share() <= 1.0
+
+    # the sessions compute with the store's memory itself, not a copy (ONNX Runtime would copy
+    # a weight it pre-packs, or a transposed weight it folds): with d's head weight zeroed in
+    # the store, d's logits are its head bias and no other task's change
+    before = engine.run(items)
+    head = art.components[art.tasks["d"]["components"][-1]]["tensor_map"]
+    weight, bias = engine.weights.arrays[head["weight"]], engine.weights.arrays[head["bias"]]
+    old = weight.copy()
+    try:
+        weight[...] = 0.0
+        after = engine.run(items)
+    finally:
+        weight[...] = old
+    for (task, _), b, a in zip(items, before, after):
+        if task == "d":
+            np.testing.assert_allclose(a, np.broadcast_to(bias, a.shape), atol=1e-6)
+        else:
+            np.testing.assert_array_equal(a, b)
+    # and a weight matrix of a component several tasks share (the root's first block) reaches
+    # every task that uses it, whichever segment it runs in
+    first_block = next(c for c in art.tasks["a"]["components"] if art.components[c]["name"] == "blocks.0")
+    users = set(art.components[first_block]["used_by"])
+    assert len(users) > 1
+    w = engine.weights.arrays[art.components[first_block]["tensor_map"]["mlp.fc2.weight"]]
+    old = w.copy()
+    try:
+        w *= 3.0
+        after = engine.run(items)
+    finally:
+        w[...] = old
+    for (task, _), b, a in zip(items, before, after):
+        assert (np.abs(a - b).max() > 1e-4) == (task in users), task
+    for b, a in zip(before, engine.run(items)):
+        np.testing.assert_array_equal(a, b)
+
     # the benchmark's baseline (one session per task graph) answers the same
     baseline = Engine(art, device="cpu", threads=1, mode="per_task")
     assert len(baseline.sessions) == len(art.tasks) and baseline.shared_share() == 0.0
@@ -170,7 +207,7 @@ def test_artifact_from_a_bentoml_model(serving_artifact, monkeypatch):
     monkeypatch.delenv("MUTASK_ARTIFACT", raising=False)
     monkeypatch.setenv("MUTASK_BENTOML_MODEL", str(model.tag))
     art = open_artifact(cache=False)
-    assert set(art.tasks) == {"a", "b", "c"} and str(art.path).startswith(str(bentoml.models.get(model.tag).path))
+    assert set(art.tasks) == {"a", "b", "c", "d"} and str(art.path).startswith(str(bentoml.models.get(model.tag).path))
     monkeypatch.setenv("MUTASK_BENTOML_MODEL", "no-such-model:v1")
     from serving.loader import ServingError
 
@@ -221,7 +258,7 @@ def client(serving_artifact, monkeypatch):
 
 def test_service_in_process(client, serving_artifact):
     images = sample_images()
-    for task in ("a", "b", "c"):
+    for task in ("a", "b", "c", "d"):
         for name in ("rgb45x61-png", "CMYK-jpeg", "exif-rotated-jpeg"):
             r = client.post("/predict", data={"task": task}, files={"image": (name, images[name], "application/octet-stream")})
             assert r.status_code == 200, r.text
@@ -234,7 +271,7 @@ def test_service_in_process(client, serving_artifact):
             assert abs(body["scores"][body["label"]] - p.max()) < 1e-4
             assert list(body["scores"].values()) == sorted(body["scores"].values(), reverse=True)
     tasks = client.get("/tasks").json()
-    assert set(tasks) == {"a", "b", "c"} and client.post("/tasks").json() == tasks
+    assert set(tasks) == {"a", "b", "c", "d"} and client.post("/tasks").json() == tasks
     for t, rec in tasks.items():
         assert rec["num_labels"] == len(rec["labels"]) and rec["image_size"] == 32
         assert rec["params"] > 0 and 0 < rec["accounted_params"] <= rec["params"]
@@ -243,7 +280,7 @@ def test_service_in_process(client, serving_artifact):
     assert any(rec["shared_segments"] for rec in tasks.values())
     assert client.get("/readyz").status_code == 200 and client.get("/livez").status_code == 200
     metrics = client.get("/metrics").text
-    for t in ("a", "b", "c"):
+    for t in ("a", "b", "c", "d"):
         assert f'mutask_requests_total{{task="{t}"}}' in metrics
         assert f'mutask_request_latency_seconds_count{{task="{t}"}}' in metrics
         assert f'mutask_batch_size_count{{task="{t}"}}' in metrics
@@ -287,7 +324,7 @@ def test_serving_never_imports_torch(serving_artifact, tmp_path):
         from serving.service import Mutask
         from tests.test_serving_helpers import sample_images
         with TestClient(Mutask.to_asgi()) as c:
-            for t in ("a", "b", "c"):
+            for t in ("a", "b", "c", "d"):
                 r = c.post("/predict", data={{"task": t}}, files={{"image": ("x.png", sample_images()["rgb-jpeg"])}})
                 assert r.status_code == 200, r.text
             assert c.get("/tasks").status_code == 200 and c.get("/metrics").status_code == 200

@@ -20,11 +20,13 @@ _CACHE: dict = {}
 
 def build_artifact(tmp: Path) -> Path:
     """Three tiny tasks evolved from the tiny root (b and c start from a's best path, so they
-    share its frozen prefix: the export has a shared segment), exported with export_system."""
+    share its frozen prefix: the export has a shared segment), plus task d: a's path with its
+    own patch_embed (it joins a's components after a different first step, so a segment has
+    two parents), exported with export_system."""
     from evolve.evolution import EvolveConfig, Evolution
     from evolve.state import System
     from export.build import export_system
-    from tests.conftest import make_root, synthetic_task
+    from tests.conftest import add_task, make_root, synthetic_task
 
     data = {"a": synthetic_task("a", 4, 1), "b": synthetic_task("b", 3, 2), "c": synthetic_task("c", 5, 3)}
     s = System.new(make_root(), seed=0)
@@ -32,6 +34,10 @@ def build_artifact(tmp: Path) -> Path:
     s.config["order"] = list(data)
     s.tasks.update({t: {"spec": t, "seed": 0, "num_classes": data[t].num_classes} for t in data})
     Evolution(s, data, tmp / "state", show_progress=False).run(list(data))
+    pa = s.best_path("a")
+    add_task(s, "d", pa.components[:-1], dict(pa.hparams), 3, seed=4, own=("patch_embed",))
+    data["d"] = synthetic_task("d", 3, 4)
+    s.config["order"].append("d")
     return export_system(s, tmp / "art", data=data, show_progress=False)
 
 

@@ -68,7 +68,7 @@ def test_every_task_matches_plain_onnxruntime(server, serving_artifact, tmp_path
     images = sample_images()
     names = ["rgb45x61-png", "large-jpeg", "P-png", "LA-png", "exif-rotated-jpeg"]
     with httpx.Client(base_url=server.url, timeout=30) as c:
-        for task in ("a", "b", "c"):
+        for task in ("a", "b", "c", "d"):
             for name in names:
                 r = c.post("/predict", data={"task": task}, files={"image": (name, images[name])})
                 assert r.status_code == 200, r.text
@@ -76,7 +76,7 @@ def test_every_task_matches_plain_onnxruntime(server, serving_artifact, tmp_path
                 assert r.json()["index"] == int(ref.argmax()), (task, name)
     with bentoml.SyncHTTPClient(server.url, timeout=30) as client:
         assert client.is_ready()
-        for task in ("a", "b", "c"):
+        for task in ("a", "b", "c", "d"):
             path = tmp_path / f"{task}.jpg"
             path.write_bytes(images["rgb-jpeg"])
             out = client.predict(task=task, image=path)
@@ -86,13 +86,13 @@ def test_every_task_matches_plain_onnxruntime(server, serving_artifact, tmp_path
             assert abs(sum(out["scores"].values()) - 1.0) < 1e-6 or len(out["scores"]) == 5
         tasks = client.tasks()
         tasks = tasks if isinstance(tasks, dict) else dict(tasks)
-        assert set(tasks) == {"a", "b", "c"}
+        assert set(tasks) == {"a", "b", "c", "d"}
 
 
 def test_burst_of_concurrent_mixed_task_requests(server, serving_artifact):
     images = sample_images()
     names = sorted(images)
-    jobs = [("abc"[i % 3], names[i % len(names)]) for i in range(64)]
+    jobs = [("abcd"[i % 4], names[i % len(names)]) for i in range(64)]
     expected = {(t, n): int(reference_logits(serving_artifact, t, images[n]).argmax()) for t, n in set(jobs)}
     with httpx.Client(base_url=server.url, timeout=60, limits=httpx.Limits(max_connections=32)) as c:
         before = c.get("/metrics").text
@@ -107,8 +107,8 @@ def test_burst_of_concurrent_mixed_task_requests(server, serving_artifact):
         after = c.get("/metrics").text
     bad = [(job, status, body) for job, status, body in results if status != 200 or body["index"] != expected[job] or body["task"] != job[0]]
     assert not bad, bad[:3]
-    for t in "abc":
-        assert _metric(after, "mutask_requests_total", task=t) - _metric(before, "mutask_requests_total", task=t) == 64 // 3 + (t == "a")
+    for t in "abcd":
+        assert _metric(after, "mutask_requests_total", task=t) - _metric(before, "mutask_requests_total", task=t) == 64 // 4
     rows = _metric(after, "mutask_engine_batch_size_sum") - _metric(before, "mutask_engine_batch_size_sum")
     batches = _metric(after, "mutask_engine_batch_size_count") - _metric(before, "mutask_engine_batch_size_count")
     assert rows == 64 and 1 <= batches <= 64
@@ -119,13 +119,13 @@ def test_tasks_readyz_metrics_openapi(server):
         assert c.get("/readyz").status_code == 200
         assert c.get("/livez").status_code == 200
         tasks = c.get("/tasks").json()
-        assert set(tasks) == {"a", "b", "c"}
+        assert set(tasks) == {"a", "b", "c", "d"}
         for rec in tasks.values():
             assert {"labels", "image_size", "params", "accounted_params", "val_accuracy", "test_accuracy"} <= set(rec)
         c.post("/predict_batch", json={"task": "b", "images": []})  # an error series for b
         m = c.get("/metrics")
         assert m.status_code == 200
-        for t in ("a", "b", "c"):
+        for t in ("a", "b", "c", "d"):
             for series in ("mutask_requests_total", "mutask_request_latency_seconds_bucket", "mutask_batch_size_bucket", "mutask_errors_total"):
                 assert re.search(rf'^{series}{{[^}}]*task="{t}"', m.text, re.M), (series, t)
         assert _metric(m.text, "mutask_errors_total", task="b", kind="bad_request") >= 1
