@@ -1,16 +1,16 @@
-"""Serving: the segment-tree server against plain onnxruntime and one session per task graph.
+"""Serving: the segment-graph server against plain onnxruntime and one session per task graph.
 
     python -m benchmarks.serving_bench ART [--repeats 3] [--requests 100] [--concurrency 1,4,16,32]
 
 Starts two real servers on loopback (``mutask serve ART``, free ports, stopped at the end):
-``tree`` (the server: one ONNX Runtime session per segment, requests for any tasks batched
+``segments`` (the server: one ONNX Runtime session per segment, requests for any tasks batched
 together through the segments they share) and ``per_task`` (``MUTASK_ENGINE=per_task``: one
 session per task graph, each batching its own task's requests: the baseline), and measures
 
-1. per-task HTTP latency at batch 1 (sequential requests; p50, p99) on ``tree`` against a bare
+1. per-task HTTP latency at batch 1 (sequential requests; p50, p99) on ``segments`` against a bare
    onnxruntime run of the same per-task graph in this process (the same preprocessed input);
 2. mixed-task throughput (requests/s; tasks round-robin) at each concurrency of the curve,
-   ``tree`` vs ``per_task``, repeats interleaved, medians; plus the share of compute time spent
+   ``segments`` vs ``per_task``, repeats interleaved, medians; plus the share of compute time spent
    in shared segments (from the server's ``mutask_segment_seconds_total``) and the mean
    engine batch size;
 3. resident memory (RSS, psutil) of each server's worker process, against the artifact's
@@ -68,7 +68,7 @@ def pct(xs, q) -> float:
 
 def engine_throughput(art, images: dict, batch: int, repeats: int, threads: int) -> dict:
     """Images/s of the engine alone (no HTTP): mixed batches of ``batch`` single-image requests,
-    tasks round-robin, through the segment tree and through one session per task graph.
+    tasks round-robin, through the segment graph and through one session per task graph.
     Interleaved repeats, medians: what shared-segment batching buys where compute dominates."""
     from serving.engine import Engine
     from serving.preprocess import preprocess_bytes
@@ -82,8 +82,8 @@ def engine_throughput(art, images: dict, batch: int, repeats: int, threads: int)
 
     proc = psutil.Process()
     engines, rss_delta = {}, {}
-    Engine(art, mode="tree", verify=False, threads=threads).run(items)  # ONNX Runtime's one-time set-up, not counted
-    for m in ("tree", "per_task"):  # RSS this process gains by loading (and warming) each engine
+    Engine(art, mode="segments", verify=False, threads=threads).run(items)  # ONNX Runtime's one-time set-up, not counted
+    for m in ("segments", "per_task"):  # RSS this process gains by loading (and warming) each engine
         gc.collect()
         before = proc.memory_info().rss
         engines[m] = Engine(art, mode=m, verify=False, threads=threads)
@@ -91,13 +91,45 @@ def engine_throughput(art, images: dict, batch: int, repeats: int, threads: int)
         rss_delta[m] = proc.memory_info().rss - before
     runs = {m: [] for m in engines}
     for r in range(repeats):
-        for m in (("tree", "per_task") if r % 2 == 0 else ("per_task", "tree")):
+        for m in (("segments", "per_task") if r % 2 == 0 else ("per_task", "segments")):
             n, t0 = 0, time.perf_counter()
             while time.perf_counter() - t0 < 1.0:
                 engines[m].run(items)
                 n += batch
             runs[m].append(n / (time.perf_counter() - t0))
     return {m: {"images_per_s_median": statistics.median(v), "runs": v, "rss_delta_bytes": rss_delta[m]} for m, v in runs.items()} | {"batch": batch, "repeats": repeats}
+
+
+def block_scaling(art, threads: int, rows=(1, 2, 4, 8, 16, 32), repeats: int = 5) -> dict:
+    """Seconds per run of the most widely shared segment that holds a transformer block, at
+    each number of rows, through the engine's own session (weights from its store). Where the
+    time grows in proportion to the rows, running several tasks' rows together in one batch
+    saves nothing; it saves what a run costs beyond its rows (the fixed part)."""
+    from serving.engine import Engine
+
+    engine = Engine(art, mode="segments", verify=False, threads=threads)
+    cands = [sid for sid, s in art.segments.items() if any(art.components[c]["name"].startswith("blocks.") for c in s["components"])]
+    sid = max(cands, key=lambda k: (len(art.segments[k]["tasks"]), -len(art.segments[k]["components"])))
+    seg = engine.segments[sid]
+    shape = [int(d) for d in art.segments[sid]["input_shape"][1:]]
+    rng = np.random.default_rng(0)
+    per_run = {}
+    for n in rows:
+        x = rng.standard_normal((n, *shape)).astype(np.float32)
+        for _ in range(5):
+            seg.session.run(None, {seg.input_name: x})
+        times = []
+        for _ in range(repeats):
+            k, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < 0.3:
+                seg.session.run(None, {seg.input_name: x})
+                k += 1
+            times.append((time.perf_counter() - t0) / k)
+        per_run[str(n)] = statistics.median(times)
+    return {
+        "segment": sid, "components": [art.components[c]["name"] for c in art.segments[sid]["components"]],
+        "tasks": art.segments[sid]["tasks"], "seconds_per_run": per_run, "repeats": repeats, "ort_threads": threads,
+    }
 
 
 def task_images(art) -> dict[str, bytes]:
@@ -236,7 +268,7 @@ def main(argv=None) -> int:
     servers = {}
     t_start = time.perf_counter()
     try:
-        for mode in ("tree", "per_task"):
+        for mode in ("segments", "per_task"):
             prom = tmp / f"prometheus-{mode}"
             prom.mkdir(parents=True, exist_ok=True)
             env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", BENTOML_HOME=tmp / "bentoml-home", PROMETHEUS_MULTIPROC_DIR=prom, MUTASK_ENGINE=mode)
@@ -251,14 +283,14 @@ def main(argv=None) -> int:
         memory = {m: s.worker_rss() for m, s in servers.items()}
 
         print("latency at batch 1 ...", flush=True)
-        lat_http = http_latency(servers["tree"].url, images, a.requests, a.max_seconds)
+        lat_http = http_latency(servers["segments"].url, images, a.requests, a.max_seconds)
         lat_ort = bare_ort_latency(art, images, a.requests, threads)
 
         print("throughput ...", flush=True)
         tp: dict = {m: {c: [] for c in curve} for m in servers}
         for r in range(a.repeats):
             for c in curve:
-                for m in (("tree", "per_task") if r % 2 == 0 else ("per_task", "tree")):
+                for m in (("segments", "per_task") if r % 2 == 0 else ("per_task", "segments")):
                     res = throughput(servers[m].url, images, c, max(a.requests, 4 * c), a.max_seconds)
                     tp[m][c].append(res)
                     print(f"  repeat {r + 1} {m:<8} c={c:<3} {res['rps']:8.1f} req/s  batch {res['mean_engine_batch'] or 0:.2f}", flush=True)
@@ -270,6 +302,7 @@ def main(argv=None) -> int:
 
     print("engine only (no HTTP) ...", flush=True)
     engine_only = {str(b): engine_throughput(art, images, b, max(3, a.repeats), threads) for b in (8, 32)}
+    scaling = {str(n): block_scaling(art, n) for n in sorted({1, threads})}
 
     def med(xs, key):
         vals = [x[key] for x in xs if x.get(key) is not None]
@@ -285,14 +318,16 @@ def main(argv=None) -> int:
         for c in curve
     }
     unique = stats["unique_param_bytes"]
+    weights_file = stats["weights_file_bytes"]
     doc = {
         "artifact": str(Path(a.artifact).resolve()),
         "tasks": list(art.tasks),
-        "segments": {sid: {"tasks": s["tasks"], "parent": s["parent"]} for sid, s in art.segments.items()},
+        "segments": {sid: {"tasks": s["tasks"], "parents": s["parents"], "components": s["components"]} for sid, s in art.segments.items()},
         "settings": {"repeats": a.repeats, "requests": a.requests, "concurrency": curve, "max_seconds": a.max_seconds, "ort_threads": threads},
         "latency_batch1": {t: {"http": lat_http[t], "bare_onnxruntime": lat_ort[t]} for t in art.tasks},
         "throughput": curve_doc,
         "engine_only": engine_only,
+        "block_scaling": scaling,
         "memory": {
             "unique_weight_bytes": unique,
             "naive_weight_bytes_one_model_per_task": stats["naive_bytes"],
@@ -319,11 +354,11 @@ def main(argv=None) -> int:
         "",
         f"## Mixed-task throughput (requests/s, median of {a.repeats}; tasks round-robin)",
         "",
-        "| concurrency | segment tree | one session per task | speed-up | tree mean batch | per-task mean batch | shared-segment share of compute |",
+        "| concurrency | segment graph | one session per task | speed-up | segment-graph mean batch | per-task mean batch | shared-segment share of compute |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in curve:
-        tr, pt = curve_doc[str(c)]["tree"], curve_doc[str(c)]["per_task"]
+        tr, pt = curve_doc[str(c)]["segments"], curve_doc[str(c)]["per_task"]
         sp = tr["rps_median"] / pt["rps_median"] if tr["rps_median"] and pt["rps_median"] else float("nan")
         share = tr["shared_compute_share"]
         lines.append(
@@ -334,19 +369,36 @@ def main(argv=None) -> int:
         "",
         "## Engine only, no HTTP (images/s, mixed tasks round-robin, one image per request)",
         "",
-        "| requests per batch | segment tree | one session per task | speed-up |",
+        "| requests per batch | segment graph | one session per task | speed-up |",
         "|---:|---:|---:|---:|",
     ]
     for b, e in engine_only.items():
-        tr, pt = e["tree"]["images_per_s_median"], e["per_task"]["images_per_s_median"]
+        tr, pt = e["segments"]["images_per_s_median"], e["per_task"]["images_per_s_median"]
         lines.append(f"| {b} | {tr:.0f} | {pt:.0f} | {tr / pt:.2f}x |")
+    first = next(iter(scaling.values()))
+    lines += [
+        "",
+        f"## What batching rows together saves here: one run of segment {first['segment']} ({', '.join(first['components'])}; "
+        f"shared by {len(first['tasks'])} tasks) by rows (µs per run; median of {first['repeats']})",
+        "",
+        "| ONNX Runtime threads | " + " | ".join(f"{n} rows" for n in first["seconds_per_run"]) + " | µs per row at 1 row | at the most rows |",
+        "|---:|" + "---:|" * (len(first["seconds_per_run"]) + 2),
+    ]
+    for th, sc in scaling.items():
+        runs = sc["seconds_per_run"]
+        most = max(runs, key=int)
+        lines.append(
+            f"| {th} | " + " | ".join(f"{v * 1e6:.0f}" for v in runs.values())
+            + f" | {runs['1'] * 1e6:.0f} | {runs[most] / int(most) * 1e6:.0f} |"
+        )
     e = engine_only["8"]
     lines += [
         "",
-        f"Memory the engine itself adds to a process (RSS after loading and one batch, minus before): segment tree "
-        f"{e['tree']['rss_delta_bytes'] * mb:.1f} MiB, one session per task {e['per_task']['rss_delta_bytes'] * mb:.1f} MiB, "
-        f"for {unique * mb:.2f} MiB of unique weights. The rest of the worker's RSS below is the fixed runtime "
-        "(Python, BentoML, ONNX Runtime), the same whatever the artifact.",
+        f"Memory the engine itself adds to a process (RSS after loading and one batch, minus before; one measurement): "
+        f"segment graph {e['segments']['rss_delta_bytes'] * mb:.1f} MiB, of which its weight store (the weights file, read once; "
+        f"every session computes on it) is {weights_file * mb:.2f} MiB = {weights_file / unique:.3f}x the {unique * mb:.2f} MiB of unique "
+        f"weights; one session per task graph {e['per_task']['rss_delta_bytes'] * mb:.1f} MiB. The rest of the worker's RSS below is "
+        "the fixed runtime (Python, BentoML, ONNX Runtime), the same whatever the artifact.",
     ]
     lines += [
         "",
@@ -355,7 +407,7 @@ def main(argv=None) -> int:
         "| server | RSS at rest (MiB) | RSS after load (MiB) | RSS / unique weights |",
         "|---|---:|---:|---:|",
     ]
-    for m, label in (("tree", "segment tree (each weight once)"), ("per_task", "one session per task graph")):
+    for m, label in (("segments", "segment graph (each weight once)"), ("per_task", "one session per task graph")):
         r0, r1 = memory[m]["worker_rss"], memory_after[m]["worker_rss"]
         lines.append(f"| {label} | {r0 * mb:.1f} | {r1 * mb:.1f} | {r1 / unique:.1f}x |" if r0 and r1 else f"| {label} | - | - | - |")
     lines += [

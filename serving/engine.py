@@ -18,7 +18,12 @@ make per-session copies and are turned off for these sessions: pre-packing of Ma
 (``session.disable_prepacking``) and constant folding, which would fold the graphs'
 ``Transpose(weight)`` into a new transposed tensor (without it ONNX Runtime fuses the transpose
 into ``FusedMatMul``). Measured on the demo system: the same logits (bit for bit), ~15 % slower
-at batch 1 and no slower at batch 8 or more (``benchmarks/serving_bench.py``).
+at batch 1 and no slower at batch 8 or more (``benchmarks/serving_bench.py``). The cost is
+ONNX Runtime packing a weight matrix on each call instead of once: it does not grow with the
+rows, so it fades with batch size and with the model's token count. On CUDA each session
+copies the weights it reads to the GPU (host memory still holds them once; on the GPU a
+component used at two image sizes is there twice), and hidden states go through host memory
+between segments; neither has been measured here (no GPU was available).
 
 :class:`MicroBatcher` feeds it: concurrent requests (any tasks) are collected for up to
 ``max_wait_ms`` or ``max_batch`` rows, run in one worker thread (one inference at a time),
@@ -209,9 +214,9 @@ class Engine:
         import onnxruntime as ort
 
         self.artifact = artifact
-        self.mode = (mode or os.environ.get("MUTASK_ENGINE") or "tree").replace("-", "_")
-        if self.mode not in ("tree", "per_task"):
-            raise EngineError(f"unknown engine mode {self.mode!r}: tree (the server) or per_task (a benchmark baseline)")
+        self.mode = (mode or os.environ.get("MUTASK_ENGINE") or "segments").replace("-", "_")
+        if self.mode not in ("segments", "per_task"):
+            raise EngineError(f"unknown engine mode {self.mode!r}: segments (the server) or per_task (a benchmark baseline)")
         self.threads = int(threads or os.environ.get("MUTASK_ORT_THREADS") or cpu_count())
         self.providers = choose_providers(device)
         self.ready = False
@@ -220,12 +225,12 @@ class Engine:
         self.segments: dict[str, Segment] = {}
         self._load_manifest()
         t0 = time.perf_counter()
-        # tree: one session per segment over the shared weight store. per_task: one session
+        # segments: one session per segment over the shared weight store. per_task: one session
         # per task graph, the baseline that loads every shared weight per task (benchmarks only).
         self.sessions: dict[str, object] = {}
         self.bindings: dict[str, dict] = {}  # session key -> {initializer: tensor in the store}
-        self.weights = WeightStore(artifact.weights_path) if self.mode == "tree" else None
-        if self.mode == "tree":
+        self.weights = WeightStore(artifact.weights_path) if self.mode == "segments" else None
+        if self.mode == "segments":
             units = [(sid, artifact.segment_path(sid), f"segment {sid}") for sid in self.order]
         else:
             units = [(f"task:{tid}", artifact.graph_path(tid), f"task {tid}'s graph") for tid in self.tasks]
@@ -246,7 +251,7 @@ class Engine:
             if len(inputs) != 1:
                 raise EngineError(f"{what}: expected one input, the graph has {[i.name for i in inputs]}")
             self.sessions[key] = session
-            if self.mode == "tree":
+            if self.mode == "segments":
                 self.segments[key].session = session
                 self.segments[key].input_name = inputs[0].name
         self._input_names = {k: s.get_inputs()[0].name for k, s in self.sessions.items()}
@@ -350,7 +355,7 @@ class Engine:
         one float32 (n, num_labels) logits array per item. Every segment runs once, on the
         rows of every item whose chain passes through it."""
         with self._lock:
-            return self._run(items) if self.mode == "tree" else self._run_per_task(items)
+            return self._run(items) if self.mode == "segments" else self._run_per_task(items)
 
     def _run_per_task(self, items: list) -> list:
         """The baseline: each task's requests batched on its own graph."""

@@ -21,7 +21,7 @@ Settings (environment, checked before anything starts): ``MUTASK_DEVICE`` (auto,
 ``MUTASK_ORT_THREADS`` (default: all cores), ``MUTASK_MAX_BATCH`` (rows per engine batch, 32),
 ``MUTASK_MAX_WAIT_MS`` (2), ``MUTASK_MAX_IMAGE_BYTES`` (10 MB), ``MUTASK_MAX_IMAGE_PIXELS``
 (40 M), ``MUTASK_MAX_BATCH_IMAGES`` (images per /predict_batch request, 64),
-``MUTASK_MAX_BODY_BYTES`` (a /predict_batch body, 64 MB), ``MUTASK_ENGINE`` (tree; per_task is
+``MUTASK_MAX_BODY_BYTES`` (a /predict_batch body, 64 MB), ``MUTASK_ENGINE`` (segments; per_task is
 the benchmark's baseline), ``MUTASK_ORT_GLOBAL_POOLS`` (0/1; default on in a server worker).
 
 A worker that cannot start stops the whole server (no half-ready server behind a listening
@@ -340,9 +340,9 @@ def check_settings() -> dict:
             raise ServingError(f"{k} must be positive, got {out[k]}")
     if out["max_wait_ms"] < 0:
         raise ServingError(f"MUTASK_MAX_WAIT_MS must be >= 0, got {out['max_wait_ms']}")
-    mode = (os.environ.get("MUTASK_ENGINE") or "tree").replace("-", "_")
-    if mode not in ("tree", "per_task"):
-        raise ServingError(f"MUTASK_ENGINE={mode!r}: tree (the server) or per_task (a benchmark baseline)")
+    mode = (os.environ.get("MUTASK_ENGINE") or "segments").replace("-", "_")
+    if mode not in ("segments", "per_task"):
+        raise ServingError(f"MUTASK_ENGINE={mode!r}: segments (the server) or per_task (a benchmark baseline)")
     return out
 
 
