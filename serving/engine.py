@@ -28,9 +28,9 @@ between segments; neither has been measured here (no GPU was available).
 :class:`MicroBatcher` feeds it: concurrent requests (any tasks) are collected for up to
 ``max_wait_ms`` or ``max_batch`` rows, run in one worker thread (one inference at a time),
 split per request, and their futures resolved. Threads: sequential execution, inter-op 1, one
-inference at a time, and in the server one global ONNX Runtime intra-op pool of ``threads``
-threads (all cores by default) shared by every session: they never oversubscribe the cores
-(see :func:`_session_options`).
+inference at a time, each session with an intra-op pool of ``threads`` threads (all cores by
+default) that does not spin, so the pools of the sessions not running sleep and never
+oversubscribe the cores (see :func:`_session_options`).
 
 Torch-free: this module imports onnxruntime and numpy only (and the artifact reader).
 """
@@ -95,11 +95,13 @@ def choose_providers(device: str | None = None) -> list:
 def _session_options(threads: int, global_pools: bool):
     """Sequential-execution session options on a thread budget of ``threads``.
 
-    With ``global_pools`` (a process that is only a server: the BentoML worker) every session
-    shares ONNX Runtime's global intra-op pool of ``threads`` threads (inter-op 1): one pool
-    for all segments. Once set, a process can no longer create sessions with their own pools,
-    so library use (tests, benchmarks) gets per-session pools of ``threads`` threads with
-    spinning off, so a finished segment's idle pool does not compete with the next one's."""
+    Default: per-session intra-op pools of ``threads`` threads (inter-op 1) with spinning off,
+    so a finished segment's idle pool does not compete with the next one's, nor with the
+    event loop and the decoding. With ``global_pools`` every session shares ONNX Runtime's
+    global intra-op pool instead (one pool for all segments); its threads spin between runs
+    and ONNX Runtime's Python API cannot turn that off, which cost ~4 ms of CPU per request in
+    the server on 2 cores, so it is opt-in (``MUTASK_ORT_GLOBAL_POOLS=1``). Once set, a process
+    can no longer create sessions with their own pools."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()

@@ -68,8 +68,9 @@ def check_spec(spec: dict, where: str = "manifest") -> tuple[float, float]:
         raise ValueError(f"{where}: preprocessing needs numeric 'scale' and 'offset', got {spec!r}") from None
 
 
-def decode(data: bytes, *, max_bytes: int | None = None, max_pixels: int | None = None) -> Image.Image:
-    """Bytes to a fully decoded Pillow image, or :class:`ImageError` with a clear reason."""
+def open_image(data: bytes, *, max_bytes: int | None = None, max_pixels: int | None = None) -> Image.Image:
+    """Bytes to a Pillow image whose header is read and checked (byte and pixel limits), not
+    yet decoded (:func:`load_image` decodes it), or :class:`ImageError` with a clear reason."""
     max_bytes = max_image_bytes() if max_bytes is None else max_bytes
     max_pixels = max_image_pixels() if max_pixels is None else max_pixels
     if not data:
@@ -85,18 +86,36 @@ def decode(data: bytes, *, max_bytes: int | None = None, max_pixels: int | None 
             raise ImageError(f"the image has no pixels ({w} x {h})")
         if w * h > max_pixels:
             raise ImageError(f"the image is {w} x {h} pixels, over the limit of {max_pixels} pixels (MUTASK_MAX_IMAGE_PIXELS)")
-        image.load()
-    except ImageError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"the image is too large to decode safely: {e}") from None
-    except Image.UnidentifiedImageError:
-        raise ImageError("the file is not an image Pillow can read (PNG, JPEG, GIF, BMP, TIFF, WebP, ...)") from None
-    except MemoryError:
-        raise ImageError("the image is too large to decode") from None
-    except Exception as e:  # truncated or corrupt data: OSError, SyntaxError, ValueError, struct.error, ...
-        raise ImageError(f"the image could not be decoded (truncated or corrupt?): {type(e).__name__}: {e}") from None
+    except Exception as e:
+        raise _image_error(e) from None
     return image
+
+
+def load_image(image: Image.Image) -> Image.Image:
+    """Fully decode an image from :func:`open_image`; :class:`ImageError` if that fails."""
+    try:
+        image.load()
+    except Exception as e:
+        raise _image_error(e) from None
+    return image
+
+
+def _image_error(e: Exception) -> ImageError:
+    if isinstance(e, ImageError):
+        return e
+    if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return ImageError(f"the image is too large to decode safely: {e}")
+    if isinstance(e, Image.UnidentifiedImageError):
+        return ImageError("the file is not an image Pillow can read (PNG, JPEG, GIF, BMP, TIFF, WebP, ...)")
+    if isinstance(e, MemoryError):
+        return ImageError("the image is too large to decode")
+    # truncated or corrupt data: OSError, SyntaxError, ValueError, struct.error, ...
+    return ImageError(f"the image could not be decoded (truncated or corrupt?): {type(e).__name__}: {e}")
+
+
+def decode(data: bytes, *, max_bytes: int | None = None, max_pixels: int | None = None) -> Image.Image:
+    """Bytes to a fully decoded Pillow image, or :class:`ImageError` with a clear reason."""
+    return load_image(open_image(data, max_bytes=max_bytes, max_pixels=max_pixels))
 
 
 def to_rgb_array(image: Image.Image) -> np.ndarray:
