@@ -76,28 +76,58 @@ def engine_throughput(art, images: dict, batch: int, repeats: int, threads: int)
     tasks = list(art.tasks)
     xs = {t: preprocess_bytes(images[t], int(art.tasks[t]["image_size"])) for t in tasks}
     items = [(tasks[i % len(tasks)], xs[tasks[i % len(tasks)]]) for i in range(batch)]
-    import gc
-
-    import psutil
-
-    proc = psutil.Process()
-    engines, rss_delta = {}, {}
-    Engine(art, mode="segments", verify=False, threads=threads).run(items)  # ONNX Runtime's one-time set-up, not counted
-    for m in ("segments", "per_task"):  # RSS this process gains by loading (and warming) each engine
-        gc.collect()
-        before = proc.memory_info().rss
-        engines[m] = Engine(art, mode=m, verify=False, threads=threads)
-        engines[m].run(items)  # warm-up
-        rss_delta[m] = proc.memory_info().rss - before
+    configs = {"segments": dict(mode="segments"), "per_task": dict(mode="per_task"), "segments_own_weights": dict(mode="segments", share_weights=False)}
+    engines = {m: Engine(art, verify=False, threads=threads, **kw) for m, kw in configs.items()}
+    for e in engines.values():
+        e.run(items)  # warm-up
     runs = {m: [] for m in engines}
     for r in range(repeats):
-        for m in (("segments", "per_task") if r % 2 == 0 else ("per_task", "segments")):
+        for m in (list(engines) if r % 2 == 0 else list(engines)[::-1]):
             n, t0 = 0, time.perf_counter()
             while time.perf_counter() - t0 < 1.0:
                 engines[m].run(items)
                 n += batch
             runs[m].append(n / (time.perf_counter() - t0))
-    return {m: {"images_per_s_median": statistics.median(v), "runs": v, "rss_delta_bytes": rss_delta[m]} for m, v in runs.items()} | {"batch": batch, "repeats": repeats}
+    return {m: {"images_per_s_median": statistics.median(v), "runs": v} for m, v in runs.items()} | {"batch": batch, "repeats": repeats}
+
+
+_MEMORY_PROBE = """
+import json, sys
+import numpy as np, psutil
+from export.artifact import load_artifact
+from serving.engine import Engine
+art = load_artifact(sys.argv[1])
+kw = json.loads(sys.argv[2])
+# ONNX Runtime's own one-time set-up (environment, kernel registry) before the first reading
+Engine(art, mode="per_task", verify=False, threads=kw["threads"]).run([(t, np.zeros((1, 3, r["image_size"], r["image_size"]), np.float32)) for t, r in art.tasks.items()][:1])
+rss0 = psutil.Process().memory_info().rss
+engine = Engine(art, verify=True, **kw)
+items = [(t, np.zeros((2, 3, r["image_size"], r["image_size"]), np.float32)) for t, r in art.tasks.items()]
+engine.run(items)
+for item in items:
+    engine.run([item])
+print(json.dumps({"rss_delta_bytes": psutil.Process().memory_info().rss - rss0, "sessions": len(engine.sessions),
+                  "weight_store_bytes": engine.weights.nbytes if engine.weights is not None else 0}))
+"""
+
+
+def engine_memory(art_path, threads: int) -> dict:
+    """RSS one engine adds to a fresh process (after ONNX Runtime's own set-up): loading,
+    verifying and running a mixed batch and every task alone. One fresh process per engine,
+    so no engine reuses memory another freed."""
+    import json
+    import subprocess
+
+    configs = {"segments": dict(mode="segments"), "per_task": dict(mode="per_task"), "segments_own_weights": dict(mode="segments", share_weights=False)}
+    out = {}
+    for name, kw in configs.items():
+        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        r = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(art_path), json.dumps(dict(kw, threads=threads))],
+                           capture_output=True, text=True, env=env, timeout=600)
+        if r.returncode != 0:
+            raise RuntimeError(f"memory probe for {name} failed:\n{r.stderr[-2000:]}")
+        out[name] = json.loads(r.stdout.strip().splitlines()[-1])
+    return out
 
 
 def block_scaling(art, threads: int, rows=(1, 2, 4, 8, 16, 32), repeats: int = 5) -> dict:
@@ -284,6 +314,7 @@ def main(argv=None) -> int:
 
         print("latency at batch 1 ...", flush=True)
         lat_http = http_latency(servers["segments"].url, images, a.requests, a.max_seconds)
+        lat_http_per_task = http_latency(servers["per_task"].url, images, a.requests, a.max_seconds)
         lat_ort = bare_ort_latency(art, images, a.requests, threads)
 
         print("throughput ...", flush=True)
@@ -301,8 +332,9 @@ def main(argv=None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     print("engine only (no HTTP) ...", flush=True)
-    engine_only = {str(b): engine_throughput(art, images, b, max(3, a.repeats), threads) for b in (8, 32)}
+    engine_only = {str(b): engine_throughput(art, images, b, max(3, a.repeats), threads) for b in (1, 8, 32)}
     scaling = {str(n): block_scaling(art, n) for n in sorted({1, threads})}
+    engine_mem = engine_memory(Path(a.artifact).resolve(), threads)
 
     def med(xs, key):
         vals = [x[key] for x in xs if x.get(key) is not None]
@@ -324,10 +356,11 @@ def main(argv=None) -> int:
         "tasks": list(art.tasks),
         "segments": {sid: {"tasks": s["tasks"], "parents": s["parents"], "components": s["components"]} for sid, s in art.segments.items()},
         "settings": {"repeats": a.repeats, "requests": a.requests, "concurrency": curve, "max_seconds": a.max_seconds, "ort_threads": threads},
-        "latency_batch1": {t: {"http": lat_http[t], "bare_onnxruntime": lat_ort[t]} for t in art.tasks},
+        "latency_batch1": {t: {"http": lat_http[t], "http_per_task_server": lat_http_per_task[t], "bare_onnxruntime": lat_ort[t]} for t in art.tasks},
         "throughput": curve_doc,
         "engine_only": engine_only,
         "block_scaling": scaling,
+        "engine_memory": engine_mem,
         "memory": {
             "unique_weight_bytes": unique,
             "naive_weight_bytes_one_model_per_task": stats["naive_bytes"],
@@ -344,12 +377,15 @@ def main(argv=None) -> int:
         "",
         "## Latency at batch 1 (ms; sequential requests)",
         "",
-        "| task | HTTP p50 | HTTP p99 | bare ORT p50 | bare ORT p99 | HTTP overhead p50 |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| task | HTTP p50 | HTTP p99 | bare ORT p50 | bare ORT p99 | HTTP overhead p50 | per-task-graph server: HTTP p50 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for t in art.tasks:
         h, o = lat_http[t], lat_ort[t]
-        lines.append(f"| {t} | {h['p50_ms']:.2f} | {h['p99_ms']:.2f} | {o['p50_ms']:.2f} | {o['p99_ms']:.2f} | {h['p50_ms'] - o['p50_ms']:.2f} |")
+        lines.append(
+            f"| {t} | {h['p50_ms']:.2f} | {h['p99_ms']:.2f} | {o['p50_ms']:.2f} | {o['p99_ms']:.2f} | {h['p50_ms'] - o['p50_ms']:.2f} | "
+            f"{lat_http_per_task[t]['p50_ms']:.2f} |"
+        )
     lines += [
         "",
         f"## Mixed-task throughput (requests/s, median of {a.repeats}; tasks round-robin)",
@@ -369,12 +405,12 @@ def main(argv=None) -> int:
         "",
         "## Engine only, no HTTP (images/s, mixed tasks round-robin, one image per request)",
         "",
-        "| requests per batch | segment graph | one session per task | speed-up |",
-        "|---:|---:|---:|---:|",
+        "| requests per batch | segment graph | one session per task | speed-up | segment graph, each session loading its own weights |",
+        "|---:|---:|---:|---:|---:|",
     ]
     for b, e in engine_only.items():
-        tr, pt = e["segments"]["images_per_s_median"], e["per_task"]["images_per_s_median"]
-        lines.append(f"| {b} | {tr:.0f} | {pt:.0f} | {tr / pt:.2f}x |")
+        tr, pt, own = (e[k]["images_per_s_median"] for k in ("segments", "per_task", "segments_own_weights"))
+        lines.append(f"| {b} | {tr:.0f} | {pt:.0f} | {tr / pt:.2f}x | {own:.0f} ({own / pt:.2f}x) |")
     first = next(iter(scaling.values()))
     lines += [
         "",
@@ -391,14 +427,23 @@ def main(argv=None) -> int:
             f"| {th} | " + " | ".join(f"{v * 1e6:.0f}" for v in runs.values())
             + f" | {runs['1'] * 1e6:.0f} | {runs[most] / int(most) * 1e6:.0f} |"
         )
-    e = engine_only["8"]
+    em = engine_mem
+    seg_rest = em["segments"]["rss_delta_bytes"] - em["segments"]["weight_store_bytes"]
     lines += [
         "",
-        f"Memory the engine itself adds to a process (RSS after loading and one batch, minus before; one measurement): "
-        f"segment graph {e['segments']['rss_delta_bytes'] * mb:.1f} MiB, of which its weight store (the weights file, read once; "
-        f"every session computes on it) is {weights_file * mb:.2f} MiB = {weights_file / unique:.3f}x the {unique * mb:.2f} MiB of unique "
-        f"weights; one session per task graph {e['per_task']['rss_delta_bytes'] * mb:.1f} MiB. The rest of the worker's RSS below is "
-        "the fixed runtime (Python, BentoML, ONNX Runtime), the same whatever the artifact.",
+        "## Memory one engine adds to a fresh process (RSS after loading, verifying and running every task; one measurement each)",
+        "",
+        "| engine | sessions | RSS added (MiB) | of which the weight store (MiB) | the rest: sessions' own memory (MiB) |",
+        "|---|---:|---:|---:|---:|",
+        f"| segment graph + task graphs over one weight store (the server) | {em['segments']['sessions']} | {em['segments']['rss_delta_bytes'] * mb:.1f} | "
+        f"{em['segments']['weight_store_bytes'] * mb:.2f} ({em['segments']['weight_store_bytes'] / unique:.3f}x unique weights) | {seg_rest * mb:.1f} |",
+        f"| one session per task graph, own weights | {em['per_task']['sessions']} | {em['per_task']['rss_delta_bytes'] * mb:.1f} | - | - |",
+        f"| segment graph + task graphs, each session its own weights | {em['segments_own_weights']['sessions']} | {em['segments_own_weights']['rss_delta_bytes'] * mb:.1f} | - | - |",
+        "",
+        f"Unique weights {unique * mb:.2f} MiB. The store is the weights file read once; no session copies a weight (a test "
+        "proves it). The rest is what the sessions themselves hold (graph structure, kernels, ONNX Runtime's per-session "
+        "memory arena for activations): it grows with the number of graphs, not with the weights. Beyond the engine, the "
+        "worker's RSS below is the fixed runtime (Python, BentoML, ONNX Runtime).",
     ]
     lines += [
         "",

@@ -17,10 +17,10 @@ sizes, say) or by several tasks is never copied per session. Two ONNX Runtime fe
 make per-session copies and are turned off for these sessions: pre-packing of MatMul weights
 (``session.disable_prepacking``) and constant folding, which would fold the graphs'
 ``Transpose(weight)`` into a new transposed tensor (without it ONNX Runtime fuses the transpose
-into ``FusedMatMul``). Measured on the demo system: the same logits (bit for bit), ~15 % slower
-at batch 1 and no slower at batch 8 or more (``benchmarks/serving_bench.py``). The cost is
-ONNX Runtime packing a weight matrix on each call instead of once: it does not grow with the
-rows, so it fades with batch size and with the model's token count. On CUDA each session
+into ``FusedMatMul``). The logits are the same; the cost, recorded by
+``benchmarks/serving_bench.py`` against segment sessions that load their own weights, is ONNX
+Runtime packing a weight matrix on each call instead of once: it does not grow with the rows,
+so it fades with batch size and with the model's token count. On CUDA each session
 copies the weights it reads to the GPU (host memory still holds them once; on the GPU a
 component used at two image sizes is there twice), and hidden states go through host memory
 between segments; neither has been measured here (no GPU was available).
@@ -108,6 +108,11 @@ def _session_options(threads: int, global_pools: bool):
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    # no per-session memory arena: on the demo system the 38 sessions' arenas held ~10 MiB
+    # for a few KiB of activations each, and plain allocation was no slower (engine images/s
+    # at 1, 8 and 32 requests per batch, 7 interleaved repeats: 962 vs 935, 1275 vs 1167,
+    # 2310 vs 2369 with the arena; measured once, 2026-11-24)
+    so.enable_cpu_mem_arena = False
     with _GLOBAL_LOCK:
         if global_pools and "threads" not in _GLOBAL_POOLS and hasattr(ort, "set_global_thread_pool_sizes"):
             try:
@@ -206,12 +211,13 @@ class Engine:
     ``run`` is synchronous and not re-entrant (the batcher calls it from one thread);
     ``stats`` counts rows and seconds per segment (the share of compute in shared segments).
     ``mode="per_task"`` is the benchmarks' baseline: one plain session per task graph, each
-    loading its own weights the way ONNX Runtime does by default.
+    loading its own weights the way ONNX Runtime does by default (``share_weights=False`` does
+    the same for the segment sessions: another benchmark baseline).
     """
 
     def __init__(
         self, artifact, *, device: str | None = None, threads: int | None = None, verify: bool = True,
-        global_pools: bool = False, mode: str | None = None,
+        global_pools: bool = False, mode: str | None = None, share_weights: bool = True,
     ):
         import onnxruntime as ort
 
@@ -227,15 +233,18 @@ class Engine:
         self.segments: dict[str, Segment] = {}
         self._load_manifest()
         t0 = time.perf_counter()
-        # segments: one session per segment over the shared weight store. per_task: one session
-        # per task graph, the baseline that loads every shared weight per task (benchmarks only).
+        # segments: one session per segment, and one per task graph for batches of a single
+        # task (one run instead of a chain: nothing to share), all over the shared weight
+        # store. per_task: one session per task graph, the baseline that loads every shared
+        # weight per task (benchmarks only).
         self.sessions: dict[str, object] = {}
         self.bindings: dict[str, dict] = {}  # session key -> {initializer: tensor in the store}
-        self.weights = WeightStore(artifact.weights_path) if self.mode == "segments" else None
+        # share_weights=False (benchmarks only): each segment session loads its own weights
+        # the way ONNX Runtime does by default, to measure what the shared store costs
+        self.weights = WeightStore(artifact.weights_path) if self.mode == "segments" and share_weights else None
+        units = [(f"task:{tid}", artifact.graph_path(tid), f"task {tid}'s graph") for tid in self.tasks]
         if self.mode == "segments":
-            units = [(sid, artifact.segment_path(sid), f"segment {sid}") for sid in self.order]
-        else:
-            units = [(f"task:{tid}", artifact.graph_path(tid), f"task {tid}'s graph") for tid in self.tasks]
+            units = [(sid, artifact.segment_path(sid), f"segment {sid}") for sid in self.order] + units
         for key, path, what in units:
             so = _session_options(self.threads, global_pools)
             disabled = None
@@ -253,7 +262,7 @@ class Engine:
             if len(inputs) != 1:
                 raise EngineError(f"{what}: expected one input, the graph has {[i.name for i in inputs]}")
             self.sessions[key] = session
-            if self.mode == "segments":
+            if key in self.segments:
                 self.segments[key].session = session
                 self.segments[key].input_name = inputs[0].name
         self._input_names = {k: s.get_inputs()[0].name for k, s in self.sessions.items()}
@@ -354,13 +363,17 @@ class Engine:
 
     def run(self, items: list) -> list:
         """Run a mixed batch: ``items`` is a list of (task id, float32 (n, 3, S, S)); returns
-        one float32 (n, num_labels) logits array per item. Every segment runs once, on the
-        rows of every item whose chain passes through it."""
+        one float32 (n, num_labels) logits array per item. With several tasks, every segment
+        runs once, on the rows of every item whose chain passes through it; a batch of one
+        task's items runs that task's graph once (the same weights, one run)."""
         with self._lock:
-            return self._run(items) if self.mode == "segments" else self._run_per_task(items)
+            if self.mode == "segments" and len({task for task, _ in items}) > 1:
+                return self._run(items)
+            return self._run_per_task(items)
 
     def _run_per_task(self, items: list) -> list:
-        """The baseline: each task's requests batched on its own graph."""
+        """Each task's items batched on its own graph (the baseline engine; in the segment
+        engine, a batch with one task only)."""
         by_task: dict[str, list] = {}
         for i, (task, _) in enumerate(items):
             by_task.setdefault(task, []).append(i)
@@ -412,18 +425,26 @@ class Engine:
         return self.run([(task, x)])[0]
 
     def verify(self) -> None:
-        """Run every task's chain once on a constant image: right shape, finite logits."""
+        """Run every task once on a constant image, through its graph and (segment engine)
+        through its segment chain: right shape, finite logits, and the two agree."""
         for tid, info in self.tasks.items():
             x = np.zeros((2, 3, info.image_size, info.image_size), np.float32)
             x[1] += 0.5
             try:
-                y = self.predict(tid, x)
+                y = self._run_per_task([(tid, x)])[0]
             except Exception as e:
-                raise EngineError(f"task {tid}: its segment chain {info.chain} fails to run: {e}") from e
+                raise EngineError(f"task {tid}: its graph fails to run: {e}") from e
             if y.shape != (2, len(info.labels)):
                 raise EngineError(f"task {tid}: logits of shape {y.shape}, expected (2, {len(info.labels)}) (one per label)")
             if not np.isfinite(y).all():
                 raise EngineError(f"task {tid}: non-finite logits on a constant image")
+            if self.mode == "segments":
+                try:
+                    via = self._run([(tid, x)])[0]
+                except Exception as e:
+                    raise EngineError(f"task {tid}: its segment chain {info.chain} fails to run: {e}") from e
+                if via.shape != y.shape or not np.allclose(via, y, rtol=1e-4, atol=1e-4):
+                    raise EngineError(f"task {tid}: its segment chain {info.chain} disagrees with its graph; re-export the artifact")
         for st in self.stats.values():
             st.update(rows=0, runs=0, seconds=0.0)
 

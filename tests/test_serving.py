@@ -104,9 +104,11 @@ def test_engine_runs_the_segment_graph_over_one_copy_of_the_weights(serving_arti
     # weights once: the store is the weights file, read once, and every external initializer
     # of every session is bound to a tensor in it (none is read from disk by a session)
     assert engine.weights.nbytes == art.weights_path.stat().st_size
-    for sid in art.segments:
-        refs = [r["name"] for r in external_refs(art.segment_path(sid).read_bytes()) if r["external"]]
-        assert refs and sorted(engine.bindings[sid]) == sorted(refs)
+    graphs = {sid: art.segment_path(sid) for sid in art.segments} | {f"task:{t}": art.graph_path(t) for t in art.tasks}
+    assert set(engine.bindings) == set(graphs)
+    for key, path in graphs.items():
+        refs = [r["name"] for r in external_refs(path.read_bytes()) if r["external"]]
+        assert refs and sorted(engine.bindings[key]) == sorted(refs)
 
     images = sample_images()
     names = sorted(images)
@@ -123,7 +125,14 @@ def test_engine_runs_the_segment_graph_over_one_copy_of_the_weights(serving_arti
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
         assert (out.argmax(1) == ref.argmax(1)).all()
     # each segment ran once for the whole mixed batch, on the rows of every task through it
-    assert all(engine.stats[sid]["runs"] - runs_before[sid] == 1 for sid in engine.stats)
+    assert all(engine.stats[sid]["runs"] - runs_before[sid] == 1 for sid in engine.segments)
+    assert all(engine.stats[f"task:{t}"]["runs"] == runs_before[f"task:{t}"] for t in art.tasks)
+    # a batch of one task's items runs that task's graph once, and answers the same
+    solo = [(t, x) for t, x in items if t == "d"]
+    runs_before = {k: s["runs"] for k, s in engine.stats.items()}
+    for out, ref in zip(engine.run(solo), [o for (t, _), o in zip(items, outs) if t == "d"]):
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+    assert {k for k, s in engine.stats.items() if s["runs"] != runs_before[k]} == {"task:d"}
     for sid in shared:
         assert engine.stats[sid]["rows"] >= sum(x.shape[0] for t, x in items if t in engine.segments[sid].tasks)
     assert 0.0 < engine.shared_share() <= 1.0
