@@ -40,6 +40,7 @@ import numpy as np
 
 from benchmarks.common import RESULTS, _cpu_model, write
 from benchmarks.http import REPO, ServerProcess
+from serving.engine import server_threads
 
 def machine() -> dict:
     import bentoml
@@ -355,7 +356,8 @@ def main(argv=None) -> int:
         "artifact": str(Path(a.artifact).resolve()),
         "tasks": list(art.tasks),
         "segments": {sid: {"tasks": s["tasks"], "parents": s["parents"], "components": s["components"]} for sid, s in art.segments.items()},
-        "settings": {"repeats": a.repeats, "requests": a.requests, "concurrency": curve, "max_seconds": a.max_seconds, "ort_threads": threads},
+        "settings": {"repeats": a.repeats, "requests": a.requests, "concurrency": curve, "max_seconds": a.max_seconds,
+                     "ort_threads_bare_and_engine_only": threads, "ort_threads_server": server_threads()},
         "latency_batch1": {t: {"http": lat_http[t], "http_per_task_server": lat_http_per_task[t], "bare_onnxruntime": lat_ort[t]} for t in art.tasks},
         "throughput": curve_doc,
         "engine_only": engine_only,
@@ -459,7 +461,8 @@ def main(argv=None) -> int:
         "",
         f"Unique weight bytes: {unique * mb:.2f} MiB; one full model per task would hold {stats['naive_bytes'] * mb:.2f} MiB.",
         f"Client and servers share this machine's {doc['machine']['cpu_affinity'] or doc['machine']['cpu_count']} cores (loopback); "
-        f"ONNX Runtime threads per server: {threads}. Wall time {doc['wall_seconds']:.0f} s.",
+        f"ONNX Runtime threads per server: {server_threads()} (the server's default), per bare onnxruntime session and engine-only "
+        f"measurement: {threads}. Wall time {doc['wall_seconds']:.0f} s.",
     ]
     j, m = write("serving", doc, "\n".join(lines), a.out)
     print("\n".join(lines))

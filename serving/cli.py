@@ -33,7 +33,7 @@ def add_parser(subparsers) -> None:
     s.add_argument("--port", type=int, default=3000, help="TCP port (default 3000)")
     s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1, loopback only)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], help="execution device (default auto: CUDA if onnxruntime-gpu finds a GPU, else CPU)")
-    s.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    s.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores but one, left to HTTP and decoding)")
     s.add_argument("--max-batch", type=int, help="most image rows per engine batch (default 32)")
     s.add_argument("--max-wait-ms", type=float, help="how long a batch waits for requests being decoded (default 2 ms)")
     s.add_argument("--max-image-bytes", type=int, help="upload size limit in bytes (default 10 MB, or MUTASK_MAX_IMAGE_BYTES)")

@@ -18,7 +18,7 @@ a malformed body, a file that is not an image, a truncated one, one over the siz
 (:class:`InputGuard` checks the body before BentoML parses it, the API checks the rest).
 
 Settings (environment, checked before anything starts): ``MUTASK_DEVICE`` (auto, cpu, cuda),
-``MUTASK_ORT_THREADS`` (default: all cores), ``MUTASK_MAX_BATCH`` (rows per engine batch, 32),
+``MUTASK_ORT_THREADS`` (default: all cores but one), ``MUTASK_MAX_BATCH`` (rows per engine batch, 32),
 ``MUTASK_MAX_WAIT_MS`` (2), ``MUTASK_MAX_IMAGE_BYTES`` (10 MB), ``MUTASK_MAX_IMAGE_PIXELS``
 (40 M), ``MUTASK_MAX_BATCH_IMAGES`` (images per /predict_batch request, 64),
 ``MUTASK_MAX_BODY_BYTES`` (a /predict_batch body, 64 MB), ``MUTASK_ENGINE`` (segments; per_task is
@@ -52,7 +52,7 @@ from starlette.routing import Route
 
 from . import metrics as _metrics
 from . import preprocess
-from .engine import Engine, EngineError, MicroBatcher, cpu_count, top_k
+from .engine import Engine, EngineError, MicroBatcher, cpu_count, server_threads, top_k
 from .loader import ENV_MODEL, ServingError, artifact_source, open_artifact
 
 log = logging.getLogger("mutask.serving")
@@ -446,7 +446,9 @@ class Mutask:
     def _start(self) -> None:
         settings = check_settings()
         self.artifact = open_artifact()
-        self.engine = Engine(self.artifact, global_pools=_use_global_pools(), device=settings["device"], threads=settings["threads"])
+        self.engine = Engine(
+            self.artifact, global_pools=_use_global_pools(), device=settings["device"], threads=settings["threads"] or server_threads()
+        )
         self.metrics = _metrics.get()
         self.metrics.init_tasks(self.engine.tasks)
         self.max_image_bytes = settings["max_image_bytes"]
