@@ -443,8 +443,8 @@ def main(argv=None) -> int:
         f"| segment graph + task graphs, each session its own weights | {em['segments_own_weights']['sessions']} | {em['segments_own_weights']['rss_delta_bytes'] * mb:.1f} | - | - |",
         "",
         f"Unique weights {unique * mb:.2f} MiB. The store is the weights file read once; no session copies a weight (a test "
-        "proves it). The rest is what the sessions themselves hold (graph structure, kernels, ONNX Runtime's per-session "
-        "memory arena for activations): it grows with the number of graphs, not with the weights. Beyond the engine, the "
+        "proves it). The rest is what the sessions themselves hold (graph structure, kernels, activations; no per-session "
+        "memory arenas): it grows with the number of graphs, not with the weights. Beyond the engine, the "
         "worker's RSS below is the fixed runtime (Python, BentoML, ONNX Runtime).",
     ]
     lines += [
