@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import re
+import sys
 from pathlib import Path
 
 import httpx
@@ -60,6 +61,9 @@ def test_cli_printed_the_url_and_no_torch_is_loaded(server):
         if maps.exists():
             text = maps.read_text()
             assert "libtorch" not in text and "/torch/" not in text, p.cmdline()
+            if "_bentoml_impl.worker" in " ".join(p.cmdline()) and sys.platform == "linux":
+                # the worker's uvicorn runs on uvloop with the httptools parser (serving deps)
+                assert "/uvloop/" in text and "/httptools/" in text
 
 
 def test_every_task_matches_plain_onnxruntime(server, serving_artifact, tmp_path):
