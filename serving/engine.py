@@ -15,11 +15,13 @@ over the same weights, instead of its chain of 5 to 8 segment runs.
 **Weights once.** The engine reads ``weights.safetensors`` into memory once and hands every
 session the tensors it needs as ONNX Runtime initializers that point into that one buffer
 (``SessionOptions.add_initializer``), so a component used by several segments (at two image
-sizes, say) or by several tasks is never copied per session. Two ONNX Runtime features would
+sizes, say) or by several tasks is never copied per session. Three ONNX Runtime features would
 make per-session copies and are turned off for these sessions: pre-packing of MatMul weights
-(``session.disable_prepacking``) and constant folding, which would fold the graphs'
+(``session.disable_prepacking``), constant folding, which would fold the graphs'
 ``Transpose(weight)`` into a new transposed tensor (without it ONNX Runtime fuses the transpose
-into ``FusedMatMul``). The logits are the same; the cost, recorded by
+into ``FusedMatMul``), and the NCHWc layout transformer, which would reorder the patch
+embedding's convolution weight into a copy. A test changes every stored tensor in turn and checks
+that the logits of every task using it move. The logits are the same; the cost, recorded by
 ``benchmarks/serving_bench.py`` against segment sessions that load their own weights, is ONNX
 Runtime packing a weight matrix on each call instead of once: it does not grow with the rows,
 so it fades with batch size and with the model's token count. On CUDA each session
@@ -31,8 +33,10 @@ between segments; neither has been measured here (no GPU was available).
 ``max_wait_ms`` or ``max_batch`` rows, run in one worker thread (one inference at a time),
 split per request, and their futures resolved. Threads: sequential execution, inter-op 1, one
 inference at a time, each session with an intra-op pool of ``threads`` threads (all cores by
-default) that does not spin, so the pools of the sessions not running sleep and never
-oversubscribe the cores (see :func:`_session_options`).
+default; the server leaves one core out) that does not spin, so the pools of the sessions not
+running sleep and never oversubscribe the cores (see :func:`_session_options`). The price is
+idle threads: sessions x (threads - 1) of them (the demo system: 38 sessions; 1 thread each on
+2 cores, ~530 idle threads on 16); ``MUTASK_ORT_THREADS`` bounds it.
 
 Torch-free: this module imports onnxruntime and numpy only (and the artifact reader).
 """
@@ -43,6 +47,7 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import pathlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -151,7 +156,7 @@ class WeightStore:
         import onnxruntime as ort
 
         start, header = read_safetensors_header(path)
-        self.path = path
+        self.path = pathlib.Path(path)
         self.buffer = np.fromfile(path, dtype=np.uint8)
         self.arrays: dict[str, np.ndarray] = {}
         self._by_range: dict[tuple, str] = {}
@@ -178,6 +183,8 @@ class WeightStore:
         for ref in external_refs(graph_path.read_bytes()):
             if not ref["external"]:
                 continue
+            if ref["location"] != self.path.name:
+                raise EngineError(f"{graph_path}: initializer {ref['name']!r} reads {ref['location']!r}, not {self.path.name}")
             name = self._by_range.get((ref["offset"], ref["length"]))
             if name is None:
                 raise EngineError(f"{graph_path}: initializer {ref['name']!r} is not one tensor of {self.path}")
@@ -234,6 +241,7 @@ class Engine:
 
         self.artifact = artifact
         self.mode = (mode or os.environ.get("MUTASK_ENGINE") or "segments").replace("-", "_")
+        self.mode = {"tree": "segments"}.get(self.mode, self.mode)  # the name before format 2
         if self.mode not in ("segments", "per_task"):
             raise EngineError(f"unknown engine mode {self.mode!r}: segments (the server) or per_task (a benchmark baseline)")
         self.threads = int(threads or os.environ.get("MUTASK_ORT_THREADS") or cpu_count())
@@ -263,7 +271,7 @@ class Engine:
                 if self.weights is not None:
                     self.bindings[key] = self.weights.bind(so, path)
                     so.add_session_config_entry("session.disable_prepacking", "1")
-                    disabled = ["ConstantFolding"]
+                    disabled = ["ConstantFolding", "NchwcTransformer"]
                 session = ort.InferenceSession(str(path), so, providers=self.providers, disabled_optimizers=disabled)
             except EngineError:
                 raise
@@ -374,13 +382,19 @@ class Engine:
 
     def run(self, items: list) -> list:
         """Run a mixed batch: ``items`` is a list of (task id, float32 (n, 3, S, S)); returns
-        one float32 (n, num_labels) logits array per item. With several tasks, every segment
-        runs once, on the rows of every item whose chain passes through it; a batch of one
-        task's items runs that task's graph once (the same weights, one run)."""
+        one float32 (n, num_labels) logits array per item. When two of its tasks share a
+        segment, every segment runs once, on the rows of every item whose chain passes through
+        it; otherwise each task's items run through that task's graph once (the same weights,
+        fewer runs). The two ways agree to float rounding (~1e-6), not bit for bit."""
         with self._lock:
-            if self.mode == "segments" and len({task for task, _ in items}) > 1:
+            if self.mode == "segments" and self._share_a_segment({task for task, _ in items}):
                 return self._run(items)
             return self._run_per_task(items)
+
+    def _share_a_segment(self, tasks: set) -> bool:
+        """Whether two of ``tasks`` pass through one segment (else each task's graph, one run
+        each, does the same work in fewer runs)."""
+        return len(tasks) > 1 and any(len(tasks.intersection(seg.tasks)) > 1 for seg in self.segments.values())
 
     def _run_per_task(self, items: list) -> list:
         """Each task's items batched on its own graph (the baseline engine; in the segment

@@ -14,7 +14,9 @@ Series (the ``task`` label only ever takes a task id of the artifact, ``_unknown
 * ``mutask_request_latency_seconds{task}``: request latency histogram (decode to answer);
 * ``mutask_batch_size{task}``: rows of that task per engine batch (histogram);
 * ``mutask_engine_batch_size``: rows per engine batch, all tasks together (histogram);
-* ``mutask_segment_seconds_total{segment, shared}``: compute time per segment graph.
+* ``mutask_segment_seconds_total{segment, shared}``: compute time per graph: a segment id, or
+  ``task:<id>`` for a task's own graph (what a batch of one task, or of tasks that share no
+  segment, runs; never shared).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class Metrics:
         )
         self.batch_size = pc.Histogram("mutask_batch_size", "Rows of a task per engine batch", ["task"], buckets=BATCH_BUCKETS)
         self.engine_batch = pc.Histogram("mutask_engine_batch_size", "Rows per engine batch, all tasks together", buckets=BATCH_BUCKETS)
-        self.segment_seconds = pc.Counter("mutask_segment_seconds", "Compute time per segment graph", ["segment", "shared"])
+        self.segment_seconds = pc.Counter("mutask_segment_seconds", "Compute time per graph (a segment id, or task:<id> for a task's own graph)", ["segment", "shared"])
 
     def init_tasks(self, tasks) -> None:
         """Create every task's series at zero, so /metrics lists them before any request."""

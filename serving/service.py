@@ -58,7 +58,13 @@ from .loader import ENV_MODEL, ServingError, artifact_source, open_artifact
 log = logging.getLogger("mutask.serving")
 
 ROUTES = {"/predict", "/predict_batch", "/tasks"}
-INLINE_PIXELS = 128 * 128  # a lone image up to this many pixels is decoded on the event loop (~0.2 ms)
+# a lone small image is decoded on the event loop (a thread hop costs more than decoding it):
+# a PNG or JPEG of at most INLINE_BYTES and INLINE_PIXELS whose header holds nothing compressed
+# (a PNG's zTXt/iTXt/iCCP chunks are inflated while its header is read: 60 KB of them held the
+# loop for ~160 ms). Anything else goes to the decode pool.
+INLINE_PIXELS = 128 * 128
+INLINE_BYTES = 16 * 1024
+_PNG, _JPEG = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
 _STATE: dict = {}  # "service": the live instance (for GET /tasks and the guard's metrics)
 
 
@@ -251,7 +257,7 @@ class InputGuard:
             if isinstance(task, UploadFile):
                 return f"`task` must be a text field, not a file: {usage}", None, None
             svc = _STATE.get("service")
-            known = task if (svc is not None and task in svc.engine.tasks) else None
+            known = _task_id(task) if (svc is not None and _task_id(task) in svc.engine.tasks) else None
             if not images:
                 return f"missing field `image`: {usage}", known, None
             if len(images) > 1:
@@ -386,7 +392,7 @@ def check_settings() -> dict:
     if out["max_wait_ms"] < 0:
         raise ServingError(f"MUTASK_MAX_WAIT_MS must be >= 0, got {out['max_wait_ms']}")
     mode = (os.environ.get("MUTASK_ENGINE") or "segments").replace("-", "_")
-    if mode not in ("segments", "per_task"):
+    if mode not in ("segments", "tree", "per_task"):  # tree: the name before artifact format 2
         raise ServingError(f"MUTASK_ENGINE={mode!r}: segments (the server) or per_task (a benchmark baseline)")
     return out
 
@@ -549,9 +555,11 @@ class Mutask:
         return Prediction(**out[0])
 
     def _prepare_small(self, info, data):
-        """A lone small image (up to INLINE_PIXELS) decoded here, on the event loop (a thread
-        hop costs more than its decoding); None for anything else (the decode pool's work)."""
-        if not isinstance(data, bytes):
+        """A lone small image decoded here, on the event loop (see INLINE_BYTES); None for
+        anything else (the decode pool's work)."""
+        if not isinstance(data, bytes) or len(data) > INLINE_BYTES:
+            return None
+        if not (data.startswith(_JPEG) or (data.startswith(_PNG) and not any(c in data for c in (b"zTXt", b"iTXt", b"iCCP")))):
             return None
         image = preprocess.open_image(data, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
         w, h = image.size

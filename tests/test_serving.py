@@ -101,14 +101,10 @@ def test_engine_runs_the_segment_graph_over_one_copy_of_the_weights(serving_arti
     shared = [sid for sid, s in engine.segments.items() if s.shared]
     assert shared, "the test system should share a segment"
 
-    # weights once: the store is the weights file, read once, and every external initializer
-    # of every session is bound to a tensor in it (none is read from disk by a session)
+    # weights once: the store is the weights file, read once, and every session (segments and
+    # task graphs) has its weights bound to it
     assert engine.weights.nbytes == art.weights_path.stat().st_size
-    graphs = {sid: art.segment_path(sid) for sid in art.segments} | {f"task:{t}": art.graph_path(t) for t in art.tasks}
-    assert set(engine.bindings) == set(graphs)
-    for key, path in graphs.items():
-        refs = [r["name"] for r in external_refs(path.read_bytes()) if r["external"]]
-        assert refs and sorted(engine.bindings[key]) == sorted(refs)
+    assert set(engine.bindings) == set(art.segments) | {f"task:{t}" for t in art.tasks}
 
     images = sample_images()
     names = sorted(images)
@@ -137,37 +133,30 @@ def test_engine_runs_the_segment_graph_over_one_copy_of_the_weights(serving_arti
         assert engine.stats[sid]["rows"] >= sum(x.shape[0] for t, x in items if t in engine.segments[sid].tasks)
     assert 0.0 < engine.shared_share() <= 1.0
 
-    # the sessions compute with the store's memory itself, not a copy (ONNX Runtime would copy
-    # a weight it pre-packs, or a transposed weight it folds): with d's head weight zeroed in
-    # the store, d's logits are its head bias and no other task's change
+    # the sessions compute with the store's memory itself, not a copy (ONNX Runtime copies a
+    # weight it pre-packs, a transposed weight it folds, a conv weight it re-lays out): every
+    # stored tensor, changed in place, moves the logits of every task that uses it, both in a
+    # mixed batch (segments) and alone (its task graph), and of no other task
     before = engine.run(items)
-    head = art.components[art.tasks["d"]["components"][-1]]["tensor_map"]
-    weight, bias = engine.weights.arrays[head["weight"]], engine.weights.arrays[head["bias"]]
-    old = weight.copy()
-    try:
-        weight[...] = 0.0
-        after = engine.run(items)
-    finally:
-        weight[...] = old
-    for (task, _), b, a in zip(items, before, after):
-        if task == "d":
-            np.testing.assert_allclose(a, np.broadcast_to(bias, a.shape), atol=1e-6)
-        else:
-            np.testing.assert_array_equal(a, b)
-    # and a weight matrix of a component several tasks share (the root's first block) reaches
-    # every task that uses it, whichever segment it runs in
-    first_block = next(c for c in art.tasks["a"]["components"] if art.components[c]["name"] == "blocks.0")
-    users = set(art.components[first_block]["used_by"])
-    assert len(users) > 1
-    w = engine.weights.arrays[art.components[first_block]["tensor_map"]["mlp.fc2.weight"]]
-    old = w.copy()
-    try:
-        w *= 3.0
-        after = engine.run(items)
-    finally:
-        w[...] = old
-    for (task, _), b, a in zip(items, before, after):
-        assert (np.abs(a - b).max() > 1e-4) == (task in users), task
+    alone = {t: engine.run([(t, x)])[0] for t, x in items}
+    users: dict = {}
+    for cid, comp in art.components.items():
+        for key in comp["tensors"]:
+            users.setdefault(key, set()).update(comp["used_by"])
+    assert set(users) == set(engine.weights.arrays)
+    rng = np.random.default_rng(0)
+    for key, arr in engine.weights.arrays.items():
+        old = arr.copy()
+        try:
+            arr += rng.standard_normal(arr.shape).astype(arr.dtype)
+            after = engine.run(items)
+            after_alone = {t: engine.run([(t, x)])[0] for t, x in items if t in users[key]}
+        finally:
+            arr[...] = old
+        for (task, _), b, a in zip(items, before, after):
+            assert (np.abs(a - b).max() > 1e-5) == (task in users[key]), (key, task)
+        for task, a in after_alone.items():
+            assert np.abs(a - alone[task]).max() > 1e-5, (key, task, "alone")
     for b, a in zip(before, engine.run(items)):
         np.testing.assert_array_equal(a, b)
 
@@ -263,6 +252,48 @@ def client(serving_artifact, monkeypatch):
         _APP["app"] = Mutask.to_asgi()
     with TestClient(_APP["app"]) as c:
         yield c
+
+
+def test_predict_answers_the_same_whichever_way_it_is_handled(client, serving_artifact, tmp_path):
+    """A small PNG is decoded on the event loop, the same pixels with compressed metadata or
+    over INLINE_BYTES in the decode pool; the guard answers a known task itself, the API
+    function (what BentoML calls) answers the same."""
+    import io
+
+    from PIL import Image, PngImagePlugin
+
+    from serving.service import _STATE, INLINE_BYTES
+
+    pixels = (np.random.default_rng(3).random((24, 24, 3)) * 255).astype(np.uint8)
+
+    def png(**text):
+        info = PngImagePlugin.PngInfo()
+        for k, (v, zipped) in text.items():
+            info.add_text(k, v, zip=zipped)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "PNG", pnginfo=info)
+        return buf.getvalue()
+
+    variants = {"small": png(), "zTXt": png(note=("x" * 60_000, True)), "large": png(note=("y" * (INLINE_BYTES + 1), False))}
+    assert len(variants["small"]) < INLINE_BYTES < len(variants["large"])
+    svc = _STATE["service"]
+    info = svc.engine.tasks["b"]
+    assert svc._prepare_small(info, variants["small"]) is not None
+    assert svc._prepare_small(info, variants["zTXt"]) is None and svc._prepare_small(info, variants["large"]) is None
+    answers = {}
+    for name, data in variants.items():
+        r = client.post("/predict", data={"task": "b"}, files={"image": ("x.png", data, "image/png")})
+        assert r.status_code == 200, r.text
+        answers[name] = r.json()
+    assert answers["small"] == answers["zTXt"] == answers["large"]
+    assert answers["small"]["index"] == int(reference_logits(serving_artifact, "b", variants["small"]).argmax())
+    path = tmp_path / "x.png"
+    path.write_bytes(variants["small"])
+    from serving.service import Mutask
+
+    api = Mutask.inner.__dict__["predict"].func  # what BentoML calls, on the app's own event loop
+    via_api = client.portal.call(lambda: api(svc, task="b", image=path))
+    assert via_api.model_dump() == answers["small"]
 
 
 def test_service_in_process(client, serving_artifact):
