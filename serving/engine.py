@@ -406,18 +406,23 @@ class Engine:
         for task, idx in by_task.items():
             key = f"task:{task}"
             x = np.concatenate([items[i][1] for i in idx], axis=0) if len(idx) > 1 else items[idx[0]][1]
-            t0 = time.perf_counter()
-            out = self.sessions[key].run(None, {self._input_names[key]: x})[0]
-            st = self.stats[key]
-            st["seconds"] += time.perf_counter() - t0
-            st["rows"] += x.shape[0]
-            st["runs"] += 1
+            out = self._session_run(key, x)
             pos = 0
             for i in idx:
                 n = items[i][1].shape[0]
                 results[i] = np.asarray(out[pos : pos + n], dtype=np.float32)
                 pos += n
         return results
+
+    def _session_run(self, key: str, x: np.ndarray) -> np.ndarray:
+        """One run of session ``key`` (a segment id or ``task:<id>``), counted in ``stats``."""
+        t0 = time.perf_counter()
+        out = self.sessions[key].run(None, {self._input_names[key]: x})[0]
+        st = self.stats[key]
+        st["seconds"] += time.perf_counter() - t0
+        st["rows"] += x.shape[0]
+        st["runs"] += 1
+        return out
 
     def _run(self, items: list) -> list:
         through: dict[str, list] = {}  # segment -> the items through it, in item order
@@ -430,14 +435,7 @@ class Engine:
             idx = through.get(sid)
             if not idx:
                 continue
-            seg = self.segments[sid]
-            x = _gather([where[i] for i in idx])
-            t0 = time.perf_counter()
-            out = seg.session.run(None, {seg.input_name: x})[0]
-            st = self.stats[sid]
-            st["seconds"] += time.perf_counter() - t0
-            st["rows"] += x.shape[0]
-            st["runs"] += 1
+            out = self._session_run(sid, _gather([where[i] for i in idx]))
             pos = 0
             for i in idx:
                 n = where[i][2] - where[i][1]
