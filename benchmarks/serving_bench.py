@@ -144,19 +144,20 @@ def block_scaling(art, threads: int, rows=(1, 2, 4, 8, 16, 32), repeats: int = 5
     engine = Engine(art, mode="segments", verify=False, threads=threads)
     cands = [sid for sid, s in art.segments.items() if any(art.components[c]["name"].startswith("blocks.") for c in s["components"])]
     sid = max(cands, key=lambda k: (len(art.segments[k]["tasks"]), -len(art.segments[k]["components"])))
-    seg = engine.segments[sid]
+    session = engine.sessions[sid]
+    feed = session.get_inputs()[0].name
     shape = [int(d) for d in art.segments[sid]["input_shape"][1:]]
     rng = np.random.default_rng(0)
     per_run = {}
     for n in rows:
         x = rng.standard_normal((n, *shape)).astype(np.float32)
         for _ in range(5):
-            seg.session.run(None, {seg.input_name: x})
+            session.run(None, {feed: x})
         times = []
         for _ in range(repeats):
             k, t0 = 0, time.perf_counter()
             while time.perf_counter() - t0 < 0.3:
-                seg.session.run(None, {seg.input_name: x})
+                session.run(None, {feed: x})
                 k += 1
             times.append((time.perf_counter() - t0) / k)
         per_run[str(n)] = statistics.median(times)

@@ -201,8 +201,6 @@ class Segment:
     input: str
     output: str
     image_size: int
-    session: object = None
-    input_name: str = "input"
     children: list = field(default_factory=list)
 
     @property
@@ -281,9 +279,6 @@ class Engine:
             if len(inputs) != 1:
                 raise EngineError(f"{what}: expected one input, the graph has {[i.name for i in inputs]}")
             self.sessions[key] = session
-            if key in self.segments:
-                self.segments[key].session = session
-                self.segments[key].input_name = inputs[0].name
         self._input_names = {k: s.get_inputs()[0].name for k, s in self.sessions.items()}
         first = next(iter(self.sessions.values()), None)
         self.active_providers = list(first.get_providers()) if first else list(self.providers)

@@ -257,7 +257,8 @@ class InputGuard:
             if isinstance(task, UploadFile):
                 return f"`task` must be a text field, not a file: {usage}", None, None
             svc = _STATE.get("service")
-            known = _task_id(task) if (svc is not None and _task_id(task) in svc.engine.tasks) else None
+            name = _task_id(task)
+            known = name if (svc is not None and name in svc.engine.tasks) else None
             if not images:
                 return f"missing field `image`: {usage}", known, None
             if len(images) > 1:
