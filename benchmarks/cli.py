@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
 
 
 def _cmd_bench(a) -> None:
-    from export.artifact import artifact_stats, load_artifact
+    from mutask.export.artifact import artifact_stats, load_artifact
 
     from . import load_bench, serving_bench
     from .common import RESULTS, write

@@ -62,8 +62,8 @@ def _cmd_demo(a) -> None:
 def run_demo(out: Path, *, budget: str = "quick", tasks=None, requests_per_task=None, concurrency: int = 8, show_progress: bool = True, root=None) -> dict:
     from mutask.errors import MutaskError
 
-    from benchmarks.http import png_bytes, predict_all, running_server
-    from evolve.tasks import EMBEDDED_TASKS, load_task
+    from mutask.benchmarks.http import png_bytes, predict_all, running_server
+    from mutask.evolve.tasks import EMBEDDED_TASKS, load_task
 
     t_start = time.perf_counter()
     out = Path(out)
@@ -73,7 +73,7 @@ def run_demo(out: Path, *, budget: str = "quick", tasks=None, requests_per_task=
     total = 5
 
     t = _stage(1, total, "default root: reuse the cached one, or pretrain it (quick budget)")
-    from evolve.pretrain import default_root, default_root_dir
+    from mutask.evolve.pretrain import default_root, default_root_dir
 
     if root is None:
         default_root()
@@ -82,16 +82,16 @@ def run_demo(out: Path, *, budget: str = "quick", tasks=None, requests_per_task=
     timings["root_s"] = time.perf_counter() - t
 
     t = _stage(2, total, f"evolve {len(tasks)} tasks with muNet ({budget} budget): {', '.join(tasks)}")
-    from evolve.report import draw_system, report
-    from evolve.run import evolve
+    from mutask.evolve.report import draw_system, report
+    from mutask.evolve.run import evolve
 
     system = evolve(tasks, out / "state", root=root, budget=budget, show_progress=show_progress)
     evo = report(system)
     timings["evolve_s"] = time.perf_counter() - t
 
     t = _stage(3, total, "export: one weights file, per-task and segment ONNX graphs, parity checked")
-    from export.artifact import artifact_stats
-    from export.build import export_system
+    from mutask.export.artifact import artifact_stats
+    from mutask.export.build import export_system
 
     data = {name: load_task(system.tasks[name]["spec"], seed=system.tasks[name]["seed"]) for name in tasks}
     art = export_system(system, out / "artifact", data=data, show_progress=show_progress)

@@ -1,6 +1,6 @@
 """Evolution throughput: mutask's candidate training against a plain timm training loop.
 
-    python -m benchmarks.evolve_bench [--state STATE] [--repeats 5] [--steps 40]
+    python -m mutask.benchmarks.evolve_bench [--state STATE] [--repeats 5] [--steps 40]
 
 Three trainings of the default root's architecture on the same uint8 batches (batch 64,
 32 px, no augmentation), interleaved and repeated, medians reported:
@@ -21,12 +21,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import median, write
-from evolve.data import Split
-from evolve.model import Component, ComponentStore, Path, PathModel, block_index, component_kind, new_head
-from evolve.pretrain import ARCH
-from evolve.root import Root, build_vit
-from evolve.train import to_model_input, train
+from mutask.benchmarks.common import median, write
+from mutask.evolve.data import Split
+from mutask.evolve.model import Component, ComponentStore, TaskPath, PathModel, block_index, component_kind, new_head
+from mutask.evolve.pretrain import ARCH
+from mutask.evolve.root import Root, build_vit
+from mutask.evolve.train import model_input, train
 
 NUM_CLASSES = 10
 BATCH = 64
@@ -43,7 +43,7 @@ def timm_loop(images, labels, steps: int, seed: int) -> float:
     t0 = time.perf_counter()
     for _ in range(steps):
         idx = torch.randint(0, len(labels), (BATCH,), generator=gen)
-        loss = F.cross_entropy(vit(to_model_input(images[idx])), labels[idx])
+        loss = F.cross_entropy(vit(model_input(images[idx].numpy(), ARCH["img_size"])), labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vit.parameters(), 1.0)
@@ -71,7 +71,7 @@ def mutask_path(frozen_blocks: int, seed: int):
     head.module.requires_grad_(True)
     fresh[head.id] = head
     ids.append(head.id)
-    path = Path("bench", "bench", ids, dict(NO_AUG, num_blocks=root.depth))
+    path = TaskPath("bench", "bench", ids, dict(NO_AUG, num_blocks=root.depth))
     return PathModel.from_store(store, path, fresh), [p for c in fresh.values() for p in c.module.parameters()]
 
 
@@ -122,7 +122,7 @@ def main(argv=None) -> dict:
         f"| mutask child, bottom {half} blocks frozen | {med['mutask_frozen_half']:.0f} | {doc['ratio_frozen_half_vs_full']:.2f} x full |",
     ]
     if a.state:
-        from evolve.state import System
+        from mutask.evolve.state import System
 
         s = System.load(a.state)
         visits = {t: s.best_path(t).metrics.get("visit_seconds") for t in s.best}

@@ -1,6 +1,6 @@
 """Export benchmark: artifact bytes against unique parameter bytes and the naive alternative.
 
-    python -m benchmarks.export_bench STATE [--out ART] [--results DIR]
+    python -m mutask.benchmarks.export_bench STATE [--out ART] [--results DIR]
 
 Exports STATE (parity check included, as `mutask export` always runs it), then writes
 ``results/export.json`` and ``results/export.md``: total artifact bytes and their ratio to
@@ -18,13 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import machine, write
+from mutask.benchmarks.common import machine, write
 
 
 def run(state, out=None, results_dir=None, show_progress=True) -> dict:
-    from evolve.state import System
-    from export.artifact import artifact_stats, load_artifact
-    from export.build import export_system
+    from mutask.evolve.state import System
+    from mutask.export.artifact import artifact_stats, load_artifact
+    from mutask.export.build import export_system
 
     tmp = None
     if out is None:
@@ -112,7 +112,7 @@ def _write(doc: dict, results_dir=None) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.export_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m mutask.benchmarks.export_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("state", help="STATE directory to export")
     p.add_argument("--out", help="keep the artifact here (replaced if it is one); default: a temp dir, removed")
     p.add_argument("--results", help="results directory (default benchmarks/results)")

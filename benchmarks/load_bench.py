@@ -1,6 +1,6 @@
 """Load: N concurrent HTTP clients over mixed tasks for a fixed time, against a real server.
 
-    python -m benchmarks.load_bench ART [--clients 16] [--seconds 20] [--max-requests 20000]
+    python -m mutask.benchmarks.load_bench ART [--clients 16] [--seconds 20] [--max-requests 20000]
 
 A bounded asyncio loop (httpx) on loopback: each client picks a random task and one of its
 test images, POSTs it to /predict, and checks the answer against a plain onnxruntime run of
@@ -17,8 +17,8 @@ import time
 
 import numpy as np
 
-from benchmarks.common import median, write
-from benchmarks.http import png_bytes, running_server
+from mutask.benchmarks.common import median, write
+from mutask.benchmarks.http import png_bytes, running_server
 
 
 def reference_answers(art_path, samples_per_task: int = 32, seed: int = 0) -> list[tuple[str, bytes, int]]:
@@ -26,9 +26,9 @@ def reference_answers(art_path, samples_per_task: int = 32, seed: int = 0) -> li
     bare onnxruntime session of the task's graph on the server's own preprocessing."""
     import onnxruntime as ort
 
-    from export.artifact import load_artifact
-    from evolve.tasks import load_task
-    from serving.preprocess import preprocess_bytes
+    from mutask.export.artifact import load_artifact
+    from mutask.evolve.tasks import load_task
+    from mutask.serving.preprocess import preprocess_bytes
 
     art = load_artifact(art_path)
     out = []

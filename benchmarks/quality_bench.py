@@ -1,7 +1,7 @@
 """Quality: muNet against fine-tuning baselines on the embedded suite, same compute per task.
 
-    python -m benchmarks.quality_bench run --root ROOT --config munet-s1.0 --out RUNS/munet-s1.0 [budget flags]
-    python -m benchmarks.quality_bench table RUNS/*     # writes results/quality.json + quality.md
+    python -m mutask.benchmarks.quality_bench run --root ROOT --config munet-s1.0 --out RUNS/munet-s1.0 [budget flags]
+    python -m mutask.benchmarks.quality_bench table RUNS/*     # writes results/quality.json + quality.md
 
 Every configuration goes through the same engine (``mutask evolve``) with the same rounds,
 children per visit and steps per child, so each task gets the same number of training steps:
@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks.common import machine, write
+from mutask.benchmarks.common import machine, write
 
 PAPER = {"label": "paper (muNet vs fine-tuning, ViT-B/16, 10 VDD tasks)", "accuracy_gain": "+2.39 % avg", "params_per_task": "-47 %"}
 
@@ -35,16 +35,16 @@ def strategy_of(config: str) -> dict:
 
 
 def run(a) -> None:
-    from evolve.run import evolve
-    from evolve.tasks import EMBEDDED_TASKS
+    from mutask.evolve.run import evolve
+    from mutask.evolve.tasks import EMBEDDED_TASKS
 
     overrides = {k: getattr(a, k) for k in ("rounds", "children", "generation_size", "steps", "validations", "batch_size")}
     evolve(list(a.tasks or EMBEDDED_TASKS), a.out, root=a.root, budget=a.budget, show_progress=False, seed=a.seed, **overrides, **strategy_of(a.config))
 
 
 def table(a) -> dict:
-    from evolve.report import report
-    from evolve.state import System
+    from mutask.evolve.report import report
+    from mutask.evolve.state import System
 
     rows = {}
     for d in a.runs:

@@ -1,6 +1,6 @@
 """Serving: the segment-graph server against plain onnxruntime and one session per task graph.
 
-    python -m benchmarks.serving_bench ART [--repeats 3] [--requests 100] [--concurrency 1,4,16,32]
+    python -m mutask.benchmarks.serving_bench ART [--repeats 3] [--requests 100] [--concurrency 1,4,16,32]
 
 Starts two real servers on loopback (``mutask serve ART``, free ports, stopped at the end):
 ``segments`` (the server: one ONNX Runtime session per segment, requests for any tasks batched
@@ -38,9 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import RESULTS, _cpu_model, write
-from benchmarks.http import REPO, ServerProcess
-from serving.engine import server_threads
+from mutask.benchmarks.common import RESULTS, _cpu_model, write
+from mutask.benchmarks.http import REPO, ServerProcess
+from mutask.serving.engine import server_threads
 
 def machine() -> dict:
     import bentoml
@@ -71,8 +71,8 @@ def engine_throughput(art, images: dict, batch: int, repeats: int, threads: int)
     """Images/s of the engine alone (no HTTP): mixed batches of ``batch`` single-image requests,
     tasks round-robin, through the segment graph and through one session per task graph.
     Interleaved repeats, medians: what shared-segment batching buys where compute dominates."""
-    from serving.engine import Engine
-    from serving.preprocess import preprocess_bytes
+    from mutask.serving.engine import Engine
+    from mutask.serving.preprocess import preprocess_bytes
 
     tasks = list(art.tasks)
     xs = {t: preprocess_bytes(images[t], int(art.tasks[t]["image_size"])) for t in tasks}
@@ -95,8 +95,8 @@ def engine_throughput(art, images: dict, batch: int, repeats: int, threads: int)
 _MEMORY_PROBE = """
 import json, sys
 import numpy as np, psutil
-from export.artifact import load_artifact
-from serving.engine import Engine
+from mutask.export.artifact import load_artifact
+from mutask.serving.engine import Engine
 art = load_artifact(sys.argv[1])
 kw = json.loads(sys.argv[2])
 # ONNX Runtime's own one-time set-up (environment, kernel registry) before the first reading:
@@ -139,7 +139,7 @@ def block_scaling(art, threads: int, rows=(1, 2, 4, 8, 16, 32), repeats: int = 5
     each number of rows, through the engine's own session (weights from its store). Where the
     time grows in proportion to the rows, running several tasks' rows together in one batch
     saves nothing; it saves what a run costs beyond its rows (the fixed part)."""
-    from serving.engine import Engine
+    from mutask.serving.engine import Engine
 
     engine = Engine(art, mode="segments", verify=False, threads=threads)
     cands = [sid for sid, s in art.segments.items() if any(art.components[c]["name"].startswith("blocks.") for c in s["components"])]
@@ -187,7 +187,7 @@ def bare_ort_latency(art, images: dict, n: int, thread_counts) -> dict:
     are those of the fastest (lowest p50) setting, so the overhead against it is not flattered."""
     import onnxruntime as ort
 
-    from serving.preprocess import preprocess_bytes
+    from mutask.serving.preprocess import preprocess_bytes
 
     out = {}
     for t in art.tasks:
@@ -289,7 +289,7 @@ def throughput(url, images, concurrency, n, max_seconds) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.serving_bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mutask.benchmarks.serving_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("artifact", metavar="ART", help="artifact directory written by `mutask export`")
     p.add_argument("--repeats", type=int, default=3, help="repeats of each throughput point (interleaved; medians)")
     p.add_argument("--requests", type=int, default=100, help="requests per latency series and per throughput point")
@@ -299,7 +299,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     curve = [int(c) for c in a.concurrency.split(",") if c.strip()]
 
-    from export.artifact import artifact_stats, load_artifact
+    from mutask.export.artifact import artifact_stats, load_artifact
 
     art = load_artifact(a.artifact)
     stats = artifact_stats(a.artifact)

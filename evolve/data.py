@@ -1,13 +1,9 @@
-"""Task data: images as uint8 RGB arrays, labels, class names, and the evaluation preprocessing.
+"""Task data: images as uint8 RGB arrays, labels and class names.
 
 Every task, embedded or an ImageFolder directory, becomes a :class:`TaskData` with three
 :class:`Split` s. Images stay uint8 RGB (H, W, 3) at their native size; a path at image size S
-sees them through :meth:`Split.resized`, which is the *evaluation preprocessing contract*
-that export writes into the manifest and serving re-implements without torch:
-
-1. decode, apply the EXIF orientation, convert to RGB (grayscale is tiled, alpha dropped);
-2. resize to S x S with Pillow's bilinear filter (skipped when the image already is S x S);
-3. float32 pixels / 127.5 - 1, so values lie in [-1, 1]; channels first (NCHW).
+sees them through :meth:`Split.resized` (steps 1-2 of :mod:`mutask.preprocessing`, the contract
+that evaluation, export and serving share; step 3 turns them into the model's input).
 """
 
 from __future__ import annotations
@@ -15,36 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageOps
 
-# The contract above, as written into the export manifest.
-PREPROCESSING = {
-    "mode": "RGB",
-    "exif_transpose": True,
-    "resize": "bilinear",
-    "scale": 1.0 / 127.5,
-    "offset": -1.0,
-    "layout": "NCHW",
-}
-
-
-def to_rgb_array(image: Image.Image) -> np.ndarray:
-    """Step 1 of the contract: a decoded Pillow image to a uint8 (H, W, 3) array."""
-    image = ImageOps.exif_transpose(image)
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
-
-
-def resize_rgb(array: np.ndarray, size: int) -> np.ndarray:
-    """Step 2 of the contract: square bilinear resize of one uint8 (H, W, 3) array."""
-    if array.shape[0] == size and array.shape[1] == size:
-        return array
-    return np.asarray(Image.fromarray(array).resize((size, size), Image.BILINEAR), dtype=np.uint8)
-
-
-def normalize(batch_uint8: np.ndarray) -> np.ndarray:
-    """Step 3 of the contract: uint8 (N, S, S, 3) to float32 (N, 3, S, S) in [-1, 1]."""
-    x = batch_uint8.astype(np.float32) * np.float32(PREPROCESSING["scale"]) + np.float32(PREPROCESSING["offset"])
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+from mutask.preprocessing import resize_rgb
 
 
 @dataclass

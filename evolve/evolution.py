@@ -32,7 +32,7 @@ from mutask.errors import MutaskError
 
 from . import hparams as H
 from .data import TaskData
-from .model import Adapter, Component, Path, PathModel, block_index, component_kind, new_head, resample_pos_embed
+from .model import Adapter, Component, TaskPath, PathModel, block_index, component_kind, new_head, resample_pos_embed
 from .state import System
 from .train import accuracy, device, train
 
@@ -230,7 +230,7 @@ class Evolution:
         keep = set(self.sys.rng.sample(range(len(candidates)), cap))
         return [c for i, c in enumerate(candidates) if i in keep]
 
-    def sample_parent(self, v: dict) -> Path:
+    def sample_parent(self, v: dict) -> TaskPath:
         """Best score first, each taken with probability 0.5 ** (children it already has);
         failing that, uniformly among the seeds tried and the task's own paths."""
         s = self.sys
@@ -250,7 +250,7 @@ class Evolution:
     def mu_of(self, hp: dict) -> float:
         return self.cfg.mutation_prob if self.cfg.mutation_prob is not None else float(hp.get("mu", H.DEFAULTS["mu"]))
 
-    def make_child(self, task: str, parent: Path, mutate: bool, data_keys: dict) -> tuple[Path, dict]:
+    def make_child(self, task: str, parent: TaskPath, mutate: bool, data_keys: dict) -> tuple[TaskPath, dict]:
         """A child path of ``parent`` for ``task`` and its fresh (trainable) components."""
         s, rng, root = self.sys, self.sys.rng, self.sys.root
         hp = dict(self.default_hparams(task), **parent.hparams) if parent.id != "root" else self.default_hparams(task)
@@ -301,7 +301,7 @@ class Evolution:
             comp.module.to(self.dev).requires_grad_(True)
             fresh[comp.id] = comp
             ids.append(comp.id)
-        return Path(s.new_path_id(), task, ids, hp, parent=parent.id), fresh
+        return TaskPath(s.new_path_id(), task, ids, hp, parent=parent.id), fresh
 
     def must_clone(self, name: str, src: str, mu: float, rng) -> bool:
         comp = self.sys.store[src]
@@ -315,7 +315,7 @@ class Evolution:
             return False
         return rng.random() < mu
 
-    def train_child(self, task: str, child: Path, fresh: dict, batch_seed: int) -> dict:
+    def train_child(self, task: str, child: TaskPath, fresh: dict, batch_seed: int) -> dict:
         s = self.sys
         data = self.data[task]
         model = PathModel.from_store(s.store, child, fresh).to(self.dev)

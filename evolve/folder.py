@@ -12,7 +12,7 @@ Two layouts are understood:
 
 Images may sit anywhere below a class folder (sub-folders are searched). Files are recognised by
 extension (png, jpg/jpeg, bmp, gif, webp, tif/tiff, ppm/pgm/pbm); other files and anything whose
-name starts with ``.`` are ignored. Every image is decoded with :func:`evolve.data.to_rgb_array`
+name starts with ``.`` are ignored. Every image is decoded with :func:`mutask.preprocessing.to_rgb_array`
 (EXIF orientation applied, grayscale/palette/RGBA/CMYK converted to RGB; first frame of animations).
 Files Pillow cannot decode are skipped, and their count is logged as a warning on the
 ``mutask`` logger.
@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from evolve.data import Split, TaskData, to_rgb_array
+from mutask.evolve.data import Split, TaskData
+from mutask.preprocessing import to_rgb_array
 from mutask.errors import MutaskError
 
 log = logging.getLogger("mutask")

@@ -232,7 +232,7 @@ class ComponentStore:
 
 
 @dataclass
-class Path:
+class TaskPath:
     """One task's model: ordered component ids + hyperparameters + parent link + metrics."""
 
     id: str
@@ -253,7 +253,7 @@ class Path:
         }
 
     @classmethod
-    def from_json(cls, d: dict) -> "Path":
+    def from_json(cls, d: dict) -> "TaskPath":
         return cls(d["id"], d["task"], list(d["components"]), dict(d["hparams"]), d.get("parent"), dict(d.get("metrics", {})))
 
     @property
@@ -274,7 +274,7 @@ class PathModel(nn.Module):
         self.steps = nn.ModuleList(modules)
 
     @classmethod
-    def from_store(cls, store: ComponentStore, path: Path, overrides: dict | None = None) -> "PathModel":
+    def from_store(cls, store: ComponentStore, path: TaskPath, overrides: dict | None = None) -> "PathModel":
         """Build from the store; ``overrides`` maps component ids to not-yet-stored clones."""
         overrides = overrides or {}
         comps = [overrides.get(cid) or store[cid] for cid in path.components]

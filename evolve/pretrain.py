@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from mutask.cache import cache_dir
 
 from .root import build_vit, load_root_dir, save_root_dir
-from .train import accuracy, augment, device, lr_at, to_model_input
+from .train import accuracy, augment, device, lr_at, model_input
 
 log = logging.getLogger("mutask")
 
@@ -50,7 +50,7 @@ def pretrain(out, budget: str = "quick", seed: int = 0, show_progress: bool = Tr
     vit = build_vit(spec).to(device())
     opt = torch.optim.AdamW(vit.parameters(), lr=cfg["lr"], weight_decay=0.05)
     hp = dict(AUGMENT, lr=cfg["lr"], lr_schedule="cosine", warmup_ratio=0.05, image_size=ARCH["img_size"])
-    images = torch.from_numpy(data.train.resized(ARCH["img_size"]))
+    images = data.train.resized(ARCH["img_size"])
     labels = torch.from_numpy(np.asarray(data.train.labels, dtype=np.int64))
     gen = torch.Generator().manual_seed(seed)
     steps, bs = cfg["steps"], cfg["batch_size"]
@@ -59,7 +59,7 @@ def pretrain(out, budget: str = "quick", seed: int = 0, show_progress: bool = Tr
     bar = tqdm(range(steps), desc=f"pretrain root on {PRETRAIN_TASK} ({budget})", disable=not show_progress, unit="step")
     for step in bar:
         idx = torch.randint(0, len(labels), (bs,), generator=gen)
-        x = augment(to_model_input(images[idx], device()), hp, gen)
+        x = augment(model_input(images[idx.numpy()], ARCH["img_size"], device()), hp, gen)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, hp)
         loss = F.cross_entropy(vit(x), labels[idx].to(device()), label_smoothing=0.1)

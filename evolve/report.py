@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path as FsPath
+from pathlib import Path
 
 from .model import block_index, component_kind
 from .state import System
@@ -72,7 +72,7 @@ def _layer_order(name: str) -> float:
     return 3 + 2 * block_index(name) + (0 if kind == "adapters" else 1)
 
 
-def draw_system(system: System, out_png) -> FsPath:
+def draw_system(system: System, out_png) -> Path:
     """One column per task, one row per layer; each component is a box spanning the tasks
     that share it (grey: frozen root components; colours: components trained for a task)."""
     import matplotlib
@@ -116,7 +116,7 @@ def draw_system(system: System, out_png) -> FsPath:
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
     fig.tight_layout()
-    out_png = FsPath(out_png)
+    out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png)
     plt.close(fig)

@@ -10,14 +10,14 @@ from __future__ import annotations
 import copy
 import json
 import os
-from pathlib import Path as FsPath
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from mutask.errors import MutaskError
 
-from .model import Adapter, ClsToken, ComponentStore, Head, PatchEmbed, Path, PosEmbed, component_kind
+from .model import Adapter, ClsToken, ComponentStore, Head, PatchEmbed, TaskPath, PosEmbed, component_kind
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -98,11 +98,11 @@ class Root:
             out.append(("head", head))
         return out
 
-    def add_to(self, store: ComponentStore) -> Path:
+    def add_to(self, store: ComponentStore) -> TaskPath:
         """Put the root's components into ``store`` (locked as root) and return the root path.
         The root path ends with the root's own head when it has one (pretraining classes)."""
         ids = [store.add(name, m, root=True).id for name, m in self.modules()]
-        return Path("root", "<root>", ids, {"image_size": self.image_size, "num_blocks": self.depth})
+        return TaskPath("root", "<root>", ids, {"image_size": self.image_size, "num_blocks": self.depth})
 
     def module_for(self, name: str, tensors: dict[str, torch.Tensor]) -> nn.Module:
         """Rebuild a component's module from its tensors (loading a saved state)."""
@@ -160,7 +160,7 @@ def load_root(spec_or_arg: str | dict, pretrained: bool = False) -> Root:
 def load_root_dir(path: str | os.PathLike) -> Root:
     from safetensors.torch import load_file
 
-    d = FsPath(path)
+    d = Path(path)
     cfg, weights = d / CONFIG_FILE, d / WEIGHTS_FILE
     if not d.is_dir():
         raise MutaskError(f"root directory {str(d)!r} does not exist. Give a directory written by `mutask pretrain --out DIR`, or timm:NAME.")
@@ -186,9 +186,9 @@ def save_root_dir(vit: nn.Module, spec: dict, out: str | os.PathLike) -> None:
 
     from safetensors.torch import save_file
 
-    out = FsPath(out)
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = FsPath(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp / WEIGHTS_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(spec, indent=2))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import asdict
-from pathlib import Path as FsPath
+from pathlib import Path
 
 from mutask.errors import MutaskError
 
@@ -65,7 +65,7 @@ def evolve(
 ) -> System:
     from .tasks import load_task
 
-    out = FsPath(out)
+    out = Path(out)
     if resume:
         if tasks or from_state or root:
             raise MutaskError("--resume continues the run saved in --out as it was configured; drop --task, --root and --from.")

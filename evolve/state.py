@@ -21,13 +21,13 @@ import os
 import random
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path as FsPath
+from pathlib import Path
 
 import torch
 
 from mutask.errors import MutaskError
 
-from .model import ComponentStore, Path
+from .model import ComponentStore, TaskPath
 from .root import Root, build_vit
 
 FORMAT = "mutask-state"
@@ -41,7 +41,7 @@ class System:
 
     root: Root
     store: ComponentStore
-    paths: dict[str, Path]
+    paths: dict[str, TaskPath]
     best: dict[str, str] = field(default_factory=dict)  # task -> best path id
     tasks: dict[str, dict] = field(default_factory=dict)  # task -> {"spec", "seed", "class_names", ...}
     config: dict = field(default_factory=dict)
@@ -63,10 +63,10 @@ class System:
         return pid
 
     @property
-    def root_path(self) -> Path:
+    def root_path(self) -> TaskPath:
         return self.paths["root"]
 
-    def best_path(self, task: str) -> Path:
+    def best_path(self, task: str) -> TaskPath:
         return self.paths[self.best[task]]
 
     # -- parameter accounting (the method note's definitions) ------------------------------
@@ -99,7 +99,7 @@ class System:
     def save(self, directory) -> None:
         from safetensors.torch import save_file
 
-        d = FsPath(directory)
+        d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         gen = self.config.get("_saves", 0) + 1
         self.config["_saves"] = gen
@@ -146,7 +146,7 @@ class System:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        d = FsPath(directory)
+        d = Path(directory)
         state_file = d / STATE_FILE
         if not d.is_dir():
             raise MutaskError(f"STATE {str(d)!r} does not exist. Give a directory written by `mutask evolve --out STATE`.")
@@ -186,7 +186,7 @@ class System:
         return cls(
             root=root,
             store=store,
-            paths={pid: Path.from_json(p) for pid, p in doc["paths"].items()},
+            paths={pid: TaskPath.from_json(p) for pid, p in doc["paths"].items()},
             best=dict(doc["best"]),
             tasks=dict(doc["tasks"]),
             config=dict(doc["config"]),

@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from evolve.data import Split, TaskData
+from mutask.evolve.data import Split, TaskData
 from mutask.cache import cache_dir
 from mutask.errors import MutaskError
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 import re
 
-from evolve.data import TaskData
-from evolve.folder import load_folder
-from evolve.suite import ALL_NAMES, PRETRAIN, SUITE_ORDER, load_embedded
+from mutask.evolve.data import TaskData
+from mutask.evolve.folder import load_folder
+from mutask.evolve.suite import ALL_NAMES, PRETRAIN, SUITE_ORDER, load_embedded
 from mutask.errors import MutaskError
 
 EMBEDDED_TASKS: tuple[str, ...] = SUITE_ORDER

@@ -16,20 +16,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import PREPROCESSING, Split
+from mutask.preprocessing import Preprocessing
+
+from .data import Split
 
 
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def to_model_input(batch_uint8: np.ndarray | torch.Tensor, dev: torch.device | None = None) -> torch.Tensor:
-    """uint8 (N, S, S, 3) -> float32 (N, 3, S, S) in [-1, 1], as evaluation preprocessing does."""
-    x = torch.as_tensor(batch_uint8)
-    if dev is not None:
-        x = x.to(dev, non_blocking=True)
-    x = x.permute(0, 3, 1, 2).float()
-    return x * PREPROCESSING["scale"] + PREPROCESSING["offset"]
+def model_input(batch_uint8: np.ndarray, size: int, dev: torch.device | None = None) -> torch.Tensor:
+    """uint8 (N, S, S, 3) -> the model's float32 (N, 3, S, S), by the preprocessing contract."""
+    x = torch.from_numpy(Preprocessing(image_size=size).normalize(batch_uint8))
+    return x if dev is None else x.to(dev, non_blocking=True)
 
 
 def augment(x: torch.Tensor, hp: dict, gen: torch.Generator) -> torch.Tensor:
@@ -88,7 +87,7 @@ def predict(model: nn.Module, split: Split, image_size: int, batch_size: int = 2
     images = split.resized(image_size)
     out = []
     for i in range(0, len(images), batch_size):
-        out.append(model(to_model_input(images[i : i + batch_size], dev)).float().cpu())
+        out.append(model(model_input(images[i : i + batch_size], image_size, dev)).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
@@ -128,7 +127,7 @@ def train(
 
     dev = next(model.parameters()).device
     size = int(hp["image_size"])
-    images = torch.from_numpy(train_split.resized(size))
+    images = train_split.resized(size)
     labels = torch.from_numpy(np.asarray(train_split.labels, dtype=np.int64))
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(params, lr=float(hp["lr"]), momentum=float(hp["momentum"]), nesterov=bool(hp["nesterov"]) and float(hp["momentum"]) > 0)
@@ -145,7 +144,7 @@ def train(
             order, pos = torch.randperm(len(labels), generator=gen), 0
         idx = order[pos : pos + batch_size]
         pos += batch_size
-        x = augment(to_model_input(images[idx], dev), hp, gen)
+        x = augment(model_input(images[idx.numpy()], size, dev), hp, gen)
         y = labels[idx].to(dev)
         for g in opt.param_groups:
             g["lr"] = lr_at(step - 1, steps, hp)

@@ -284,7 +284,7 @@ def _task_data(system, tasks: list[str], data: dict | None) -> dict:
             continue
         rec = system.tasks.get(t) or {}
         try:
-            from evolve.tasks import load_task  # written alongside; imported lazily
+            from mutask.evolve.tasks import load_task  # written alongside; imported lazily
 
             out[t] = load_task(rec["spec"], seed=rec.get("seed", 0))
         except Exception as e:  # missing directory, unknown spec, module not there yet
@@ -302,9 +302,8 @@ def export_system(system, out, *, data=None, force: bool = False, bentoml_model:
     parity failure. Returns the artifact path."""
     from tqdm.auto import tqdm
 
-    from evolve.data import PREPROCESSING
-    from evolve.model import PathModel, Segment
-    from evolve.train import to_model_input
+    from mutask.preprocessing import Preprocessing
+    from mutask.evolve.model import PathModel, Segment
 
     out = pathlib.Path(out)
     tasks = list(system.best)
@@ -401,7 +400,8 @@ def export_system(system, out, *, data=None, force: bool = False, bentoml_model:
             td = loaded[t]
             if td is not None and len(td.test):
                 images = td.test.resized(p.image_size)
-                batches = [to_model_input(images[i : i + PARITY_BATCH]).numpy() for i in range(0, len(images), PARITY_BATCH)]
+                pre = Preprocessing(image_size=p.image_size)
+                batches = [pre.normalize(images[i : i + PARITY_BATCH]) for i in range(0, len(images), PARITY_BATCH)]
                 source = "test split"
             else:
                 batches = [random_inputs(32, p.image_size, seed=0)]
@@ -465,7 +465,7 @@ def export_system(system, out, *, data=None, force: bool = False, bentoml_model:
                 "image_size": p.image_size,
                 "input_shape": shp[0],
                 "output_shape": shp[1],
-                "preprocessing": dict(PREPROCESSING, image_size=p.image_size),
+                "preprocessing": Preprocessing(image_size=p.image_size).model_dump(),
                 "params": system.path_params(p.components),
                 "accounted_params": system.accounted_params(p.components, t),
                 "components": list(p.components),

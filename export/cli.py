@@ -41,7 +41,7 @@ def _cmd_export(a) -> None:
         return
     if not a.out:
         raise MutaskError("--out ART is required: the artifact directory to write (or use --verify-only ART to check one).")
-    from evolve.state import System
+    from mutask.evolve.state import System
 
     from .artifact import artifact_stats, load_artifact
     from .build import export_system

@@ -54,7 +54,7 @@ def compare(got: np.ndarray, ref: np.ndarray) -> dict:
 
 def _inputs(art, task: str, data: dict | None):
     """(batches, labels or None, source description) for a task."""
-    from evolve.data import normalize
+    from mutask.preprocessing import Preprocessing
 
     rec = art.tasks[task]
     size = int(rec["image_size"])
@@ -63,14 +63,15 @@ def _inputs(art, task: str, data: dict | None):
         td = data[task]
     else:
         try:
-            from evolve.tasks import load_task
+            from mutask.evolve.tasks import load_task
 
             td = load_task(rec["spec"], seed=rec.get("seed", 0))
         except Exception as e:  # directory gone, unknown spec
             why = str(e)
     if td is not None and len(td.test):
         images = td.test.resized(size)
-        return [normalize(images[i : i + BATCH]) for i in range(0, len(images), BATCH)], np.asarray(td.test.labels), "test split"
+        pre = Preprocessing(image_size=size)
+        return [pre.normalize(images[i : i + BATCH]) for i in range(0, len(images), BATCH)], np.asarray(td.test.labels), "test split"
     log.warning("task %s: test data unavailable (%s); checking on random inputs", task, why or "empty test split")
     return [random_inputs(32, size, seed=0)], None, "random inputs (test data unavailable)"
 

@@ -21,7 +21,7 @@ Bad input exits with code 2 and a message that names the fix."""
 
 
 def _cmd_tasks(a):
-    from evolve.tasks import describe_tasks, PRETRAIN_TASK, load_task
+    from mutask.evolve.tasks import describe_tasks, PRETRAIN_TASK, load_task
 
     rows = describe_tasks(seed=a.seed)
     if a.json:
@@ -36,7 +36,7 @@ def _cmd_tasks(a):
 
 
 def _cmd_pretrain(a):
-    from evolve.pretrain import pretrain
+    from mutask.evolve.pretrain import pretrain
 
     t0 = time.perf_counter()
     spec = pretrain(a.out, budget=a.budget, seed=a.seed, show_progress=not a.quiet)
@@ -47,7 +47,7 @@ def _cmd_pretrain(a):
 
 
 def _cmd_evolve(a):
-    from evolve.run import evolve
+    from mutask.evolve.run import evolve
 
     overrides = dict(
         rounds=a.rounds, children=a.children, generation_size=a.generation_size, steps=a.steps,
@@ -58,14 +58,14 @@ def _cmd_evolve(a):
         a.task or [], a.out, root=a.root, pretrained=a.pretrained, budget=a.budget,
         from_state=a.from_state, resume=a.resume, show_progress=not a.quiet, **overrides,
     )
-    from evolve.report import format_table, report
+    from mutask.evolve.report import format_table, report
 
     print(format_table(report(system)))
 
 
 def _cmd_report(a):
-    from evolve.report import draw_system, format_table, report
-    from evolve.state import System
+    from mutask.evolve.report import draw_system, format_table, report
+    from mutask.evolve.state import System
 
     system = System.load(a.state)
     doc = report(system)
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     import importlib
 
-    for mod in ("export.cli", "serving.cli", "benchmarks.cli", "benchmarks.demo"):
+    for mod in ("mutask.export.cli", "mutask.serving.cli", "mutask.benchmarks.cli", "mutask.benchmarks.demo"):
         importlib.import_module(mod).add_parser(sub)  # each imports its stage inside the handler
     return p
 

@@ -20,7 +20,7 @@ POST /predict (multipart: task, image), POST /predict_batch (JSON, base64 images
 onnxruntime-gpu where a GPU is present. Concurrent requests for different tasks are batched
 together through the segments their tasks share.
 
-The same service runs under `bentoml serve serving.service:Mutask` with MUTASK_ARTIFACT=ART
+The same service runs under `bentoml serve mutask.serving.service:Mutask` with MUTASK_ARTIFACT=ART
 (or MUTASK_BENTOML_MODEL=TAG)."""
 
 
@@ -95,7 +95,7 @@ def _cmd_serve(a) -> None:
     print(f"mutask serve: listening on {url} (POST {url}/predict, GET {url}/tasks, {url}/metrics; Ctrl+C stops)", flush=True)
     working_dir = str(Path(__file__).resolve().parent.parent)
     try:
-        bentoml.serve("serving.service:Mutask", working_dir=working_dir, host=a.host, port=a.port, blocking=True)
+        bentoml.serve("mutask.serving.service:Mutask", working_dir=working_dir, host=a.host, port=a.port, blocking=True)
     except KeyboardInterrupt:
         pass
     except ServingError:

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from export.artifact import external_refs, read_safetensors_header
+from mutask.export.artifact import external_refs, read_safetensors_header
 
 from .preprocess import check_spec
 

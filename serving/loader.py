@@ -48,7 +48,7 @@ def _model_dir(tag: str) -> Path:
 def _find_artifact_dir(root: Path) -> Path:
     """The artifact inside a BentoML model directory: the directory itself, or the one
     sub-directory holding a manifest."""
-    from export.artifact import ArtifactError, load_artifact
+    from mutask.export.artifact import ArtifactError, load_artifact
 
     try:
         load_artifact(root, verify=False)
@@ -84,7 +84,7 @@ def open_artifact(artifact: str | os.PathLike | None = None, *, cache: bool = Tr
     """Load and verify the artifact (see :func:`resolve_artifact_path`); :class:`ServingError`
     (exit code 2) when it is missing, truncated or tampered with. Verified artifacts are
     cached per resolved path, so a process verifies each once."""
-    from export.artifact import ArtifactError, load_artifact
+    from mutask.export.artifact import ArtifactError, load_artifact
 
     path = resolve_artifact_path(artifact)
     key = str(path.resolve()) if path.exists() else str(path)

@@ -1,6 +1,6 @@
 """The BentoML service: every task of an exported muNet system from one process.
 
-Run it with ``mutask serve ART`` or ``MUTASK_ARTIFACT=ART bentoml serve serving.service:Mutask``
+Run it with ``mutask serve ART`` or ``MUTASK_ARTIFACT=ART bentoml serve mutask.serving.service:Mutask``
 (or ``MUTASK_BENTOML_MODEL=TAG``). Endpoints:
 
 * ``POST /predict``: multipart form, ``task`` (a task id) and ``image`` (a file Pillow reads);

@@ -28,7 +28,7 @@ TINY_SPEC = {
 def make_root(seed=0):
     import torch
 
-    from evolve.root import Root, build_vit
+    from mutask.evolve.root import Root, build_vit
 
     torch.manual_seed(seed)
     return Root(TINY_SPEC, build_vit(TINY_SPEC), "tiny-test-root")
@@ -36,7 +36,7 @@ def make_root(seed=0):
 
 def synthetic_task(name, num_classes, seed, n_train=96, n_eval=48):
     """Class c is a bright horizontal band at rows 5c..5c+4 over noise: learnable, tiny."""
-    from evolve.data import Split, TaskData
+    from mutask.evolve.data import Split, TaskData
 
     rng = np.random.default_rng(seed)
 
@@ -61,7 +61,7 @@ def add_task(s, task: str, components: list, hparams: dict, num_classes: int, se
     perturbed clones, so it reaches the rest of the path through a different prefix."""
     import torch
 
-    from evolve.model import Component, Path, new_head
+    from mutask.evolve.model import Component, TaskPath, new_head
 
     torch.manual_seed(seed)
     components = list(components)
@@ -76,7 +76,7 @@ def add_task(s, task: str, components: list, hparams: dict, num_classes: int, se
     torch.nn.init.normal_(head.weight, std=0.5)
     torch.nn.init.normal_(head.bias, std=0.1)
     comp = s.store.adopt(Component(s.store.new_id(), "head", head))
-    p = Path(s.new_path_id(), task, components + [comp.id], dict(hparams), metrics={"val_accuracy": 0.5, "test_accuracy": 0.5})
+    p = TaskPath(s.new_path_id(), task, components + [comp.id], dict(hparams), metrics={"val_accuracy": 0.5, "test_accuracy": 0.5})
     s.paths[p.id] = p
     s.best[task] = p.id
     s.tasks[task] = {"spec": task, "seed": 0, "num_classes": num_classes, "class_names": [f"{task}-{i}" for i in range(num_classes)]}

@@ -6,11 +6,11 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from evolve.evolution import EvolveConfig, Evolution
-from evolve.model import PathModel
-from evolve.report import draw_system, report
-from evolve.state import System
-from evolve.train import predict
+from mutask.evolve.evolution import EvolveConfig, Evolution
+from mutask.evolve.model import PathModel
+from mutask.evolve.report import draw_system, report
+from mutask.evolve.state import System
+from mutask.evolve.train import predict
 from mutask.errors import MutaskError
 from tests.conftest import synthetic_task
 

@@ -11,15 +11,15 @@ import sys
 import numpy as np
 import pytest
 
-from evolve.data import PREPROCESSING
-from evolve.evolution import Evolution
-from evolve.model import PathModel
-from evolve.state import System
-from evolve.train import predict, to_model_input
-from export.artifact import WEIGHTS, ArtifactError, artifact_stats, external_refs, load_artifact
-from export.build import INLINE_LIMIT, content_key, export_system
-from export.segments import plan_segments
-from export.verify import verify_artifact
+from mutask.evolve.evolution import Evolution
+from mutask.evolve.model import PathModel
+from mutask.evolve.state import System
+from mutask.evolve.train import predict
+from mutask.preprocessing import Preprocessing
+from mutask.export.artifact import WEIGHTS, ArtifactError, artifact_stats, external_refs, load_artifact
+from mutask.export.build import INLINE_LIMIT, content_key, export_system
+from mutask.export.segments import plan_segments
+from mutask.export.verify import verify_artifact
 from mutask.errors import MutaskError
 from tests.conftest import add_task, make_root, synthetic_task
 
@@ -30,7 +30,7 @@ TINY = dict(rounds=1, children=3, generation_size=2, steps=4, validations=1, bat
 def new_system(root, names, data):
     from dataclasses import asdict
 
-    from evolve.evolution import EvolveConfig
+    from mutask.evolve.evolution import EvolveConfig
 
     s = System.new(root, seed=0)
     s.config["evolve"] = asdict(EvolveConfig(**TINY))
@@ -123,7 +123,7 @@ def test_manifest_contract(evolved):
     for t, rec in m["tasks"].items():
         p = s.best_path(t)
         assert rec["labels"] == (data[t].class_names if t in "ab" else [f"{t}-{i}" for i in range(data[t].num_classes)])
-        assert rec["image_size"] == p.image_size and rec["preprocessing"] == dict(PREPROCESSING, image_size=p.image_size)
+        assert rec["image_size"] == p.image_size and rec["preprocessing"] == Preprocessing(image_size=p.image_size).model_dump()
         assert rec["params"] == s.path_params(p.components)
         assert rec["accounted_params"] == pytest.approx(s.accounted_params(p.components, t))
         assert rec["components"] == p.components and rec["metrics"]["test_accuracy"] == p.metrics["test_accuracy"]
@@ -168,7 +168,7 @@ def test_each_task_graph_runs_alone_in_onnxruntime(evolved, tmp_path):
         assert [i.name for i in sess.get_inputs()] == ["image"] and [o.name for o in sess.get_outputs()] == ["logits"]
         assert sess.get_inputs()[0].shape[0] == "batch"
         p = s.best_path(t)
-        x = to_model_input(data[t].test.resized(p.image_size)).numpy()
+        x = Preprocessing(image_size=p.image_size).normalize(data[t].test.resized(p.image_size))
         got = np.concatenate([sess.run(None, {"image": x[:1]})[0], sess.run(None, {"image": x[1:]})[0]])
         ref = predict(PathModel.from_store(s.store, p), data[t].test, p.image_size)
         assert got.shape == (len(x), len(a.tasks[t]["labels"]))
@@ -177,12 +177,13 @@ def test_each_task_graph_runs_alone_in_onnxruntime(evolved, tmp_path):
 
 
 def test_segment_chains_equal_task_graphs(evolved):
-    from export.verify import ort_session, run_chain
+    from mutask.export.verify import ort_session, run_chain
 
     s, data, art = evolved
     a = load_artifact(art)
     for t in a.tasks:
-        x = to_model_input(data[t].test.resized(a.tasks[t]["image_size"])).numpy()
+        size = a.tasks[t]["image_size"]
+        x = Preprocessing(image_size=size).normalize(data[t].test.resized(size))
         whole = ort_session(a.graph_path(t)).run(None, {"image": x})[0]
         sessions = [ort_session(a.segment_path(sid)) for sid in a.chain(t)]
         assert [ss.get_inputs()[0].name for ss in sessions] == ["input"] * len(sessions)
@@ -255,7 +256,7 @@ def test_plan_segments():
 
 
 def test_force_and_interrupted_export(solo, tmp_path, monkeypatch):
-    import export.build as build
+    import mutask.export.build as build
 
     s, data, _ = solo
     art = tmp_path / "art"
@@ -372,14 +373,14 @@ def test_reader_imports_without_torch(evolved):
     _, _, art = evolved
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "import export, export.artifact\n"
-        "from export import load_artifact, FORMAT_VERSION, ArtifactError, Artifact\n"
+        "import mutask.export, mutask.export.artifact\n"
+        "from mutask.export import load_artifact, FORMAT_VERSION, ArtifactError, Artifact\n"
         f"a = load_artifact({str(art)!r})\n"
         "t = a.tensors()\n"
         "assert a.chain('a') and a.graph_path('c').is_file() and a.segment_path(a.chain('c')[0]).is_file()\n"
         "assert sorted(a.tasks) == ['a', 'b', 'c', 'd'] and a.weights_path.name == 'weights.safetensors'\n"
         "assert set(t) == {k for c in a.components.values() for k in c['tensors']}\n"
-        "assert not [m for m in sys.modules if m.startswith(('torch.', 'onnx', 'evolve'))]\n"
+        "assert not [m for m in sys.modules if m.startswith(('torch.', 'onnx', 'mutask.evolve'))]\n"
         "print('ok', len(t))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evolve.folder import image_size_for, load_folder
-from evolve.tasks import load_task
+from mutask.evolve.folder import image_size_for, load_folder
+from mutask.evolve.tasks import load_task
 from mutask.errors import MutaskError
 
 

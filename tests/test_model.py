@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from evolve.model import Adapter, ComponentStore, Path, PathModel, new_head, resample_pos_embed
-from evolve.root import Root, build_vit
+from mutask.evolve.model import Adapter, ComponentStore, TaskPath, PathModel, new_head, resample_pos_embed
+from mutask.evolve.root import Root, build_vit
 
 TINY = {"timm_model": "VisionTransformer", "kwargs": dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=7)}
 
@@ -42,7 +42,7 @@ def test_inserting_adapter_keeps_outputs_identical(root):
     adapter = store.add("adapters.1", Adapter(root.embed_dim, 16))
     names = [store[c].name for c in path.components]
     i = names.index("blocks.1")
-    with_adapter = Path("p1", "t", path.components[:i] + [adapter.id] + path.components[i:], dict(path.hparams))
+    with_adapter = TaskPath("p1", "t", path.components[:i] + [adapter.id] + path.components[i:], dict(path.hparams))
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         a, b = model(x), PathModel.from_store(store, with_adapter)(x)
@@ -53,7 +53,7 @@ def test_zero_head_gives_uniform_logits(root):
     store = ComponentStore()
     path = root.add_to(store)
     head = store.add("head", new_head(root.embed_dim, 4))
-    p = Path("p", "t", path.components[:-1] + [head.id], dict(path.hparams))
+    p = TaskPath("p", "t", path.components[:-1] + [head.id], dict(path.hparams))
     with torch.no_grad():
         out = PathModel.from_store(store, p)(torch.randn(3, 3, 32, 32))
     assert torch.equal(out, torch.zeros(3, 4))
@@ -63,8 +63,8 @@ def test_shared_component_is_one_object(root):
     store = ComponentStore()
     path = root.add_to(store)
     h1, h2 = store.add("head", new_head(root.embed_dim, 3)), store.add("head", new_head(root.embed_dim, 5))
-    p1 = Path("a", "t1", path.components[:-1] + [h1.id], {})
-    p2 = Path("b", "t2", path.components[:-1] + [h2.id], {})
+    p1 = TaskPath("a", "t1", path.components[:-1] + [h1.id], {})
+    p2 = TaskPath("b", "t2", path.components[:-1] + [h2.id], {})
     m1, m2 = PathModel.from_store(store, p1), PathModel.from_store(store, p2)
     shared = [cid for cid in p1.components if cid in p2.components]
     assert len(shared) == len(path.components) - 1
@@ -117,7 +117,7 @@ def test_rebuild_components_from_tensors(root):
 
 
 def test_timm_root_by_name_matches_timm_and_rejects_non_vits():
-    from evolve.root import load_root
+    from mutask.evolve.root import load_root
     from mutask.errors import MutaskError
 
     torch.manual_seed(0)

@@ -28,7 +28,7 @@ _APP: dict = {}
 
 
 def test_preprocess_matches_evaluation_bit_for_bit():
-    from serving.preprocess import preprocess_bytes
+    from mutask.serving.preprocess import preprocess_bytes
 
     images = sample_images()
     assert len(images) >= 15
@@ -45,7 +45,7 @@ def test_preprocess_matches_evaluation_bit_for_bit():
 def test_preprocess_applies_exif_orientation():
     from PIL import Image
 
-    from serving.preprocess import preprocess_bytes
+    from mutask.serving.preprocess import preprocess_bytes
     from tests.test_serving_helpers import encode
 
     img = Image.new("RGB", (40, 20), (255, 0, 0))
@@ -60,7 +60,7 @@ def test_preprocess_applies_exif_orientation():
 def test_preprocess_rejects_bad_bytes_with_clear_messages():
     from PIL import Image
 
-    from serving.preprocess import ImageError, decode
+    from mutask.serving.preprocess import ImageError, decode
     from tests.test_serving_helpers import encode
 
     png = encode(Image.new("RGB", (50, 50), (1, 2, 3)), "PNG")
@@ -86,8 +86,8 @@ def test_preprocess_rejects_bad_bytes_with_clear_messages():
 
 
 def test_engine_runs_the_segment_graph_over_one_copy_of_the_weights(serving_artifact):
-    from export.artifact import external_refs, load_artifact
-    from serving.engine import Engine
+    from mutask.export.artifact import external_refs, load_artifact
+    from mutask.serving.engine import Engine
 
     art = load_artifact(serving_artifact)
     engine = Engine(art, device="cpu", threads=1)
@@ -170,8 +170,8 @@ def test_engine_runs_the_segment_graph_over_one_copy_of_the_weights(serving_arti
 def test_providers_choice_and_cpu_fallback(serving_artifact, monkeypatch):
     import onnxruntime as ort
 
-    from export.artifact import load_artifact
-    from serving import engine as eng
+    from mutask.export.artifact import load_artifact
+    from mutask.serving import engine as eng
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(eng, "_gpu_present", lambda: True)
@@ -197,7 +197,7 @@ def test_artifact_from_a_bentoml_model(serving_artifact, monkeypatch):
 
     import bentoml
 
-    from serving.loader import open_artifact
+    from mutask.serving.loader import open_artifact
 
     with bentoml.models.create("mutask-serving-test") as model:
         for f in serving_artifact.iterdir():
@@ -207,15 +207,15 @@ def test_artifact_from_a_bentoml_model(serving_artifact, monkeypatch):
     art = open_artifact(cache=False)
     assert set(art.tasks) == {"a", "b", "c", "d"} and str(art.path).startswith(str(bentoml.models.get(model.tag).path))
     monkeypatch.setenv("MUTASK_BENTOML_MODEL", "no-such-model:v1")
-    from serving.loader import ServingError
+    from mutask.serving.loader import ServingError
 
     with pytest.raises(ServingError, match="no such BentoML model"):
         open_artifact(cache=False)
 
 
 def test_batcher_batches_concurrent_mixed_tasks(serving_artifact):
-    from export.artifact import load_artifact
-    from serving.engine import Engine, MicroBatcher
+    from mutask.export.artifact import load_artifact
+    from mutask.serving.engine import Engine, MicroBatcher
 
     engine = Engine(load_artifact(serving_artifact), device="cpu", threads=1)
     seen = []
@@ -246,7 +246,7 @@ def client(serving_artifact, monkeypatch):
     monkeypatch.setenv("MUTASK_MAX_IMAGE_BYTES", "300000")
     from starlette.testclient import TestClient
 
-    from serving.service import Mutask
+    from mutask.serving.service import Mutask
 
     if "app" not in _APP:  # BentoML registers its metrics per ASGI app: build it once per process
         _APP["app"] = Mutask.to_asgi()
@@ -262,7 +262,7 @@ def test_predict_answers_the_same_whichever_way_it_is_handled(client, serving_ar
 
     from PIL import Image, PngImagePlugin
 
-    from serving.service import _STATE, INLINE_BYTES
+    from mutask.serving.service import _STATE, INLINE_BYTES
 
     pixels = (np.random.default_rng(3).random((24, 24, 3)) * 255).astype(np.uint8)
 
@@ -289,7 +289,7 @@ def test_predict_answers_the_same_whichever_way_it_is_handled(client, serving_ar
     assert answers["small"]["index"] == int(reference_logits(serving_artifact, "b", variants["small"]).argmax())
     path = tmp_path / "x.png"
     path.write_bytes(variants["small"])
-    from serving.service import Mutask
+    from mutask.serving.service import Mutask
 
     api = Mutask.inner.__dict__["predict"].func  # what BentoML calls, on the app's own event loop
     via_api = client.portal.call(lambda: api(svc, task="b", image=path))
@@ -324,7 +324,7 @@ def test_service_in_process(client, serving_artifact):
         assert f'mutask_requests_total{{task="{t}"}}' in metrics
         assert f'mutask_request_latency_seconds_count{{task="{t}"}}' in metrics
         assert f'mutask_batch_size_count{{task="{t}"}}' in metrics
-    from serving.engine import _GLOBAL_POOLS
+    from mutask.serving.engine import _GLOBAL_POOLS
 
     assert not _GLOBAL_POOLS.get("threads")  # in-process: per-session pools, other ORT users unaffected
     spec = client.get("/docs.json").json()
@@ -360,15 +360,15 @@ def test_serving_never_imports_torch(serving_artifact, tmp_path):
         f"""
         import sys
         from starlette.testclient import TestClient
-        import serving, serving.cli, serving.engine, serving.preprocess
-        from serving.service import Mutask
+        import mutask.serving, mutask.serving.cli, mutask.serving.engine, mutask.serving.preprocess
+        from mutask.serving.service import Mutask
         from tests.test_serving_helpers import sample_images
         with TestClient(Mutask.to_asgi()) as c:
             for t in ("a", "b", "c", "d"):
                 r = c.post("/predict", data={{"task": t}}, files={{"image": ("x.png", sample_images()["rgb-jpeg"])}})
                 assert r.status_code == 200, r.text
             assert c.get("/tasks").status_code == 200 and c.get("/metrics").status_code == 200
-        bad = [m for m in ("torch", "timm", "torchvision", "evolve") if m in sys.modules]
+        bad = [m for m in ("torch", "timm", "torchvision", "mutask.evolve") if m in sys.modules]
         assert not bad, bad
         print("NO-TORCH-OK")
         """
@@ -410,7 +410,7 @@ def _damaged(serving_artifact, tmp_path):
 
 
 def test_bad_artifacts_are_refused(serving_artifact, tmp_path, monkeypatch):
-    from serving.loader import ServingError, open_artifact
+    from mutask.serving.loader import ServingError, open_artifact
 
     bad = _damaged(serving_artifact, tmp_path)
     for name, path in bad.items():
@@ -436,7 +436,7 @@ def test_bad_artifacts_are_refused(serving_artifact, tmp_path, monkeypatch):
     assert r.returncode == 2 and "does not exist" in r.stderr, r.stderr
 
     # `bentoml serve` with MUTASK_ARTIFACT naming a damaged artifact exits at once: no half-ready server
-    r = subprocess.run([sys.executable, "-m", "bentoml", "serve", "serving.service:Mutask", "--host", "127.0.0.1", "--port", str(port)],
+    r = subprocess.run([sys.executable, "-m", "bentoml", "serve", "mutask.serving.service:Mutask", "--host", "127.0.0.1", "--port", str(port)],
                        cwd=str(REPO), env=subprocess_env({"MUTASK_ARTIFACT": bad["truncated"]}), capture_output=True, text=True, timeout=90)
     assert r.returncode != 0
     assert "cannot be served" in r.stdout + r.stderr and "truncated" in r.stdout + r.stderr
@@ -479,9 +479,9 @@ def test_bentoml_build_packs_a_torch_free_service(serving_artifact, tmp_path):
         sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__ + getattr(f, "__name__", "")]
         sys.path[:] = [{str(src)!r}] + [p for p in sys.path if p and p.rstrip("/") not in ({str(REPO)!r}, ".")]
         from starlette.testclient import TestClient
-        from serving.service import Mutask
-        import serving.service, export.artifact, mutask.errors
-        for m in (serving.service, export.artifact, mutask.errors):
+        from mutask.serving.service import Mutask
+        import mutask.serving.service, mutask.export.artifact, mutask.errors
+        for m in (mutask.serving.service, mutask.export.artifact, mutask.errors):
             assert m.__file__.startswith({str(src)!r}), m.__file__
         with TestClient(Mutask.to_asgi()) as c:
             png = open({str(REPO / "tests" / "__init__.py")!r}, "rb").read()
@@ -506,7 +506,7 @@ def test_a_worker_that_cannot_start_stops_the_whole_server(serving_artifact, tmp
     (hook / "sitecustomize.py").write_text(
         "import os\n"
         "if os.environ.get('MUTASK_TEST_BREAK_ENGINE'):\n"
-        "    import serving.engine as e\n"
+        "    import mutask.serving.engine as e\n"
         "    def boom(self, *a, **k):\n"
         "        raise e.EngineError('simulated failure while loading the sessions')\n"
         "    e.Engine.__init__ = boom\n"

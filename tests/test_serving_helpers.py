@@ -23,9 +23,9 @@ def build_artifact(tmp: Path) -> Path:
     share its frozen prefix: the export has a shared segment), plus task d: a's path with its
     own patch_embed (it joins a's components after a different first step, so a segment has
     two parents), exported with export_system."""
-    from evolve.evolution import EvolveConfig, Evolution
-    from evolve.state import System
-    from export.build import export_system
+    from mutask.evolve.evolution import EvolveConfig, Evolution
+    from mutask.evolve.state import System
+    from mutask.export.build import export_system
     from tests.conftest import add_task, make_root, synthetic_task
 
     data = {"a": synthetic_task("a", 4, 1), "b": synthetic_task("b", 3, 2), "c": synthetic_task("c", 5, 3)}
@@ -131,19 +131,19 @@ def b64(data: bytes) -> str:
 
 
 def evolve_input(data: bytes, size: int) -> np.ndarray:
-    """What evaluation feeds a task at image size ``size`` (evolve.data's contract)."""
+    """What evaluation feeds a task at image size ``size`` (mutask.evolve.data's contract)."""
     from PIL import Image
 
-    from evolve.data import normalize, resize_rgb, to_rgb_array
+    from mutask.preprocessing import Preprocessing
 
-    return normalize(resize_rgb(to_rgb_array(Image.open(io.BytesIO(data))), size)[None])
+    return Preprocessing(image_size=size).image(Image.open(io.BytesIO(data)))
 
 
 def reference_logits(artifact: Path, task: str, data: bytes) -> np.ndarray:
     """A plain onnxruntime run of the task's per-task graph on evaluation's preprocessing."""
     import onnxruntime as ort
 
-    from export.artifact import load_artifact
+    from mutask.export.artifact import load_artifact
 
     art = load_artifact(artifact, verify=False)
     key = (str(artifact), task)
@@ -162,7 +162,7 @@ def reference_logits(artifact: Path, task: str, data: bytes) -> np.ndarray:
 # ---- a real server ------------------------------------------------------------------------
 
 
-from benchmarks.http import free_port  # noqa: E402,F401  (re-exported for the tests)
+from mutask.benchmarks.http import free_port  # noqa: E402,F401  (re-exported for the tests)
 
 
 def subprocess_env(extra: dict | None = None) -> dict:
@@ -177,8 +177,8 @@ def subprocess_env(extra: dict | None = None) -> dict:
 
 
 def Server(artifact: Path, log_path: Path, env: dict | None = None):
-    """``mutask serve ART`` as a subprocess (benchmarks.http.ServerProcess) with the test environment."""
-    from benchmarks.http import ServerProcess
+    """``mutask serve ART`` as a subprocess (mutask.benchmarks.http.ServerProcess) with the test environment."""
+    from mutask.benchmarks.http import ServerProcess
 
     return ServerProcess(artifact, log_path=log_path, env=subprocess_env(env))
 

@@ -7,8 +7,8 @@ import unicodedata
 import numpy as np
 import pytest
 
-from evolve import suite
-from evolve.tasks import EMBEDDED_TASKS, PRETRAIN_TASK, describe_tasks, load_task
+from mutask.evolve import suite
+from mutask.evolve.tasks import EMBEDDED_TASKS, PRETRAIN_TASK, describe_tasks, load_task
 from mutask.errors import MutaskError
 
 ALL = EMBEDDED_TASKS + (PRETRAIN_TASK,)
