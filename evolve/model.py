@@ -307,7 +307,7 @@ class PathModel(nn.Module):
         return self.run(x)
 
 
-class Segment(nn.Module):
+class SegmentModule(nn.Module):
     """A contiguous run of component steps (what export writes as one segment graph)."""
 
     def __init__(self, modules: list[nn.Module]):

@@ -1,9 +1,10 @@
 """Reading an exported artifact, without torch (``serving`` imports this module).
 
-Only json, hashlib, numpy and safetensors.numpy: no torch, no onnx. The ONNX graphs are
-checked with a minimal protobuf reader (:func:`external_refs`) that lists each initializer's
-external-data reference, so :func:`load_artifact` can prove that every weight a graph reads
-lies inside ``weights.safetensors`` on exactly one tensor's bytes. The format is documented in
+Only json, hashlib, numpy, pydantic and safetensors.numpy: no torch, no onnx. The manifest is
+parsed by its schema (:mod:`mutask.export.manifest`); the ONNX graphs are checked with a minimal
+protobuf reader (:func:`external_refs`) that lists each initializer's external-data reference,
+so :func:`load_artifact` can prove that every weight a graph reads lies inside
+``weights.safetensors`` on exactly one tensor's bytes. The format is documented in
 ``export/FORMAT.md``.
 """
 
@@ -11,24 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
 import struct
 
 import numpy
 
-from mutask.errors import MutaskError
+from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, ArtifactError, ComponentEntry, Manifest, SegmentEntry, TaskEntry
 
-FORMAT = "mutask-artifact"
-FORMAT_VERSION = 2  # 2: segments form a DAG ("parents"); 1 had a prefix tree ("parent")
-MANIFEST = "manifest.json"
-WEIGHTS = "weights.safetensors"
-
-_REQUIRED = ("format_version", "weights", "weights_sha256", "weights_bytes", "graphs", "root", "tasks", "components", "segments")
-
-
-class ArtifactError(MutaskError):
-    """An artifact that is missing, damaged, tampered with, or of another format version."""
+__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "WEIGHTS", "Artifact", "ArtifactError", "load_artifact", "artifact_stats"]
 
 
 def _fix(path) -> str:
@@ -163,54 +154,50 @@ def external_refs(model_bytes: bytes) -> list[dict]:
 # ----------------------------------------------------------------------------- the artifact
 
 
-def _plain_name(name) -> bool:
-    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name and not os.path.isabs(name)
-
-
 class Artifact:
-    """An exported artifact: its directory and manifest (see ``export/FORMAT.md``)."""
+    """An exported artifact: its directory and its (validated) manifest."""
 
-    def __init__(self, path, manifest: dict):
+    def __init__(self, path, manifest: Manifest):
         self.path = pathlib.Path(path)
         self.manifest = manifest
 
     @property
-    def tasks(self) -> dict:
-        return self.manifest["tasks"]
+    def tasks(self) -> dict[str, TaskEntry]:
+        return self.manifest.tasks
 
     @property
-    def segments(self) -> dict:
-        return self.manifest["segments"]
+    def segments(self) -> dict[str, SegmentEntry]:
+        return self.manifest.segments
 
     @property
-    def components(self) -> dict:
-        return self.manifest["components"]
+    def components(self) -> dict[str, ComponentEntry]:
+        return self.manifest.components
 
     @property
     def weights_path(self) -> pathlib.Path:
-        return self.path / self.manifest["weights"]
+        return self.path / self.manifest.weights
 
-    def _task(self, task: str) -> dict:
+    def _task(self, task: str) -> TaskEntry:
         try:
             return self.tasks[task]
         except KeyError:
             raise ArtifactError(f"artifact {self.path} has no task {task!r}; it has {sorted(self.tasks)}.") from None
 
     def graph_path(self, task: str) -> pathlib.Path:
-        return self.path / self._task(task)["graph"]
+        return self.path / self._task(task).graph
 
     def segment_path(self, segment_id: str) -> pathlib.Path:
         try:
-            return self.path / self.segments[segment_id]["graph"]
+            return self.path / self.segments[segment_id].graph
         except KeyError:
             raise ArtifactError(f"artifact {self.path} has no segment {segment_id!r}; it has {sorted(self.segments)}.") from None
 
     def chain(self, task: str) -> list[str]:
         """The task's segment ids, first (image in) to last (logits out)."""
-        return list(self._task(task)["segments"])
+        return list(self._task(task).segments)
 
     def labels(self, task: str) -> list[str]:
-        return list(self._task(task)["labels"])
+        return list(self._task(task).labels)
 
     def tensors(self) -> dict[str, numpy.ndarray]:
         """Every tensor of the weights file, by its name there."""
@@ -222,61 +209,35 @@ class Artifact:
         return f"Artifact({str(self.path)!r}, tasks={sorted(self.tasks)}, segments={len(self.segments)})"
 
 
-def _graph_files(manifest: dict) -> list[str]:
-    names = [t["graph"] for t in manifest["tasks"].values()] + [s["graph"] for s in manifest["segments"].values()]
-    return list(dict.fromkeys(names))
-
-
 def load_artifact(path, verify: bool = True) -> Artifact:
-    """Open an artifact directory. Always checks the manifest, its format version and that
-    every file exists; with ``verify`` also the weights' and graphs' sha256, the weights
-    header, and that every external-data reference of every graph is exactly one tensor of
-    the weights file. Raises :class:`ArtifactError` naming the file and the fix."""
+    """Open an artifact directory. Always validates the manifest (its schema, format version
+    and cross references) and checks that every file exists; with ``verify`` also the weights'
+    and graphs' sha256, the weights header, and that every external-data reference of every
+    graph is exactly one tensor of the weights file. Raises :class:`ArtifactError` naming the file
+    (and the field, for a manifest that does not validate) and the fix."""
     d = pathlib.Path(path)
     if not d.is_dir():
         raise ArtifactError(f"artifact {str(d)!r} does not exist. Write one with `mutask export STATE --out {d}`.")
     mpath = d / MANIFEST
     if not mpath.is_file():
         raise ArtifactError(f"{str(d)!r} holds no {MANIFEST}: not a mutask artifact (or an unfinished copy). {_fix(d)}")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{mpath} is not valid JSON ({e}): the artifact is damaged. {_fix(d)}") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{mpath} is not a mutask artifact manifest (format {manifest.get('format') if isinstance(manifest, dict) else None!r}).")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(
-            f"artifact {str(d)!r} has format_version {manifest.get('format_version')!r}; this mutask reads version {FORMAT_VERSION}. "
-            f"Export it again with this mutask version: `mutask export STATE --out {d} --force`."
-        )
-    missing = [k for k in _REQUIRED if k not in manifest]
-    if missing:
-        raise ArtifactError(f"{mpath} lacks {missing}: the manifest is damaged. {_fix(d)}")
-    try:
-        return _check(d, manifest, verify)
-    except (KeyError, TypeError, AttributeError, ValueError) as e:
-        raise ArtifactError(f"{mpath} is malformed ({type(e).__name__}: {e}): the manifest is damaged. {_fix(d)}") from e
-
-
-def _check(d: pathlib.Path, manifest: dict, verify: bool) -> Artifact:
-    mpath = d / MANIFEST
+    manifest = Manifest.load(mpath, _fix(d))
     art = Artifact(d, manifest)
-    names = [manifest["weights"]] + _graph_files(manifest)
-    for name in names:
-        if not _plain_name(name):
-            raise ArtifactError(f"{mpath} names file {name!r}, which is not a plain file name in the artifact directory: the manifest is damaged.")
+    for name in [manifest.weights, *manifest.graph_files()]:
         if not (d / name).is_file():
             raise ArtifactError(f"artifact {str(d)!r} is missing {name}. Copy the whole directory, or {_fix(d).lower()}")
-        if name != manifest["weights"] and name not in manifest["graphs"]:
-            raise ArtifactError(f"{mpath} records no sha256 for {name}: the manifest is damaged. {_fix(d)}")
     wpath = art.weights_path
     size = wpath.stat().st_size
-    if size != manifest["weights_bytes"]:
-        raise ArtifactError(f"{wpath} has {size} bytes, the manifest says {manifest['weights_bytes']}: it is truncated or altered. {_fix(d)}")
-    if not verify:
-        return art
+    if size != manifest.weights_bytes:
+        raise ArtifactError(f"{wpath} has {size} bytes, the manifest says {manifest.weights_bytes}: it is truncated or altered. {_fix(d)}")
+    if verify:
+        _verify_files(art, size)
+    return art
 
-    if sha256_file(wpath) != manifest["weights_sha256"]:
+
+def _verify_files(art: Artifact, size: int) -> None:
+    d, manifest, wpath = art.path, art.manifest, art.weights_path
+    if sha256_file(wpath) != manifest.weights_sha256:
         raise ArtifactError(f"{wpath} does not match its sha256 in the manifest: the weights were altered or damaged. {_fix(d)}")
     start, header = read_safetensors_header(wpath)
     ranges = {}
@@ -284,15 +245,15 @@ def _check(d: pathlib.Path, manifest: dict, verify: bool) -> Artifact:
         if key != "__metadata__":
             b, e = info["data_offsets"]
             ranges[(start + b, e - b)] = key
-    for cid, comp in manifest["components"].items():
-        for key in comp["tensors"]:
+    for cid, comp in manifest.components.items():
+        for key in comp.tensors:
             if key not in header:
                 raise ArtifactError(f"{wpath} lacks tensor {key!r} of component {cid}: weights and manifest disagree. {_fix(d)}")
-    for name in _graph_files(manifest):
+    for name in manifest.graph_files():
         gpath = d / name
         data = gpath.read_bytes()
-        rec = manifest["graphs"][name]
-        if len(data) != rec.get("bytes") or hashlib.sha256(data).hexdigest() != rec.get("sha256"):
+        rec = manifest.graphs[name]
+        if len(data) != rec.bytes or hashlib.sha256(data).hexdigest() != rec.sha256:
             raise ArtifactError(f"{gpath} does not match its sha256 in the manifest: the graph was altered or damaged. {_fix(d)}")
         try:
             refs = external_refs(data)
@@ -301,14 +262,13 @@ def _check(d: pathlib.Path, manifest: dict, verify: bool) -> Artifact:
         for r in refs:
             if not r["external"]:
                 continue
-            if r["location"] != manifest["weights"]:
-                raise ArtifactError(f"{gpath}: initializer {r['name']!r} reads {r['location']!r}, not {manifest['weights']}.")
+            if r["location"] != manifest.weights:
+                raise ArtifactError(f"{gpath}: initializer {r['name']!r} reads {r['location']!r}, not {manifest.weights}.")
             if r["length"] is None or r["offset"] < start or r["offset"] + r["length"] > size or (r["offset"], r["length"]) not in ranges:
                 raise ArtifactError(
                     f"{gpath}: initializer {r['name']!r} reads bytes {r['offset']}..{r['offset'] + (r['length'] or 0)} of {wpath.name}, "
                     f"which are not one tensor of that file ({size} bytes). {_fix(d)}"
                 )
-    return art
 
 
 def artifact_stats(path) -> dict:
@@ -318,13 +278,13 @@ def artifact_stats(path) -> dict:
     start, header = read_safetensors_header(art.weights_path)
     nbytes = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
     unique = sum(nbytes.values())
-    graphs = {n: (art.path / n).stat().st_size for n in _graph_files(art.manifest)}
+    graphs = {n: (art.path / n).stat().st_size for n in art.manifest.graph_files()}
     manifest_bytes = (art.path / MANIFEST).stat().st_size
     weights_bytes = art.weights_path.stat().st_size
     naive = 0
     per_task = {}
     for t, rec in art.tasks.items():
-        b = sum(nbytes[k] for cid in dict.fromkeys(rec["components"]) for k in art.components[cid]["tensors"])
+        b = sum(nbytes[k] for cid in dict.fromkeys(rec.components) for k in art.components[cid].tensors)
         per_task[t] = b
         naive += b
     total = weights_bytes + sum(graphs.values()) + manifest_bytes
@@ -333,8 +293,8 @@ def artifact_stats(path) -> dict:
         "weights_file_bytes": weights_bytes,
         "unique_param_bytes": unique,
         "graph_bytes": sum(graphs.values()),
-        "task_graph_bytes": sum(graphs[art.tasks[t]["graph"]] for t in art.tasks),
-        "segment_graph_bytes": sum(graphs[s["graph"]] for s in art.segments.values()),
+        "task_graph_bytes": sum(graphs[t.graph] for t in art.tasks.values()),
+        "segment_graph_bytes": sum(graphs[s.graph] for s in art.segments.values()),
         "manifest_bytes": manifest_bytes,
         "ratio_total_to_unique": total / unique if unique else float("nan"),
         "naive_bytes": naive,

@@ -303,7 +303,7 @@ def export_system(system, out, *, data=None, force: bool = False, bentoml_model:
     from tqdm.auto import tqdm
 
     from mutask.preprocessing import Preprocessing
-    from mutask.evolve.model import PathModel, Segment
+    from mutask.evolve.model import PathModel, SegmentModule
 
     out = pathlib.Path(out)
     tasks = list(system.best)
@@ -378,9 +378,9 @@ def export_system(system, out, *, data=None, force: bool = False, bentoml_model:
             with torch.no_grad():
                 for m in [modules[c] for c in p.components[:first]]:
                     example = m(example)
-                res = Segment(mods).eval()(example)
+                res = SegmentModule(mods).eval()(example)
             shapes[sid] = (["batch", *example.shape[1:]], ["batch", *res.shape[1:]])
-            ir, model = _to_onnx(Segment(mods), example, "input", "output")
+            ir, model = _to_onnx(SegmentModule(mods), example, "input", "output")
             _externalize(ir, model, index, seg_files[sid], hash_cache)
             protos[sid] = _finish(ir, model, seg_files[sid])
             _save(protos[sid], tmp / seg_files[sid], f"mutask segment {sid} of {seg['tasks']}: {seg['input']} -> {seg['output']}")
