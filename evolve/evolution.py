@@ -14,6 +14,7 @@ Baselines run through the same loop and budget, with a fixed structure policy in
 muNet's mutations: ``finetune`` (clone everything), ``freeze:K`` (share the embeddings and
 the bottom K blocks frozen, clone the rest), ``adapters:W`` (the root frozen, an adapter of
 width W before every block). They see only the root as a seed: no transfer between tasks.
+The policies live in :mod:`.strategies`; the visit in flight is a :class:`~.progress.Visit`.
 
 Deviations from the reference, on purpose: children of a generation are trained one after
 another (this runs on CPUs), with parents sampled at the generation's start as in the
@@ -32,8 +33,10 @@ from mutask.errors import MutaskError
 
 from . import hparams as H
 from .data import TaskData
-from .model import Adapter, Component, TaskPath, PathModel, block_index, component_kind, new_head, resample_pos_embed
+from .model import Adapter, Component, TaskPath, PathModel, new_head, resample_pos_embed
+from .progress import Progress, Visit
 from .state import System
+from .strategies import parse_strategy
 from .train import accuracy, device, train
 
 log = logging.getLogger("mutask")
@@ -78,9 +81,7 @@ class EvolveConfig:
             raise MutaskError(f"--scale-factor must be in (0, 1] (got {self.scale_factor}); 1.0 scores accuracy alone.")
         if self.mutation_prob is not None and not 0.0 <= self.mutation_prob <= 1.0:
             raise MutaskError(f"--mutation-prob must be in [0, 1] (got {self.mutation_prob}).")
-        kind, _, arg = self.strategy.partition(":")
-        if kind not in ("munet", "finetune", "freeze", "adapters") or (kind in ("freeze", "adapters") and not arg.isdigit()):
-            raise MutaskError(f"unknown strategy {self.strategy!r}; use munet, finetune, freeze:K or adapters:W.")
+        parse_strategy(self.strategy)
 
 
 class Evolution:
@@ -93,8 +94,7 @@ class Evolution:
         self.cfg = EvolveConfig(**system.config["evolve"])
         self.show_progress = show_progress
         self.dev = device()
-        kind, _, arg = self.cfg.strategy.partition(":")
-        self.strategy, self.strategy_arg = kind, int(arg) if arg else None
+        self.strategy = parse_strategy(self.cfg.strategy)
 
     # -- scores -----------------------------------------------------------------------------
     def score(self, val_acc: float, accounted: float) -> float:
@@ -103,63 +103,59 @@ class Evolution:
     # -- the loop -------------------------------------------------------------------------
     def run(self, task_order: list[str]) -> System:
         s = self.sys
-        prog = s.progress or {"round": 0, "task_index": 0, "visit": None}
+        prog = s.progress or Progress()
         s.progress = prog
-        while prog["round"] < self.cfg.rounds:
-            while prog["task_index"] < len(task_order):
-                task = task_order[prog["task_index"]]
+        while prog.round < self.cfg.rounds:
+            while prog.task_index < len(task_order):
+                task = task_order[prog.task_index]
                 self.visit(task, prog)
-                prog["task_index"] += 1
-                prog["visit"] = None
+                prog.task_index += 1
+                prog.visit = None
                 s.save(self.out)
-            prog["round"] += 1
-            prog["task_index"] = 0
+            prog.round += 1
+            prog.task_index = 0
         s.progress = None
         s.save(self.out)
         return s
 
-    def visit(self, task: str, prog: dict) -> None:
+    def visit(self, task: str, prog: Progress) -> None:
         s = self.sys
-        if prog.get("visit") is None:
+        if prog.visit is None:
             if task in s.best:  # starting a task unlocks its own best path
                 for cid in s.best_path(task).components:
                     s.store[cid].locks.discard(task)
-            seeds = ["root"]
-            if self.strategy == "munet":
-                seeds = self.pick_seeds([s.best[t] for t in s.best if t != task] + ["root"])
-            prog["visit"] = {
-                "task": task,
-                "generation": 0,
-                "population": [s.best[task]] if task in s.best else [],
-                "child_counts": {},
-                "seeds": seeds,
-                "started": time.time(),
-            }
+            seeds = self.pick_seeds(self.strategy.seed_candidates([s.best[t] for t in s.best if t != task]))
+            prog.visit = Visit(
+                task=task,
+                population=[s.best[task]] if task in s.best else [],
+                seeds=seeds,
+                started=time.time(),
+            )
             s.save(self.out)
-        v = prog["visit"]
+        v = prog.visit
         generations = -(-self.cfg.children // self.cfg.generation_size)
         from tqdm.auto import tqdm
 
         bar = tqdm(
             total=self.cfg.children,
-            initial=min(self.cfg.children, v["generation"] * self.cfg.generation_size),
-            desc=f"round {prog['round'] + 1}/{self.cfg.rounds} {task}",
+            initial=min(self.cfg.children, v.generation * self.cfg.generation_size),
+            desc=f"round {prog.round + 1}/{self.cfg.rounds} {task}",
             unit="child",
             disable=not self.show_progress,
             leave=True,
         )
-        while v["generation"] < generations:
-            n = min(self.cfg.generation_size, self.cfg.children - v["generation"] * self.cfg.generation_size)
-            self.generation(task, v, n, prog["round"], bar)
-            v["generation"] += 1
+        while v.generation < generations:
+            n = min(self.cfg.generation_size, self.cfg.children - v.generation * self.cfg.generation_size)
+            self.generation(task, v, n, prog.round, bar)
+            v.generation += 1
             s.save(self.out)
         bar.close()
         self.end_visit(task, v)
 
-    def generation(self, task: str, v: dict, n: int, round_: int, bar) -> None:
+    def generation(self, task: str, v: Visit, n: int, round_: int, bar) -> None:
         s = self.sys
         rng = s.rng
-        pop = [s.paths[p] for p in v["population"]]
+        pop = [s.paths[p] for p in v.population]
         base = max(pop, key=lambda p: p.metrics["score"]) if pop else None
         base_hp = base.hparams if base else self.default_hparams(task)
         data_keys = {k: base_hp[k] for k in H.DATA_KEYS}
@@ -169,11 +165,11 @@ class Evolution:
         batch_seed = rng.randrange(2**31)
         plan = []  # (parent, mutate)
         for _ in range(n):
-            if v["seeds"]:
-                plan.append((s.paths[v["seeds"].pop(0)], False))
+            if v.seeds:
+                plan.append((s.paths[v.seeds.pop(0)], False))
             else:
                 plan.append((self.sample_parent(v), True))
-            v["child_counts"][plan[-1][0].id] = v["child_counts"].get(plan[-1][0].id, 0) + 1
+            v.child_counts[plan[-1][0].id] = v.child_counts.get(plan[-1][0].id, 0) + 1
         for parent, mutate in plan:
             child, fresh = self.make_child(task, parent, mutate, data_keys)
             record = self.train_child(task, child, fresh, batch_seed)
@@ -182,23 +178,23 @@ class Evolution:
                 for comp in fresh.values():
                     s.store.adopt(comp)
                 s.paths[child.id] = child
-                v["population"].append(child.id)
-            record.update(round=round_ + 1, generation=v["generation"], parent=parent.id, seed=not mutate, accepted=accept)
+                v.population.append(child.id)
+            record.update(round=round_ + 1, generation=v.generation, parent=parent.id, seed=not mutate, accepted=accept)
             s.history.append(record)
-            best = max((s.paths[p] for p in v["population"]), key=lambda p: p.metrics["score"], default=None)
+            best = max((s.paths[p] for p in v.population), key=lambda p: p.metrics["score"], default=None)
             bar.update(1)
             if best is not None:
                 bar.set_postfix(
-                    gen=v["generation"] + 1,
+                    gen=v.generation + 1,
                     best_acc=f"{best.metrics['val_accuracy']:.3f}",
                     score=f"{best.metrics['score']:.3f}",
                     params=f"{best.metrics['params'] / 1e3:.0f}k",
                 )
 
-    def end_visit(self, task: str, v: dict) -> None:
+    def end_visit(self, task: str, v: Visit) -> None:
         """Keep the task's best path, lock its components, drop the rest, test the best."""
         s = self.sys
-        pop = [s.paths[p] for p in v["population"]]
+        pop = [s.paths[p] for p in v.population]
         if not pop:
             raise RuntimeError(f"task {task} ended its visit with no accepted path")
         best = max(pop, key=lambda p: p.metrics["score"])
@@ -212,7 +208,7 @@ class Evolution:
         s.store.remove_unused(used)
         model = PathModel.from_store(s.store, best).to(self.dev)
         best.metrics["test_accuracy"] = accuracy(model, self.data[task].test, best.image_size)
-        best.metrics["visit_seconds"] = round(time.time() - v["started"], 1)
+        best.metrics["visit_seconds"] = round(time.time() - v.started, 1)
         log.info(
             "%s: best %s val %.3f test %.3f params %d accounted %.0f",
             task, best.id, best.metrics["val_accuracy"], best.metrics["test_accuracy"], best.metrics["params"], best.metrics["accounted_params"],
@@ -230,15 +226,15 @@ class Evolution:
         keep = set(self.sys.rng.sample(range(len(candidates)), cap))
         return [c for i, c in enumerate(candidates) if i in keep]
 
-    def sample_parent(self, v: dict) -> TaskPath:
+    def sample_parent(self, v: Visit) -> TaskPath:
         """Best score first, each taken with probability 0.5 ** (children it already has);
         failing that, uniformly among the seeds tried and the task's own paths."""
         s = self.sys
-        pop = sorted((s.paths[p] for p in v["population"]), key=lambda p: -p.metrics["score"])
+        pop = sorted((s.paths[p] for p in v.population), key=lambda p: -p.metrics["score"])
         for p in pop:
-            if s.rng.random() < 0.5 ** v["child_counts"].get(p.id, 0):
+            if s.rng.random() < 0.5 ** v.child_counts.get(p.id, 0):
                 return p
-        candidates = [s.paths[p] for p in v["child_counts"] if p in s.paths] + pop
+        candidates = [s.paths[p] for p in v.child_counts if p in s.paths] + pop
         return s.rng.choice(candidates)
 
     def default_hparams(self, task: str) -> dict:
@@ -254,7 +250,7 @@ class Evolution:
         """A child path of ``parent`` for ``task`` and its fresh (trainable) components."""
         s, rng, root = self.sys, self.sys.rng, self.sys.root
         hp = dict(self.default_hparams(task), **parent.hparams) if parent.id != "root" else self.default_hparams(task)
-        structural = self.strategy == "munet"
+        structural = self.strategy.mutates_structure
         if mutate:
             hp = H.mutate_mu(hp, rng, self.cfg.mutation_prob)
             keys = H.TRAIN_KEYS + (("num_blocks",) if structural else ())
@@ -267,9 +263,7 @@ class Evolution:
         names = ["patch_embed", "cls_token", "pos_embed"]
         parent_ids = {s.store[c].name: c for c in parent.components}
         root_ids = {s.store[c].name: c for c in s.root_path.components}
-        adapter_width = None
-        if self.strategy == "adapters":
-            adapter_width = self.strategy_arg
+        adapter_width = self.strategy.adapter_width
         for i in range(hp["num_blocks"]):
             if f"adapters.{i}" in parent_ids or adapter_width:
                 names.append(f"adapters.{i}")
@@ -291,7 +285,7 @@ class Evolution:
             elif src is None:  # a new adapter
                 width = adapter_width or hp["adapter_width"]
                 comp = Component(s.store.new_id(), name, Adapter(root.embed_dim, width, eps=root.norm_eps))
-            elif self.must_clone(name, src, mu, rng):
+            elif self.strategy.must_clone(name, s.store[src], mu, rng):
                 comp = s.store.clone(src)
                 if name == "pos_embed" and comp.module.embed.shape[1] != grid_tokens:
                     comp.module.embed.data = resample_pos_embed(comp.module.embed.data, grid_tokens)
@@ -302,18 +296,6 @@ class Evolution:
             fresh[comp.id] = comp
             ids.append(comp.id)
         return TaskPath(s.new_path_id(), task, ids, hp, parent=parent.id), fresh
-
-    def must_clone(self, name: str, src: str, mu: float, rng) -> bool:
-        comp = self.sys.store[src]
-        if name == "norm" or comp.trainable:
-            return True
-        if self.strategy == "finetune":
-            return True
-        if self.strategy == "freeze":
-            return component_kind(name) == "blocks" and block_index(name) >= self.strategy_arg
-        if self.strategy == "adapters":
-            return False
-        return rng.random() < mu
 
     def train_child(self, task: str, child: TaskPath, fresh: dict, batch_seed: int) -> dict:
         s = self.sys

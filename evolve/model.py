@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 
@@ -69,19 +70,19 @@ class ClsToken(nn.Module):
 
 def resample_pos_embed(embed: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Resize a (1, 1 + g*g, D) position embedding to ``num_tokens`` = 1 + h*h tokens:
-    bilinear over the square grid, the class position kept as is."""
+    bilinear over the square grid (timm's ``resample_abs_pos_embed``, no antialiasing; it
+    interpolates in float32), the class position kept as is. An embedding that already has
+    ``num_tokens`` is returned as is, also while exporting, so exported graphs hold no resize
+    for it."""
     if embed.shape[1] == num_tokens:
         return embed
     old = int(round(math.sqrt(embed.shape[1] - 1)))
     new = int(round(math.sqrt(num_tokens - 1)))
     if old * old != embed.shape[1] - 1 or new * new != num_tokens - 1:
         raise ValueError(f"position embedding needs square grids, got {embed.shape[1]} -> {num_tokens} tokens")
-    cls_pos, grid = embed[:, :1], embed[:, 1:]
-    dim = embed.shape[-1]
-    grid = grid.reshape(1, old, old, dim).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(new, new), mode="bilinear", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new * new, dim)
-    return torch.cat([cls_pos, grid], dim=1)
+    return resample_abs_pos_embed(
+        embed, new_size=[new, new], old_size=[old, old], num_prefix_tokens=1, interpolation="bilinear", antialias=False
+    )
 
 
 class PosEmbed(nn.Module):
@@ -166,10 +167,6 @@ class Component:
     def tensors(self) -> dict[str, torch.Tensor]:
         """Tensor name (inside the component) -> tensor, e.g. ``attn.qkv.weight``."""
         return {k: v for k, v in self.module.state_dict().items()}
-
-    def signature(self) -> tuple:
-        """Name and tensor shapes: two components with equal signatures are interchangeable."""
-        return (self.name, tuple((k, tuple(v.shape)) for k, v in self.tensors().items()))
 
 
 class ComponentStore:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from mutask.cache import cache_dir
 
 from .root import build_vit, load_root_dir, save_root_dir
-from .train import accuracy, augment, device, lr_at, model_input
+from .train import accuracy, augment, device, lr_scheduler, model_input
 
 log = logging.getLogger("mutask")
 
@@ -54,14 +54,14 @@ def pretrain(out, budget: str = "quick", seed: int = 0, show_progress: bool = Tr
     labels = torch.from_numpy(np.asarray(data.train.labels, dtype=np.int64))
     gen = torch.Generator().manual_seed(seed)
     steps, bs = cfg["steps"], cfg["batch_size"]
+    sched = lr_scheduler(opt, steps, hp)
     t0 = time.perf_counter()
     vit.train()
     bar = tqdm(range(steps), desc=f"pretrain root on {PRETRAIN_TASK} ({budget})", disable=not show_progress, unit="step")
     for step in bar:
         idx = torch.randint(0, len(labels), (bs,), generator=gen)
         x = augment(model_input(images[idx.numpy()], ARCH["img_size"], device()), hp, gen)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, hp)
+        sched.step_update(step)
         loss = F.cross_entropy(vit(x), labels[idx].to(device()), label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)
         loss.backward()

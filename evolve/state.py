@@ -16,7 +16,6 @@ state readable.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import tempfile
@@ -25,9 +24,11 @@ from pathlib import Path
 
 import torch
 
+from mutask.documents import current_umask, read_document, write_document
 from mutask.errors import MutaskError
 
 from .model import ComponentStore, TaskPath
+from .progress import Progress
 from .root import Root, build_vit
 
 FORMAT = "mutask-state"
@@ -46,7 +47,7 @@ class System:
     tasks: dict[str, dict] = field(default_factory=dict)  # task -> {"spec", "seed", "class_names", ...}
     config: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
-    progress: dict | None = None
+    progress: Progress | None = None  # None: no run in progress
     rng: random.Random = field(default_factory=random.Random)
     next_path: int = 0
     root_params: int = 0
@@ -70,15 +71,12 @@ class System:
         return self.paths[self.best[task]]
 
     # -- parameter accounting (the method note's definitions) ------------------------------
-    def users(self, cid: str) -> set:
-        return set(self.store[cid].locks)
-
     def accounted_params(self, component_ids, task: str, fresh: dict | None = None) -> float:
         """Each component counts num_params / k, k = tasks using it (this one included).
         ``fresh`` maps ids of a child's clones (not in the store) to components."""
         fresh = fresh or {}
         total = 0.0
-        for cid in set(component_ids):
+        for cid in dict.fromkeys(component_ids):  # each once, in path order: the same float sum every run
             if cid in fresh:
                 total += fresh[cid].num_params
             else:
@@ -110,6 +108,7 @@ class System:
                 tensors[f"{cid}/{k}"] = v.detach().to("cpu").contiguous()
         fd, tmp = tempfile.mkstemp(prefix=".components-", dir=d)
         os.close(fd)
+        os.chmod(tmp, 0o666 & ~current_umask())  # like state.json: mkstemp makes 0600
         save_file(tensors, tmp, metadata={"format": "mutask-components", "version": "1"})
         os.replace(tmp, d / weights_name)
         doc = {
@@ -128,15 +127,10 @@ class System:
             "next_component": self.store.next_id,
             "next_path": self.next_path,
             "rng_state": _rng_to_json(self.rng.getstate()),
-            "progress": self.progress,
+            "progress": self.progress.to_json() if self.progress is not None else None,
             "history": self.history,
         }
-        fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".json", dir=d)
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, d / STATE_FILE)
+        write_document(d / STATE_FILE, doc, indent=1)
         for old in d.glob("components-*.safetensors"):
             if old.name != weights_name:
                 old.unlink(missing_ok=True)
@@ -152,14 +146,10 @@ class System:
             raise MutaskError(f"STATE {str(d)!r} does not exist. Give a directory written by `mutask evolve --out STATE`.")
         if not state_file.is_file():
             raise MutaskError(f"{str(d)!r} holds no {STATE_FILE}: not a mutask STATE (or one that never finished its first save). Run `mutask evolve --out {d}` again.")
-        try:
-            doc = json.loads(state_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MutaskError(f"{state_file} is not valid JSON ({e}): the STATE is damaged. Restore it or evolve again.") from e
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise MutaskError(f"{state_file} is not a mutask STATE (format {doc.get('format') if isinstance(doc, dict) else None!r}).")
-        if doc.get("version") != VERSION:
-            raise MutaskError(f"STATE {str(d)!r} has format version {doc.get('version')!r}; this mutask reads version {VERSION}. Evolve it again with this version.")
+        doc = read_document(
+            state_file, format=FORMAT, version=VERSION, version_key="version", what="mutask STATE",
+            fix="Restore the STATE from a copy, or evolve its tasks again with this version of mutask.",
+        )
         weights = d / doc["weights"]
         try:
             tensors = load_file(str(weights))
@@ -191,7 +181,7 @@ class System:
             tasks=dict(doc["tasks"]),
             config=dict(doc["config"]),
             history=list(doc["history"]),
-            progress=doc.get("progress"),
+            progress=Progress.from_json(doc.get("progress")),
             rng=rng,
             next_path=doc["next_path"],
             root_params=int(doc["root"]["params"]),

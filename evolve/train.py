@@ -1,9 +1,10 @@
 """Training and evaluation of one model on one task (a child, a baseline, or the root).
 
 The recipe follows the muNet reference: SGD with momentum (optionally Nesterov), a warm-up
-from lr/100 followed by a constant, cosine or cosine-with-restarts schedule, gradient clipping
-at global norm 1, no dropout, no weight decay, no label smoothing. The model is validated
-several times during training and keeps its best evaluation (its parameters at that point).
+from lr/100 followed by a constant, cosine or cosine-with-restarts schedule (timm's
+schedulers, stepped per update), gradient clipping at global norm 1, no dropout, no weight
+decay, no label smoothing. The model is validated several times during training and keeps
+its best evaluation (its parameters at that point).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.scheduler import CosineLRScheduler, StepLRScheduler
+from timm.scheduler.scheduler import Scheduler
 from torch import nn
 
 from mutask.preprocessing import Preprocessing
@@ -65,19 +68,21 @@ def augment(x: torch.Tensor, hp: dict, gen: torch.Generator) -> torch.Tensor:
     return x
 
 
-def lr_at(step: int, total: int, hp: dict) -> float:
-    """Warm-up from lr/100 over warmup_ratio of the steps, then the schedule."""
+def lr_scheduler(optimizer: torch.optim.Optimizer, total: int, hp: dict) -> Scheduler:
+    """timm's per-step scheduler for ``total`` steps: a linear warm-up from lr/100 over
+    ``warmup_ratio`` of the steps (at least one), then ``hp["lr_schedule"]``: ``constant``,
+    ``cosine`` (to zero at ``total``) or ``restarts`` (cosine with 2 restarts: 3 equal cycles).
+    The peak lr is the optimizer's (``hp["lr"]``); call ``step_update(step)`` before step
+    ``step`` (from 0)."""
     lr = float(hp["lr"])
     warm = max(1, int(round(total * float(hp["warmup_ratio"]))))
-    if step < warm:
-        return lr / 100 + (lr - lr / 100) * step / warm
-    t = (step - warm) / max(1, total - warm)
-    schedule = hp["lr_schedule"]
-    if schedule == "constant":
-        return lr
-    if schedule == "restarts":  # cosine with 2 restarts (3 cycles)
-        t = (t * 3) % 1.0
-    return lr * 0.5 * (1 + math.cos(math.pi * t))
+    common = dict(warmup_t=warm, warmup_lr_init=lr / 100, t_in_epochs=False)
+    cycles = 3 if hp["lr_schedule"] == "restarts" else 1
+    cycle = (total - warm) / cycles
+    if hp["lr_schedule"] == "constant" or total - warm <= 1 or cycle == 1:
+        # (with at most one step after the warm-up, or 1-step cycles, every step is at the peak)
+        return StepLRScheduler(optimizer, decay_t=max(1, total), decay_rate=1.0, **common)
+    return CosineLRScheduler(optimizer, t_initial=cycle, cycle_limit=cycles, warmup_prefix=True, **common)
 
 
 @torch.no_grad()
@@ -131,6 +136,7 @@ def train(
     labels = torch.from_numpy(np.asarray(train_split.labels, dtype=np.int64))
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(params, lr=float(hp["lr"]), momentum=float(hp["momentum"]), nesterov=bool(hp["nesterov"]) and float(hp["momentum"]) > 0)
+    sched = lr_scheduler(opt, steps, hp)
     eval_at = sorted({max(1, round(steps * (k + 1) / validations)) for k in range(max(1, validations))})
     best = (-1.0, 0, None)
     curve = []
@@ -146,8 +152,7 @@ def train(
         pos += batch_size
         x = augment(model_input(images[idx.numpy()], size, dev), hp, gen)
         y = labels[idx].to(dev)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step - 1, steps, hp)
+        sched.step_update(step - 1)
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()

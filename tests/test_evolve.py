@@ -1,6 +1,7 @@
 """The muNet loop: evolution, scoring, immutability of other tasks, state, resume."""
 
 import json
+import math
 from dataclasses import asdict
 
 import pytest
@@ -10,7 +11,8 @@ from mutask.evolve.evolution import EvolveConfig, Evolution
 from mutask.evolve.model import PathModel
 from mutask.evolve.report import draw_system, report
 from mutask.evolve.state import System
-from mutask.evolve.train import predict
+from mutask.evolve.strategies import parse_strategy
+from mutask.evolve.train import lr_scheduler, predict
 from mutask.errors import MutaskError
 from tests.conftest import synthetic_task
 
@@ -119,8 +121,8 @@ def test_interrupted_run_resumes(tiny_root, tmp_path, monkeypatch):
     monkeypatch.setattr(Evolution, "train_child", original)
 
     saved = System.load(out)
-    assert saved.progress is not None and saved.progress["visit"]["task"] == "b"
-    assert saved.progress["visit"]["generation"] == 0 and len(saved.history) == 4
+    assert saved.progress is not None and saved.progress.visit.task == "b"
+    assert saved.progress.visit.generation == 0 and len(saved.history) == 4
     assert "a" in saved.best and "b" not in saved.best
     Evolution(saved, data, out, show_progress=False).run(saved.config["order"])
     done = System.load(out)
@@ -173,3 +175,36 @@ def test_state_errors(tiny_root, tmp_path):
     (tmp_path / "st" / "state.json").write_text('{"format": "mutask-state", "vers')
     with pytest.raises(MutaskError, match="not valid JSON"):
         System.load(tmp_path / "st")
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "restarts"])
+@pytest.mark.parametrize("total, ratio", [(1, 0.1), (6, 0.4), (40, 0.05), (200, 0.01), (2500, 0.2)])
+def test_lr_schedule(schedule, total, ratio):
+    """Warm-up from lr/100 to lr over round(total * ratio) steps (at least one), then constant,
+    cosine to zero at ``total``, or cosine restarting at each third of the remaining steps."""
+    lr = 0.02
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = lr_scheduler(opt, total, {"lr": lr, "warmup_ratio": ratio, "lr_schedule": schedule})
+    warm = max(1, round(total * ratio))
+    for step in range(total):
+        sched.step_update(step)
+        if step < warm:
+            expected = lr / 100 + (lr - lr / 100) * step / warm
+        else:
+            t = (step - warm) / max(1, total - warm)
+            t = {"constant": 0.0, "cosine": t, "restarts": (3 * t) % 1.0}[schedule]
+            expected = lr * 0.5 * (1 + math.cos(math.pi * t))
+        assert opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12, abs=1e-15), step
+
+
+def test_strategies():
+    assert [str(parse_strategy(s)) for s in ("munet", "finetune", "freeze:2", "adapters:8")] == ["munet", "finetune", "freeze:2", "adapters:8"]
+    munet, freeze, adapters = parse_strategy("munet"), parse_strategy("freeze:2"), parse_strategy("adapters:8")
+    assert munet.seed_candidates(["p1", "p2"]) == ["p1", "p2", "root"] and freeze.seed_candidates(["p1"]) == ["root"]
+    assert munet.mutates_structure and not freeze.mutates_structure and not adapters.mutates_structure
+    assert adapters.adapter_width == 8 and munet.adapter_width is None and freeze.adapter_width is None
+    for bad in ("bogus", "freeze", "freeze:x", "adapters:", "Munet"):
+        with pytest.raises(MutaskError, match=r"unknown strategy .*; use munet, finetune, freeze:K or adapters:W\."):
+            parse_strategy(bad)
+    with pytest.raises(MutaskError, match="unknown strategy 'freeze:-1'"):
+        EvolveConfig(strategy="freeze:-1").validate()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mutask.evolve import suite
+from mutask.evolve.suite import cache as suite_cache
 from mutask.evolve.tasks import EMBEDDED_TASKS, PRETRAIN_TASK, describe_tasks, load_task
 from mutask.errors import MutaskError
 
@@ -86,7 +87,7 @@ def test_cache_file_reused(built, cache_root, monkeypatch):
     def fail(*a, **k):
         raise AssertionError("rebuilt instead of reading the cache")
 
-    monkeypatch.setattr(suite, "generate_task", fail)
+    monkeypatch.setattr(suite_cache, "generate_task", fail)  # what load_embedded calls to build a task
     again = load_task("shapes", seed=0)
     np.testing.assert_array_equal(again.test.images, built["shapes"].test.images)
     np.testing.assert_array_equal(again.train.labels, built["shapes"].train.labels)
