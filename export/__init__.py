@@ -1,14 +1,17 @@
 """Export: an evolved system to ONNX graphs over one deduplicated weights file (``mutask export``).
 
 Reading needs no torch: :mod:`export.artifact` (``load_artifact``, ``Artifact``,
-``ArtifactError``, ``FORMAT_VERSION``) is what the server imports. Writing lives in
-:mod:`export.build` (torch); its entry points are reachable from here lazily, so importing
-this package never imports torch. The format is specified in ``export/FORMAT.md``.
+``ArtifactError``, ``FORMAT_VERSION``) and the manifest schema it validates with
+(:mod:`export.manifest`, ``Manifest``) are what the server imports, eagerly. Writing
+(:mod:`export.build`, torch) and checking (:mod:`export.verify`) are reachable from here
+lazily, so importing this package never imports torch. The format is specified in
+``export/FORMAT.md``.
 """
 
 from .artifact import FORMAT_VERSION, Artifact, ArtifactError, artifact_stats, load_artifact
+from .manifest import Manifest
 
-__all__ = ["FORMAT_VERSION", "Artifact", "ArtifactError", "artifact_stats", "load_artifact", "export_system", "verify_artifact"]
+__all__ = ["FORMAT_VERSION", "Artifact", "ArtifactError", "Manifest", "artifact_stats", "load_artifact", "export_system", "verify_artifact"]
 
 
 def __getattr__(name):

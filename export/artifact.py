@@ -22,8 +22,14 @@ from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, ArtifactError, 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "WEIGHTS", "Artifact", "ArtifactError", "load_artifact", "artifact_stats"]
 
 
-def _fix(path) -> str:
-    return f"Re-export it: `mutask export STATE --out {path} --force`."
+def reexport_command(path) -> str:
+    """The command that rewrites the artifact at ``path``, in backticks."""
+    return f"`mutask export STATE --out {path} --force`"
+
+
+def reexport_hint(path) -> str:
+    """The fix for an artifact at ``path`` that cannot be read as it is."""
+    return f"Re-export it: {reexport_command(path)}."
 
 
 def sha256_file(path, chunk: int = 1 << 22) -> str:
@@ -56,11 +62,16 @@ def read_safetensors_header(path) -> tuple[int, dict]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ArtifactError(f"{path} has a damaged safetensors header ({e}).") from e
+    if not isinstance(header, dict):
+        raise ArtifactError(f"{path} has a damaged safetensors header (not a JSON object).")
     start = 8 + n
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        begin, end = info["data_offsets"]
+        try:
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ArtifactError(f"{path} has a damaged safetensors header: tensor {key!r} has no valid data_offsets.") from None
         if not (0 <= begin <= end and start + end <= size):
             raise ArtifactError(f"{path}: tensor {key!r} lies outside the file ({start + end} > {size} bytes): truncated.")
     return start, header
@@ -215,21 +226,27 @@ def load_artifact(path, verify: bool = True) -> Artifact:
     and graphs' sha256, the weights header, and that every external-data reference of every
     graph is exactly one tensor of the weights file. Raises :class:`ArtifactError` naming the file
     (and the field, for a manifest that does not validate) and the fix."""
-    d = pathlib.Path(path)
+    try:
+        return _open_artifact(pathlib.Path(path), verify)
+    except OSError as e:  # unreadable file or directory (permissions, I/O error)
+        raise ArtifactError(f"cannot read {e.filename or path}: {e.strerror or e}. Check its permissions, or re-export it: {reexport_command(path)}.") from None
+
+
+def _open_artifact(d: pathlib.Path, verify: bool) -> Artifact:
     if not d.is_dir():
         raise ArtifactError(f"artifact {str(d)!r} does not exist. Write one with `mutask export STATE --out {d}`.")
     mpath = d / MANIFEST
     if not mpath.is_file():
-        raise ArtifactError(f"{str(d)!r} holds no {MANIFEST}: not a mutask artifact (or an unfinished copy). {_fix(d)}")
-    manifest = Manifest.load(mpath, _fix(d))
+        raise ArtifactError(f"{str(d)!r} holds no {MANIFEST}: not a mutask artifact (or an unfinished copy). {reexport_hint(d)}")
+    manifest = Manifest.load(mpath, reexport_hint(d))
     art = Artifact(d, manifest)
     for name in [manifest.weights, *manifest.graph_files()]:
         if not (d / name).is_file():
-            raise ArtifactError(f"artifact {str(d)!r} is missing {name}. Copy the whole directory, or {_fix(d).lower()}")
+            raise ArtifactError(f"artifact {str(d)!r} is missing {name}. Copy the whole directory, or re-export it: {reexport_command(d)}.")
     wpath = art.weights_path
     size = wpath.stat().st_size
     if size != manifest.weights_bytes:
-        raise ArtifactError(f"{wpath} has {size} bytes, the manifest says {manifest.weights_bytes}: it is truncated or altered. {_fix(d)}")
+        raise ArtifactError(f"{wpath} has {size} bytes, the manifest says {manifest.weights_bytes}: it is truncated or altered. {reexport_hint(d)}")
     if verify:
         _verify_files(art, size)
     return art
@@ -238,7 +255,7 @@ def load_artifact(path, verify: bool = True) -> Artifact:
 def _verify_files(art: Artifact, size: int) -> None:
     d, manifest, wpath = art.path, art.manifest, art.weights_path
     if sha256_file(wpath) != manifest.weights_sha256:
-        raise ArtifactError(f"{wpath} does not match its sha256 in the manifest: the weights were altered or damaged. {_fix(d)}")
+        raise ArtifactError(f"{wpath} does not match its sha256 in the manifest: the weights were altered or damaged. {reexport_hint(d)}")
     start, header = read_safetensors_header(wpath)
     ranges = {}
     for key, info in header.items():
@@ -248,17 +265,17 @@ def _verify_files(art: Artifact, size: int) -> None:
     for cid, comp in manifest.components.items():
         for key in comp.tensors:
             if key not in header:
-                raise ArtifactError(f"{wpath} lacks tensor {key!r} of component {cid}: weights and manifest disagree. {_fix(d)}")
+                raise ArtifactError(f"{wpath} lacks tensor {key!r} of component {cid}: weights and manifest disagree. {reexport_hint(d)}")
     for name in manifest.graph_files():
         gpath = d / name
         data = gpath.read_bytes()
         rec = manifest.graphs[name]
         if len(data) != rec.bytes or hashlib.sha256(data).hexdigest() != rec.sha256:
-            raise ArtifactError(f"{gpath} does not match its sha256 in the manifest: the graph was altered or damaged. {_fix(d)}")
+            raise ArtifactError(f"{gpath} does not match its sha256 in the manifest: the graph was altered or damaged. {reexport_hint(d)}")
         try:
             refs = external_refs(data)
         except ValueError as e:
-            raise ArtifactError(f"{gpath} is not a readable ONNX model ({e}). {_fix(d)}") from e
+            raise ArtifactError(f"{gpath} is not a readable ONNX model ({e}). {reexport_hint(d)}") from e
         for r in refs:
             if not r["external"]:
                 continue
@@ -267,7 +284,7 @@ def _verify_files(art: Artifact, size: int) -> None:
             if r["length"] is None or r["offset"] < start or r["offset"] + r["length"] > size or (r["offset"], r["length"]) not in ranges:
                 raise ArtifactError(
                     f"{gpath}: initializer {r['name']!r} reads bytes {r['offset']}..{r['offset'] + (r['length'] or 0)} of {wpath.name}, "
-                    f"which are not one tensor of that file ({size} bytes). {_fix(d)}"
+                    f"which are not one tensor of that file ({size} bytes). {reexport_hint(d)}"
                 )
 
 

@@ -205,7 +205,8 @@ class Manifest(Strict):
             if state.get(sid) == "done":
                 return
             if state.get(sid) == "open":
-                raise ValueError(f"segments: the parent links form a cycle through {' -> '.join(trail + (sid,))}")
+                cycle = trail[trail.index(sid):] + (sid,)
+                raise ValueError(f"segments.{sid}.parents: the parent links form a cycle {' -> '.join(cycle)}")
             state[sid] = "open"
             for p in self.segments[sid].parents:
                 visit(p, trail + (sid,))
@@ -232,6 +233,9 @@ class Manifest(Strict):
             return cls.model_validate(doc)
         except ValidationError as e:
             err = e.errors(include_url=False)[0]
-            field = ".".join(str(x) for x in err["loc"]) or "(the manifest)"
+            if err["loc"]:  # a field's own type or value
+                problem = f"field {'.'.join(str(x) for x in err['loc'])}: {err['msg']}"
+            else:  # a cross reference; its message starts with the field it is about
+                problem = str(err.get("ctx", {}).get("error", err["msg"]))
             more = f" (and {e.error_count() - 1} more problem(s))" if e.error_count() > 1 else ""
-            raise ArtifactError(f"{path}: field {field}: {err['msg']}{more}. The manifest is damaged or was edited. {fix}") from None
+            raise ArtifactError(f"{path}: {problem}{more}. The manifest is damaged or was edited. {fix}") from None

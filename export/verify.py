@@ -13,7 +13,7 @@ import logging
 
 import numpy as np
 
-from .artifact import ArtifactError, load_artifact
+from .artifact import ArtifactError, load_artifact, reexport_hint
 
 log = logging.getLogger("mutask")
 
@@ -54,10 +54,8 @@ def compare(got: np.ndarray, ref: np.ndarray) -> dict:
 
 def _inputs(art, task: str, data: dict | None):
     """(batches, labels or None, source description) for a task."""
-    from mutask.preprocessing import Preprocessing
-
-    rec = art.tasks[task]
-    size = int(rec["image_size"])
+    entry = art.tasks[task]
+    size = entry.image_size
     td, why = None, ""
     if data is not None and task in data:
         td = data[task]
@@ -65,15 +63,34 @@ def _inputs(art, task: str, data: dict | None):
         try:
             from mutask.evolve.tasks import load_task
 
-            td = load_task(rec["spec"], seed=rec.get("seed", 0))
+            td = load_task(entry.spec, seed=entry.seed)
         except Exception as e:  # directory gone, unknown spec
             why = str(e)
     if td is not None and len(td.test):
         images = td.test.resized(size)
-        pre = Preprocessing(image_size=size)
-        return [pre.normalize(images[i : i + BATCH]) for i in range(0, len(images), BATCH)], np.asarray(td.test.labels), "test split"
+        return [entry.preprocessing.normalize(images[i : i + BATCH]) for i in range(0, len(images), BATCH)], np.asarray(td.test.labels), "test split"
     log.warning("task %s: test data unavailable (%s); checking on random inputs", task, why or "empty test split")
     return [random_inputs(32, size, seed=0)], None, "random inputs (test data unavailable)"
+
+
+def _open(path):
+    """:func:`ort_session`, with ONNX Runtime's refusal as an :class:`ArtifactError`."""
+    try:
+        return ort_session(path)
+    except ImportError as e:
+        raise ArtifactError(f"checking an artifact needs ONNX Runtime ({e}). `pip install onnxruntime`.") from None
+    except Exception as e:  # onnxruntime's own exception types (InvalidGraph, Fail, ...)
+        raise ArtifactError(f"{path}: ONNX Runtime cannot load this graph ({type(e).__name__}: {e}). {reexport_hint(path.parent)}") from None
+
+
+def _run(path, session, x: np.ndarray, input_name: str, output_name: str) -> np.ndarray:
+    """Output ``output_name`` of ``session`` (the graph at ``path``) fed ``x`` as
+    ``input_name``; ONNX Runtime's failure (a graph without those names included) as an
+    :class:`ArtifactError`."""
+    try:
+        return session.run([output_name], {input_name: x})[0]
+    except Exception as e:  # onnxruntime's own exception types
+        raise ArtifactError(f"{path}: ONNX Runtime cannot run this graph ({type(e).__name__}: {e}). {reexport_hint(path.parent)}") from None
 
 
 def verify_artifact(path, data=None, *, show_progress: bool = False, raise_on_failure: bool = True) -> dict:
@@ -85,33 +102,40 @@ def verify_artifact(path, data=None, *, show_progress: bool = False, raise_on_fa
     report = {"path": str(art.path), "integrity": "ok: format version, files, sha256, external-data references", "tasks": {}}
     sessions: dict = {}
     for task in tqdm(list(art.tasks), desc="verify", unit="task", disable=not show_progress, leave=False):
+        entry = art.tasks[task]
         batches, labels, source = _inputs(art, task, data)
-        graph = ort_session(art.graph_path(task))
-        for sid in art.chain(task):
+        graph_path = art.graph_path(task)
+        graph = _open(graph_path)
+        chain_paths = [art.segment_path(sid) for sid in entry.segments]
+        for sid, path in zip(entry.segments, chain_paths):
             if sid not in sessions:
-                sessions[sid] = ort_session(art.segment_path(sid))
-        chain = [sessions[sid] for sid in art.chain(task)]
-        got = np.concatenate([graph.run(["logits"], {"image": x})[0] for x in batches])
-        via = np.concatenate([run_chain(chain, x) for x in batches])
+                sessions[sid] = _open(path)
+        got, via = [], []
+        for x in batches:
+            got.append(_run(graph_path, graph, x, "image", "logits"))
+            for sid, path in zip(entry.segments, chain_paths):
+                x = _run(path, sessions[sid], x, "input", "output")
+            via.append(x)
+        got, via = np.concatenate(got), np.concatenate(via)
         cmp = compare(via, got)
         rec = {
             "inputs": source,
             "examples": int(len(got)),
-            "chain": art.chain(task),
+            "chain": list(entry.segments),
             "chain_vs_graph_max_abs_diff": cmp["max_abs_diff"],
             "chain_vs_graph_argmax_agreement": cmp["argmax_agreement"],
-            "ok": cmp["ok"] and got.shape[1] == len(art.tasks[task]["labels"]),
+            "ok": cmp["ok"] and got.ndim == 2 and got.shape[1] == len(entry.labels),
         }
         if labels is not None:
             rec["test_accuracy"] = float((got.argmax(1) == labels).mean())
-            rec["recorded_test_accuracy"] = art.tasks[task].get("metrics", {}).get("test_accuracy")
+            rec["recorded_test_accuracy"] = entry.metrics.test_accuracy
         report["tasks"][task] = rec
     bad = [t for t, r in report["tasks"].items() if not r["ok"]]
     report["ok"] = not bad
     if bad and raise_on_failure:
         lines = [
             f"  {t}: chain vs graph max |diff| {report['tasks'][t]['chain_vs_graph_max_abs_diff']:.3g}, "
-            f"arg-max agreement {report['tasks'][t]['chain_vs_graph_argmax_agreement']:.4f}, outputs {len(art.tasks[t]['labels'])} labels"
+            f"arg-max agreement {report['tasks'][t]['chain_vs_graph_argmax_agreement']:.4f}, outputs {len(art.tasks[t].labels)} labels"
             for t in bad
         ]
         raise ArtifactError(f"artifact {art.path} is inconsistent (segment chains must match task graphs within {ATOL:g}):\n" + "\n".join(lines) + "\nRe-export it with `mutask export STATE --out ART --force`.")

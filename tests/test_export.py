@@ -17,9 +17,11 @@ from mutask.evolve.state import System
 from mutask.evolve.train import predict
 from mutask.preprocessing import Preprocessing
 from mutask.export.artifact import WEIGHTS, ArtifactError, artifact_stats, external_refs, load_artifact
-from mutask.export.build import INLINE_LIMIT, content_key, export_system
+from mutask.export.build import export_system
+from mutask.export.graphs import INLINE_LIMIT
 from mutask.export.segments import plan_segments
 from mutask.export.verify import verify_artifact
+from mutask.export.weights import content_key
 from mutask.errors import MutaskError
 from tests.conftest import add_task, make_root, synthetic_task
 
@@ -97,61 +99,63 @@ def test_weights_hold_every_unique_tensor_once(evolved):
     # c's norm is an unchanged clone of a's: its tensors point at a's bytes, not copies
     na = next(c for c in s.best_path("a").components if s.store[c].name == "norm")
     nc = next(c for c in s.best_path("c").components if s.store[c].name == "norm")
-    assert na != nc and a.components[nc]["tensors"] == a.components[na]["tensors"]
+    assert na != nc and a.components[nc].tensors == a.components[na].tensors
     # every component tensor is in the file, with its exact content
     for cid in used:
         rec = a.components[cid]
-        assert rec["num_params"] == s.store[cid].num_params and rec["name"] == s.store[cid].name
-        assert rec["used_by"] == [t for t in s.best if cid in s.best_path(t).components]
+        assert rec.num_params == s.store[cid].num_params and rec.name == s.store[cid].name
+        assert rec.used_by == [t for t in s.best if cid in s.best_path(t).components]
         for name, t in s.store[cid].tensors().items():
-            assert np.array_equal(tensors[rec["tensor_map"][name]], t.numpy())
+            assert np.array_equal(tensors[rec.tensor_map[name]], t.numpy())
     # header metadata says which components use each tensor
     with safe_open(str(art / WEIGHTS), "np") as f:
         meta = f.metadata()
     assert meta["format"] == "mutask-weights"
     for key in tensors:
-        assert all(key in a.components[c]["tensors"] for c in meta[key].split(","))
-    assert sum(v.nbytes for v in tensors.values()) == a.manifest["unique_param_bytes"]
+        assert all(key in a.components[c].tensors for c in meta[key].split(","))
+    assert sum(v.nbytes for v in tensors.values()) == a.manifest.unique_param_bytes
 
 
 def test_manifest_contract(evolved):
     s, data, art = evolved
     m = load_artifact(art).manifest
-    assert m["format_version"] == 2 and m["weights"] == WEIGHTS
-    assert m["root"]["source"] == "tiny-test-root" and m["root"]["root_params"] == s.root_params
-    assert list(m["tasks"]) == ["a", "b", "c", "d"]
-    for t, rec in m["tasks"].items():
+    written = json.loads((art / "manifest.json").read_text())  # the JSON as the writer wrote it
+    assert m.format_version == 2 and m.weights == WEIGHTS
+    assert m.root.source == "tiny-test-root" and m.root.root_params == s.root_params
+    assert list(m.tasks) == ["a", "b", "c", "d"]
+    for t, rec in m.tasks.items():
         p = s.best_path(t)
-        assert rec["labels"] == (data[t].class_names if t in "ab" else [f"{t}-{i}" for i in range(data[t].num_classes)])
-        assert rec["image_size"] == p.image_size and rec["preprocessing"] == Preprocessing(image_size=p.image_size).model_dump()
-        assert rec["params"] == s.path_params(p.components)
-        assert rec["accounted_params"] == pytest.approx(s.accounted_params(p.components, t))
-        assert rec["components"] == p.components and rec["metrics"]["test_accuracy"] == p.metrics["test_accuracy"]
-        assert rec["spec"] == t and rec["seed"] == 0
-        chain = rec["segments"]
-        assert sum((m["segments"][sid]["components"] for sid in chain), []) == p.components
-        assert m["segments"][chain[0]]["input"] == "image" and m["segments"][chain[0]]["parents"] == []
-        assert m["segments"][chain[-1]]["output"] == "logits"
+        assert rec.labels == (data[t].class_names if t in "ab" else [f"{t}-{i}" for i in range(data[t].num_classes)])
+        assert rec.image_size == p.image_size and rec.preprocessing == Preprocessing(image_size=p.image_size)
+        assert written["tasks"][t]["preprocessing"] == Preprocessing(image_size=p.image_size).model_dump()
+        assert rec.params == s.path_params(p.components)
+        assert rec.accounted_params == pytest.approx(s.accounted_params(p.components, t))
+        assert rec.components == p.components and rec.metrics.test_accuracy == p.metrics["test_accuracy"]
+        assert rec.spec == t and rec.seed == 0
+        chain = rec.segments
+        assert sum((m.segments[sid].components for sid in chain), []) == p.components
+        assert m.segments[chain[0]].input == "image" and m.segments[chain[0]].parents == []
+        assert m.segments[chain[-1]].output == "logits"
         for prev, sid in zip(chain, chain[1:]):
-            assert prev in m["segments"][sid]["parents"] and m["segments"][sid]["input"] == "hidden"
+            assert prev in m.segments[sid].parents and m.segments[sid].input == "hidden"
             assert int(prev[1:]) < int(sid[1:])  # ids in topological order
-        assert all(t in m["segments"][sid]["tasks"] for sid in chain)
-        assert all(m["segments"][sid]["image_size"] == p.image_size for sid in chain)
-        par = m["parity"]["tasks"][t]
-        assert par["inputs"] == "test split" and par["examples"] == len(data[t].test) and par["ok"]
-    assert m["tasks"]["c"]["image_size"] == 48
+        assert all(t in m.segments[sid].tasks for sid in chain)
+        assert all(m.segments[sid].image_size == p.image_size for sid in chain)
+        par = m.parity.tasks[t]
+        assert par.inputs == "test split" and par.examples == len(data[t].test) and par.ok
+    assert m.tasks["c"].image_size == 48
     # a and b share a prefix at 32 px; c (48 px) shares no segment with them, only weights
-    shared = [sid for sid, seg in m["segments"].items() if len(seg["tasks"]) > 1]
-    assert shared and all("c" not in m["segments"][sid]["tasks"] for sid in shared)
-    assert set(m["tasks"]["c"]["components"][:3]) <= set(m["tasks"]["a"]["components"])
+    shared = [sid for sid, seg in m.segments.items() if len(seg.tasks) > 1]
+    assert shared and all("c" not in m.segments[sid].tasks for sid in shared)
+    assert set(m.tasks["c"].components[:3]) <= set(m.tasks["a"].components)
     # each (component, image size) is in exactly one segment
-    steps = [(c, seg["image_size"]) for seg in m["segments"].values() for c in seg["components"]]
+    steps = [(c, seg.image_size) for seg in m.segments.values() for c in seg.components]
     assert len(steps) == len(set(steps))
     # d starts with its own patch_embed, then joins b: the segment where they meet has two parents
-    db, dd = m["tasks"]["b"]["segments"], m["tasks"]["d"]["segments"]
+    db, dd = m.tasks["b"].segments, m.tasks["d"].segments
     assert db[0] != dd[0] and db[1:] and dd[1:]
-    meet = m["segments"][dd[1]]
-    assert {"b", "d"} <= set(meet["tasks"]) and {db[0], dd[0]} <= set(meet["parents"])
+    meet = m.segments[dd[1]]
+    assert {"b", "d"} <= set(meet.tasks) and {db[0], dd[0]} <= set(meet.parents)
 
 
 def test_each_task_graph_runs_alone_in_onnxruntime(evolved, tmp_path):
@@ -171,7 +175,7 @@ def test_each_task_graph_runs_alone_in_onnxruntime(evolved, tmp_path):
         x = Preprocessing(image_size=p.image_size).normalize(data[t].test.resized(p.image_size))
         got = np.concatenate([sess.run(None, {"image": x[:1]})[0], sess.run(None, {"image": x[1:]})[0]])
         ref = predict(PathModel.from_store(s.store, p), data[t].test, p.image_size)
-        assert got.shape == (len(x), len(a.tasks[t]["labels"]))
+        assert got.shape == (len(x), len(a.tasks[t].labels))
         assert np.abs(got - ref).max() <= 1e-4
         assert (got.argmax(1) == ref.argmax(1)).all()
 
@@ -182,7 +186,7 @@ def test_segment_chains_equal_task_graphs(evolved):
     s, data, art = evolved
     a = load_artifact(art)
     for t in a.tasks:
-        size = a.tasks[t]["image_size"]
+        size = a.tasks[t].image_size
         x = Preprocessing(image_size=size).normalize(data[t].test.resized(size))
         whole = ort_session(a.graph_path(t)).run(None, {"image": x})[0]
         sessions = [ort_session(a.segment_path(sid)) for sid in a.chain(t)]
@@ -210,7 +214,7 @@ def test_graphs_carry_no_weights(evolved):
         assert f.stat().st_size < 32 * 1024  # structure only
         assert [r for r in external_refs(f.read_bytes()) if r["external"]]
     # every weight byte is on disk once: the weights file is its tensors plus a small header
-    unique = a.manifest["unique_param_bytes"]
+    unique = a.manifest.unique_param_bytes
     assert st["unique_param_bytes"] == unique
     assert st["weights_file_bytes"] <= 1.01 * unique
     assert st["total_bytes"] <= 1.01 * unique + st["graph_bytes"] + st["manifest_bytes"]
@@ -257,6 +261,7 @@ def test_plan_segments():
 
 def test_force_and_interrupted_export(solo, tmp_path, monkeypatch):
     import mutask.export.build as build
+    import mutask.export.parity as parity
 
     s, data, _ = solo
     art = tmp_path / "art"
@@ -276,7 +281,7 @@ def test_force_and_interrupted_export(solo, tmp_path, monkeypatch):
         export_system(s, tmp_path / "new", data=data, show_progress=False)
     assert not (tmp_path / "new").exists() and not _leftovers(tmp_path, "new")
     monkeypatch.undo()
-    monkeypatch.setattr(build, "ort_session", boom)
+    monkeypatch.setattr(parity, "ort_session", boom)
     with pytest.raises(KeyboardInterrupt):
         export_system(s, art, data=data, force=True, show_progress=False)
     assert _tree(art) == before and not _leftovers(tmp_path, "art")
@@ -331,7 +336,7 @@ def test_tampered_artifacts_are_refused(evolved, tmp_path):
         load_artifact(d, verify=False)
 
     d = copy("missing")
-    victim = load_artifact(d).tasks["b"]["graph"]
+    victim = load_artifact(d).tasks["b"].graph
     (d / victim).unlink()
     with pytest.raises(ArtifactError, match=f"missing {victim}"):
         load_artifact(d)
@@ -344,7 +349,7 @@ def test_tampered_artifacts_are_refused(evolved, tmp_path):
         load_artifact(d)
 
     d = copy("graph")
-    g = d / load_artifact(d).tasks["a"]["graph"]
+    g = d / load_artifact(d).tasks["a"].graph
     b = bytearray(g.read_bytes())
     b[-3] ^= 0x01
     g.write_bytes(bytes(b))
@@ -353,7 +358,7 @@ def test_tampered_artifacts_are_refused(evolved, tmp_path):
 
     # a graph whose reference points off a tensor, with the manifest hash made to match
     d = copy("offset")
-    g = d / load_artifact(d).tasks["a"]["graph"]
+    g = d / load_artifact(d).tasks["a"].graph
     model = onnx.load(str(g), load_external_data=False)
     init = next(i for i in model.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL)
     entry = next(e for e in init.external_data if e.key == "offset")
@@ -369,6 +374,60 @@ def test_tampered_artifacts_are_refused(evolved, tmp_path):
         load_artifact(tmp_path / "nope")
 
 
+def _edited_manifest(art, tmp_path, edit):
+    """A directory holding ``art``'s manifest.json after ``edit(manifest dict)`` (the schema
+    is checked before any other file is looked at)."""
+    d = tmp_path / "edited"
+    d.mkdir()
+    m = json.loads((art / "manifest.json").read_text())
+    edit(m)
+    (d / "manifest.json").write_text(json.dumps(m))
+    return d
+
+
+def _add_cycle(m):
+    """Two extra segments, each the other's parent (valid in every other respect)."""
+    seg = m["segments"][m["tasks"]["a"]["segments"][-1]]
+    for sid, parent in (("s98", "s99"), ("s99", "s98")):
+        m["segments"][sid] = dict(seg, input="hidden", parents=[parent])
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m["tasks"]["a"].update(num_classes="four"), r"field tasks\.a\.num_classes: .*integer"),
+        (lambda m: m["segments"]["s0"].update(input_shape="batch x 3"), r"field segments\.s0\.input_shape: .*list"),
+        (lambda m: m["tasks"]["b"].pop("labels"), r"field tasks\.b\.labels: Field required"),
+        (lambda m: m.pop("weights_sha256"), r"field weights_sha256: Field required"),
+        (lambda m: m["tasks"]["a"]["segments"].__setitem__(-1, "s42"), r"tasks\.a\.segments: segment s42 does not exist"),
+        (_add_cycle, r"segments\.s9[89]\.parents: the parent links form a cycle s9[89] -> s9[89] -> s9[89]"),
+    ],
+    ids=["wrong-type", "wrong-shape-type", "missing-task-field", "missing-top-field", "chain-names-missing-segment", "parent-cycle"],
+)
+def test_manifest_schema_refusals(evolved, tmp_path, edit, message):
+    _, _, art = evolved
+    d = _edited_manifest(art, tmp_path, edit)
+    with pytest.raises(ArtifactError, match=message) as e:
+        load_artifact(d, verify=False)
+    assert str(d / "manifest.json") in str(e.value)
+    assert f"`mutask export STATE --out {d} --force`" in str(e.value)
+
+
+def test_format_version_1_is_refused_with_the_reexport_command(evolved, tmp_path):
+    _, _, art = evolved
+
+    def to_version_1(m):  # version 1 had a prefix tree: one "parent" per segment
+        m["format_version"] = 1
+        for seg in m["segments"].values():
+            parents = seg.pop("parents")
+            seg["parent"] = parents[0] if parents else None
+
+    d = _edited_manifest(art, tmp_path, to_version_1)
+    with pytest.raises(ArtifactError, match="format_version 1.*reads version 2") as e:
+        load_artifact(d, verify=False)
+    assert f"`mutask export STATE --out {d} --force`" in str(e.value)
+
+
 def test_reader_imports_without_torch(evolved):
     _, _, art = evolved
     code = (
@@ -379,7 +438,7 @@ def test_reader_imports_without_torch(evolved):
         "t = a.tensors()\n"
         "assert a.chain('a') and a.graph_path('c').is_file() and a.segment_path(a.chain('c')[0]).is_file()\n"
         "assert sorted(a.tasks) == ['a', 'b', 'c', 'd'] and a.weights_path.name == 'weights.safetensors'\n"
-        "assert set(t) == {k for c in a.components.values() for k in c['tensors']}\n"
+        "assert set(t) == {k for c in a.components.values() for k in c.tensors}\n"
         "assert not [m for m in sys.modules if m.startswith(('torch.', 'onnx', 'mutask.evolve'))]\n"
         "print('ok', len(t))\n"
     )
@@ -417,7 +476,7 @@ def test_cli_and_bentoml(solo, tmp_path, capsys):
     assert "--force" in capsys.readouterr().err
     assert main(["export", "--verify-only", str(art), "-q"]) == 0
     assert "ok" in capsys.readouterr().out
-    (art / load_artifact(art).tasks["solo"]["graph"]).unlink()
+    (art / load_artifact(art).tasks["solo"].graph).unlink()
     assert main(["export", "--verify-only", str(art), "-q"]) == 2
     assert "missing" in capsys.readouterr().err
 
@@ -427,3 +486,32 @@ def test_cli_and_bentoml(solo, tmp_path, capsys):
     stored = load_artifact(model.path)
     assert list(stored.tasks) == ["solo"] and stored.labels("solo") == ["solo-0", "solo-1", "solo-2"]
     assert str(model.path).startswith(os.environ["BENTOML_HOME"])
+
+
+def test_verify_only_reports_a_graph_onnxruntime_refuses(evolved, tmp_path, capsys, monkeypatch):
+    """A graph that passes the integrity checks (its hash made to match) but that ONNX Runtime
+    cannot load: `--verify-only` exits 2 with a message naming the file, no traceback."""
+    import logging
+
+    import onnx
+
+    # main()'s logging.basicConfig: a handler on this test's stderr, not an earlier test's
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+
+    from mutask.cli import main
+
+    _, _, art = evolved
+    d = tmp_path / "art"
+    shutil.copytree(art, d)
+    g = d / load_artifact(d).tasks["a"].graph
+    model = onnx.load(str(g), load_external_data=False)
+    model.graph.node[0].op_type = "NoSuchOperator"
+    g.write_bytes(model.SerializeToString())
+    m = json.loads((d / "manifest.json").read_text())
+    m["graphs"][g.name] = {"sha256": hashlib.sha256(g.read_bytes()).hexdigest(), "bytes": g.stat().st_size}
+    (d / "manifest.json").write_text(json.dumps(m))
+    load_artifact(d)  # integrity holds
+    assert main(["export", "--verify-only", str(d), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert f"{g}: ONNX Runtime cannot load this graph" in err and "--force" in err
+    assert "Traceback" not in err

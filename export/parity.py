@@ -1,0 +1,111 @@
+"""The export's parity check, run on the finished graphs before anything is committed.
+
+Per task: ONNX Runtime (CPU) on the task graph against the PyTorch path, and the task's
+segment chain against its task graph, on the task's test split (preprocessed by
+:class:`mutask.preprocessing.Preprocessing`), or on random inputs when its data cannot be
+loaded (recorded as such). Both must agree within :data:`export.verify.ATOL` with arg-max
+agreement of at least :data:`export.verify.MIN_ARGMAX_AGREEMENT`.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+
+import numpy as np
+import torch
+
+from mutask.errors import MutaskError
+
+from .manifest import TaskParity
+from .verify import ATOL, MIN_ARGMAX_AGREEMENT, compare, ort_session, random_inputs, run_chain
+
+log = logging.getLogger("mutask")
+
+PARITY_BATCH = 64
+
+__all__ = ["PARITY_BATCH", "load_task_data", "check_parity"]
+
+
+def load_task_data(system, tasks: list[str], data: dict | None) -> dict:
+    """Task -> TaskData, or None when it cannot be loaded (parity then runs on random inputs).
+    ``data`` overrides; otherwise each task is loaded from the spec and seed its STATE records."""
+    out = {}
+    for t in tasks:
+        if data is not None and t in data:
+            out[t] = data[t]
+            continue
+        rec = system.tasks.get(t) or {}
+        try:
+            from mutask.evolve.tasks import load_task
+
+            out[t] = load_task(rec["spec"], seed=rec.get("seed", 0))
+        except Exception as e:  # missing directory, unknown spec
+            log.warning("task %s: its data cannot be loaded (%s); parity runs on random inputs", t, e)
+            out[t] = None
+    return out
+
+
+def _batches(task_data, image_size: int) -> tuple[list[np.ndarray], str]:
+    from mutask.preprocessing import Preprocessing
+
+    if task_data is not None and len(task_data.test):
+        images = task_data.test.resized(image_size)
+        pre = Preprocessing(image_size=image_size)
+        return [pre.normalize(images[i : i + PARITY_BATCH]) for i in range(0, len(images), PARITY_BATCH)], "test split"
+    return [random_inputs(32, image_size, seed=0)], "random inputs (task data unavailable)"
+
+
+def check_parity(system, paths: dict, modules: dict, chains: dict, task_graphs: dict[str, pathlib.Path], segment_graphs: dict[str, pathlib.Path],
+                 task_data: dict, *, out, show_progress: bool = True) -> dict[str, TaskParity]:
+    """Task -> its parity record. ``paths``: task -> TaskPath; ``modules``: component id -> CPU
+    module; ``chains``: task -> segment ids; ``task_graphs`` / ``segment_graphs``: the graph
+    files; ``task_data``: from :func:`load_task_data`. Raises :class:`MutaskError` naming every failing task (and
+    saying that nothing was written to ``out``) when one is outside the bounds."""
+    from tqdm.auto import tqdm
+
+    from mutask.evolve.model import PathModel
+
+    tasks = list(paths)
+    parity: dict[str, TaskParity] = {}
+    segment_sessions: dict = {}
+    for t in tqdm(tasks, desc="parity", unit="task", disable=not show_progress, leave=False):
+        p = paths[t]
+        batches, source = _batches(task_data[t], p.image_size)
+        model = PathModel([system.store[c].name for c in p.components], [modules[c] for c in p.components]).eval()
+        graph = ort_session(task_graphs[t])
+        for sid in chains[t]:
+            if sid not in segment_sessions:
+                segment_sessions[sid] = ort_session(segment_graphs[sid])
+        chain = [segment_sessions[sid] for sid in chains[t]]
+        ref, got, via = [], [], []
+        with torch.no_grad():
+            for x in batches:
+                ref.append(model(torch.from_numpy(x)).numpy())
+                got.append(graph.run(["logits"], {"image": x})[0])
+                via.append(run_chain(chain, x))
+        ref, got, via = np.concatenate(ref), np.concatenate(got), np.concatenate(via)
+        vs_torch, vs_graph = compare(got, ref), compare(via, got)
+        parity[t] = TaskParity(
+            inputs=source,
+            examples=int(len(ref)),
+            onnx_vs_torch_max_abs_diff=vs_torch["max_abs_diff"],
+            onnx_vs_torch_argmax_agreement=vs_torch["argmax_agreement"],
+            onnx_vs_torch_ok=vs_torch["ok"],
+            chain_vs_graph_max_abs_diff=vs_graph["max_abs_diff"],
+            chain_vs_graph_argmax_agreement=vs_graph["argmax_agreement"],
+            chain_vs_graph_ok=vs_graph["ok"],
+            ok=bool(vs_torch["ok"] and vs_graph["ok"]),
+        )
+    failures = [t for t in tasks if not parity[t].ok]
+    if failures:
+        lines = [
+            f"  {t}: ONNX vs PyTorch max |diff| {parity[t].onnx_vs_torch_max_abs_diff:.3g}, arg-max agreement {parity[t].onnx_vs_torch_argmax_agreement:.4f}; "
+            f"segment chain vs graph max |diff| {parity[t].chain_vs_graph_max_abs_diff:.3g}, agreement {parity[t].chain_vs_graph_argmax_agreement:.4f}"
+            for t in failures
+        ]
+        raise MutaskError(
+            f"export parity failed (needs max |logit diff| <= {ATOL:g} and arg-max agreement >= {MIN_ARGMAX_AGREEMENT:.1%}); nothing was written to {out}:\n"
+            + "\n".join(lines)
+        )
+    return parity
