@@ -8,6 +8,8 @@ starts), then ``MUTASK_ARTIFACT`` names it and ``bentoml.serve`` runs ``serving.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
 import socket
 import sys
@@ -27,7 +29,7 @@ The same service runs under `bentoml serve mutask.serving.service:Mutask` with M
 def add_parser(subparsers) -> None:
     s = subparsers.add_parser(
         "serve", help="serve an exported system over HTTP (BentoML)", description=DESCRIPTION,
-        formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     s.add_argument("artifact", metavar="ART", help="artifact directory written by `mutask export`")
     s.add_argument("--port", type=int, default=3000, help="TCP port (default 3000)")
@@ -60,31 +62,26 @@ def _check_port(host: str, port: int) -> None:
 
 def _cmd_serve(a) -> None:
     from .loader import ENV_ARTIFACT, ENV_MODEL, ServingError, open_artifact
+    from .settings import Settings
 
+    flags = {"device": a.device, "ort_threads": a.threads, "max_batch": a.max_batch, "max_wait_ms": a.max_wait_ms, "max_image_bytes": a.max_image_bytes}
     for name, value in (("--threads", a.threads), ("--max-batch", a.max_batch), ("--max-image-bytes", a.max_image_bytes)):
         if value is not None and value <= 0:
             raise ServingError(f"{name} must be positive, got {value}")
+    settings = dataclasses.replace(Settings.from_env(), **{k: v for k, v in flags.items() if v is not None}).validated()
     path = Path(a.artifact).expanduser().resolve()
     art = open_artifact(path)  # ServingError (exit 2) for a missing, truncated or tampered artifact
     _check_port(a.host, a.port)
 
     os.environ[ENV_ARTIFACT] = str(path)
     os.environ.pop(ENV_MODEL, None)
-    for env, value in (
-        ("MUTASK_DEVICE", a.device), ("MUTASK_ORT_THREADS", a.threads), ("MUTASK_MAX_BATCH", a.max_batch),
-        ("MUTASK_MAX_WAIT_MS", a.max_wait_ms), ("MUTASK_MAX_IMAGE_BYTES", a.max_image_bytes),
-    ):
-        if value is not None:
-            os.environ[env] = str(value)
+    os.environ.update(settings.to_env())
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
     import tempfile
 
     import bentoml
 
-    from .service import check_settings
-
-    check_settings()  # ServingError (exit 2) for a bad --device/--threads/... before anything starts
     fd, error_file = tempfile.mkstemp(prefix="mutask-serve-", suffix=".err")
     os.close(fd)
     os.environ["MUTASK_STARTUP_ERROR_FILE"] = error_file  # a worker that cannot start writes why, and stops the server
@@ -93,7 +90,9 @@ def _cmd_serve(a) -> None:
     url = f"http://{host}:{a.port}"
     print(f"mutask serve: {len(art.tasks)} tasks ({', '.join(art.tasks)}) from {path}", flush=True)
     print(f"mutask serve: listening on {url} (POST {url}/predict, GET {url}/tasks, {url}/metrics; Ctrl+C stops)", flush=True)
-    working_dir = str(Path(__file__).resolve().parent.parent)
+    import mutask
+
+    working_dir = str(Path(mutask.__file__).resolve().parent.parent)  # where `import mutask` finds this one
     try:
         bentoml.serve("mutask.serving.service:Mutask", working_dir=working_dir, host=a.host, port=a.port, blocking=True)
     except KeyboardInterrupt:

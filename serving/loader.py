@@ -2,7 +2,8 @@
 
 The artifact is named by ``MUTASK_ARTIFACT`` (an export directory) or ``MUTASK_BENTOML_MODEL``
 (a BentoML model tag, as written by ``mutask export --bentoml-model``). :func:`open_artifact`
-loads and verifies it (``export.artifact.load_artifact``): a missing, truncated or tampered
+loads and verifies it (:func:`mutask.export.artifact.load_artifact`: the manifest's schema,
+every file's sha256, every weight reference): a missing, truncated or tampered
 artifact raises :class:`ServingError` with a message that names the problem, and the server
 refuses to start (the CLI exits with code 2).
 """
@@ -101,12 +102,6 @@ def open_artifact(artifact: str | os.PathLike | None = None, *, cache: bool = Tr
             raise ServingError(f"artifact {path} cannot be served: {e}") from None
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ServingError(f"artifact {path} cannot be served: {type(e).__name__}: {e}") from None
-        from .engine import Engine, EngineError
-
-        try:
-            Engine.check(art)
-        except EngineError as e:
-            raise ServingError(f"artifact {path} cannot be served: {e}") from None
         if cache:
             _CACHE[key] = art
         return art

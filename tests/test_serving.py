@@ -27,8 +27,14 @@ _APP: dict = {}
 # ---- preprocessing ------------------------------------------------------------------------
 
 
+def preprocess_bytes(data: bytes, size: int):
+    from mutask.preprocessing import Preprocessing
+    from mutask.serving.images import preprocess_bytes
+
+    return preprocess_bytes(data, Preprocessing(image_size=size), max_bytes=10_000_000, max_pixels=40_000_000)
+
+
 def test_preprocess_matches_evaluation_bit_for_bit():
-    from mutask.serving.preprocess import preprocess_bytes
 
     images = sample_images()
     assert len(images) >= 15
@@ -45,7 +51,6 @@ def test_preprocess_matches_evaluation_bit_for_bit():
 def test_preprocess_applies_exif_orientation():
     from PIL import Image
 
-    from mutask.serving.preprocess import preprocess_bytes
     from tests.test_serving_helpers import encode
 
     img = Image.new("RGB", (40, 20), (255, 0, 0))
@@ -60,8 +65,12 @@ def test_preprocess_applies_exif_orientation():
 def test_preprocess_rejects_bad_bytes_with_clear_messages():
     from PIL import Image
 
-    from mutask.serving.preprocess import ImageError, decode
+    from mutask.serving.images import ImageError
+    from mutask.serving.images import decode as guarded_decode
     from tests.test_serving_helpers import encode
+
+    def decode(data, max_bytes=10_000_000, max_pixels=40_000_000):
+        return guarded_decode(data, max_bytes=max_bytes, max_pixels=max_pixels)
 
     png = encode(Image.new("RGB", (50, 50), (1, 2, 3)), "PNG")
     jpeg = encode(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)), "JPEG")
@@ -96,7 +105,7 @@ def test_engine_runs_the_segment_graph_over_one_copy_of_the_weights(serving_arti
     # after its own patch_embed, so a segment has two parents
     assert set(engine.segments) == set(art.segments)
     for task, rec in art.tasks.items():
-        assert [c for sid in art.chain(task) for c in art.segments[sid]["components"]] == rec["components"]
+        assert [c for sid in art.chain(task) for c in art.segments[sid].components] == rec.components
     assert any(len(s.parents) > 1 for s in engine.segments.values()), "the test system should have segments meeting"
     shared = [sid for sid, s in engine.segments.items() if s.shared]
     assert shared, "the test system should share a segment"
@@ -117,7 +126,7 @@ def test_engine_runs_the_segment_graph_over_one_copy_of_the_weights(serving_arti
     runs_before = {sid: s["runs"] for sid, s in engine.stats.items()}
     outs = engine.run(items)
     for (task, x), out, ref in zip(items, outs, refs):
-        assert out.shape == (x.shape[0], len(art.tasks[task]["labels"]))
+        assert out.shape == (x.shape[0], len(art.tasks[task].labels))
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
         assert (out.argmax(1) == ref.argmax(1)).all()
     # each segment ran once for the whole mixed batch, on the rows of every task through it
@@ -141,8 +150,8 @@ def test_engine_runs_the_segment_graph_over_one_copy_of_the_weights(serving_arti
     alone = {t: engine.run([(t, x)])[0] for t, x in items}
     users: dict = {}
     for cid, comp in art.components.items():
-        for key in comp["tensors"]:
-            users.setdefault(key, set()).update(comp["used_by"])
+        for key in comp.tensors:
+            users.setdefault(key, set()).update(comp.used_by)
     assert set(users) == set(engine.weights.arrays)
     rng = np.random.default_rng(0)
     for key, arr in engine.weights.arrays.items():
@@ -171,13 +180,13 @@ def test_providers_choice_and_cpu_fallback(serving_artifact, monkeypatch):
     import onnxruntime as ort
 
     from mutask.export.artifact import load_artifact
-    from mutask.serving import engine as eng
+    from mutask.serving import engine, sessions as eng
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.setattr(eng, "_gpu_present", lambda: True)
+    monkeypatch.setattr(eng, "gpu_present", lambda: True)
     assert eng.choose_providers("auto") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert eng.choose_providers("cpu") == ["CPUExecutionProvider"]
-    monkeypatch.setattr(eng, "_gpu_present", lambda: False)
+    monkeypatch.setattr(eng, "gpu_present", lambda: False)
     assert eng.choose_providers("auto") == ["CPUExecutionProvider"]
     assert eng.choose_providers("cuda")[0] == "CUDAExecutionProvider"
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
@@ -186,10 +195,10 @@ def test_providers_choice_and_cpu_fallback(serving_artifact, monkeypatch):
         eng.choose_providers("tpu")
     monkeypatch.undo()
     # asking for CUDA where it cannot run (no GPU, or no CUDA libraries) falls back to CPU
-    engine = eng.Engine(load_artifact(serving_artifact), device="cuda", threads=1)
-    assert engine.ready
-    if not eng._gpu_present():
-        assert engine.device == "cpu" and engine.active_providers == ["CPUExecutionProvider"]
+    served = engine.Engine(load_artifact(serving_artifact), device="cuda", threads=1)
+    assert served.ready
+    if not eng.gpu_present():
+        assert served.device == "cpu" and served.active_providers == ["CPUExecutionProvider"]
 
 
 def test_artifact_from_a_bentoml_model(serving_artifact, monkeypatch):
@@ -215,7 +224,8 @@ def test_artifact_from_a_bentoml_model(serving_artifact, monkeypatch):
 
 def test_batcher_batches_concurrent_mixed_tasks(serving_artifact):
     from mutask.export.artifact import load_artifact
-    from mutask.serving.engine import Engine, MicroBatcher
+    from mutask.serving.batcher import MicroBatcher
+    from mutask.serving.engine import Engine
 
     engine = Engine(load_artifact(serving_artifact), device="cpu", threads=1)
     seen = []
@@ -262,7 +272,9 @@ def test_predict_answers_the_same_whichever_way_it_is_handled(client, serving_ar
 
     from PIL import Image, PngImagePlugin
 
-    from mutask.serving.service import _STATE, INLINE_BYTES
+    import bentoml
+
+    from mutask.serving.service import INLINE_BYTES
 
     pixels = (np.random.default_rng(3).random((24, 24, 3)) * 255).astype(np.uint8)
 
@@ -276,10 +288,9 @@ def test_predict_answers_the_same_whichever_way_it_is_handled(client, serving_ar
 
     variants = {"small": png(), "zTXt": png(note=("x" * 60_000, True)), "large": png(note=("y" * (INLINE_BYTES + 1), False))}
     assert len(variants["small"]) < INLINE_BYTES < len(variants["large"])
-    svc = _STATE["service"]
-    info = svc.engine.tasks["b"]
-    assert svc._prepare_small(info, variants["small"]) is not None
-    assert svc._prepare_small(info, variants["zTXt"]) is None and svc._prepare_small(info, variants["large"]) is None
+    svc = bentoml.get_current_service()
+    assert svc._decode_small("b", variants["small"]) is not None
+    assert svc._decode_small("b", variants["zTXt"]) is None and svc._decode_small("b", variants["large"]) is None
     answers = {}
     for name, data in variants.items():
         r = client.post("/predict", data={"task": "b"}, files={"image": ("x.png", data, "image/png")})
@@ -324,9 +335,9 @@ def test_service_in_process(client, serving_artifact):
         assert f'mutask_requests_total{{task="{t}"}}' in metrics
         assert f'mutask_request_latency_seconds_count{{task="{t}"}}' in metrics
         assert f'mutask_batch_size_count{{task="{t}"}}' in metrics
-    from mutask.serving.engine import _GLOBAL_POOLS
+    from mutask.serving.sessions import global_pools_on
 
-    assert not _GLOBAL_POOLS.get("threads")  # in-process: per-session pools, other ORT users unaffected
+    assert not global_pools_on()  # in-process: per-session pools, other ORT users unaffected
     spec = client.get("/docs.json").json()
     for path in ("/predict", "/predict_batch", "/tasks"):
         assert path in spec["paths"]
@@ -360,7 +371,7 @@ def test_serving_never_imports_torch(serving_artifact, tmp_path):
         f"""
         import sys
         from starlette.testclient import TestClient
-        import mutask.serving, mutask.serving.cli, mutask.serving.engine, mutask.serving.preprocess
+        import mutask.serving, mutask.serving.cli, mutask.serving.engine, mutask.serving.images
         from mutask.serving.service import Mutask
         from tests.test_serving_helpers import sample_images
         with TestClient(Mutask.to_asgi()) as c:
@@ -468,7 +479,7 @@ def test_bentoml_build_packs_a_torch_free_service(serving_artifact, tmp_path):
     (bento,) = [p for p in (home / "bentos" / "mutask").iterdir() if p.name != "latest"]
     src = bento / "src"
     files = {str(p.relative_to(src)) for p in src.rglob("*.py")}
-    assert {"serving/service.py", "serving/engine.py", "serving/preprocess.py", "export/artifact.py", "mutask/errors.py"} <= files
+    assert {"serving/service.py", "serving/engine.py", "serving/images.py", "export/artifact.py", "export/manifest.py", "mutask/errors.py", "mutask/preprocessing.py"} <= files
     assert not any(f.startswith(("evolve/", "tests/", "benchmarks/")) or f == "export/build.py" for f in files), files
     reqs = (bento / "env" / "python" / "requirements.txt").read_text().lower()
     assert "onnxruntime" in reqs and "pillow" in reqs and "torch" not in reqs and "timm" not in reqs

@@ -134,9 +134,11 @@ def evolve_input(data: bytes, size: int) -> np.ndarray:
     """What evaluation feeds a task at image size ``size`` (mutask.evolve.data's contract)."""
     from PIL import Image
 
-    from mutask.preprocessing import Preprocessing
+    from mutask.evolve.data import Split
+    from mutask.preprocessing import Preprocessing, to_rgb_array
 
-    return Preprocessing(image_size=size).image(Image.open(io.BytesIO(data)))
+    split = Split([to_rgb_array(Image.open(io.BytesIO(data)))], np.zeros(1, np.int64))  # as evolve's folder loader keeps it
+    return Preprocessing(image_size=size).normalize(split.resized(size))
 
 
 def reference_logits(artifact: Path, task: str, data: bytes) -> np.ndarray:
@@ -155,14 +157,14 @@ def reference_logits(artifact: Path, task: str, data: bytes) -> np.ndarray:
         except Exception:
             so.use_per_session_threads = False
             _CACHE[key] = ort.InferenceSession(str(art.graph_path(task)), so, providers=["CPUExecutionProvider"])
-    x = evolve_input(data, int(art.tasks[task]["image_size"]))
+    x = evolve_input(data, art.tasks[task].image_size)
     return _CACHE[key].run(None, {"image": x})[0][0]
 
 
 # ---- a real server ------------------------------------------------------------------------
 
 
-from mutask.benchmarks.http import free_port  # noqa: E402,F401  (re-exported for the tests)
+from mutask.serving.process import free_port  # noqa: E402,F401  (re-exported for the tests)
 
 
 def subprocess_env(extra: dict | None = None) -> dict:
@@ -177,8 +179,8 @@ def subprocess_env(extra: dict | None = None) -> dict:
 
 
 def Server(artifact: Path, log_path: Path, env: dict | None = None):
-    """``mutask serve ART`` as a subprocess (mutask.benchmarks.http.ServerProcess) with the test environment."""
-    from mutask.benchmarks.http import ServerProcess
+    """``mutask serve ART`` as a subprocess (mutask.serving.process.ServerProcess) with the test environment."""
+    from mutask.serving.process import ServerProcess
 
     return ServerProcess(artifact, log_path=log_path, env=subprocess_env(env))
 

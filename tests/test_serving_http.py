@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
+from mutask.serving.process import metric_value
 from tests.test_serving_helpers import Server, check_battery, reference_logits, sample_images, serving_artifact
 
 __all__ = ["serving_artifact"]  # the session fixture, imported for pytest
@@ -37,16 +38,6 @@ def server(serving_artifact, tmp_path_factory):
     finally:
         srv.stop()
     assert srv.proc.poll() is not None
-
-
-def _metric(text: str, name: str, **labels) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_cli_printed_the_url_and_no_torch_is_loaded(server):
@@ -112,9 +103,9 @@ def test_burst_of_concurrent_mixed_task_requests(server, serving_artifact):
     bad = [(job, status, body) for job, status, body in results if status != 200 or body["index"] != expected[job] or body["task"] != job[0]]
     assert not bad, bad[:3]
     for t in "abcd":
-        assert _metric(after, "mutask_requests_total", task=t) - _metric(before, "mutask_requests_total", task=t) == 64 // 4
-    rows = _metric(after, "mutask_engine_batch_size_sum") - _metric(before, "mutask_engine_batch_size_sum")
-    batches = _metric(after, "mutask_engine_batch_size_count") - _metric(before, "mutask_engine_batch_size_count")
+        assert metric_value(after, "mutask_requests_total", task=t) - metric_value(before, "mutask_requests_total", task=t) == 64 // 4
+    rows = metric_value(after, "mutask_engine_batch_size_sum") - metric_value(before, "mutask_engine_batch_size_sum")
+    batches = metric_value(after, "mutask_engine_batch_size_count") - metric_value(before, "mutask_engine_batch_size_count")
     assert rows == 64 and 1 <= batches <= 64
 
 
@@ -132,7 +123,7 @@ def test_tasks_readyz_metrics_openapi(server):
         for t in ("a", "b", "c", "d"):
             for series in ("mutask_requests_total", "mutask_request_latency_seconds_bucket", "mutask_batch_size_bucket", "mutask_errors_total"):
                 assert re.search(rf'^{series}{{[^}}]*task="{t}"', m.text, re.M), (series, t)
-        assert _metric(m.text, "mutask_errors_total", task="b", kind="bad_request") >= 1
+        assert metric_value(m.text, "mutask_errors_total", task="b", kind="bad_request") >= 1
         assert "mutask_segment_seconds_total" in m.text and 'shared="true"' in m.text
         assert c.get("/").status_code == 200
         spec = c.get("/docs.json").json()
@@ -147,6 +138,6 @@ def test_bad_input_battery_over_http(server):
         r = c.post("/predict", data={"task": "a"}, files={"image": ("big.bin", big)})
         assert r.status_code == 400 and "limit" in r.json()["error"]
         m = c.get("/metrics").text
-        assert _metric(m, "bentoml_service_request_total", http_response_code="500") == 0
-        assert _metric(m, "mutask_errors_total", kind="bad_image") >= 4
+        assert metric_value(m, "bentoml_service_request_total", http_response_code="500") == 0
+        assert metric_value(m, "mutask_errors_total", kind="bad_image") >= 4
     assert server.proc.poll() is None

@@ -1,0 +1,136 @@
+"""Cross-task micro-batching in front of the engine.
+
+Concurrent requests, for any tasks, are collected into one mixed batch and run by
+:meth:`mutask.serving.engine.Engine.run` in one worker thread, so rows of different tasks go
+through the segments they share together. BentoML's own adaptive batching batches calls of one
+API with one input type; this batches across tasks over the engine's segment graph.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+
+import numpy as np
+
+log = logging.getLogger("mutask.serving")
+
+
+class MicroBatcher:
+    """Adaptive asyncio micro-batcher in front of :meth:`Engine.run`.
+
+    ``await submit(task, x)`` queues a request; one collector task per event loop takes the
+    first waiting request, then keeps collecting while more are known to be coming (requests
+    still being decoded, see :meth:`expect`) for up to ``max_wait_ms``, or until ``max_batch``
+    rows; a lone request runs at once. The batch runs in one worker thread (one inference at
+    a time), and each request gets its own rows back. ``on_batch(items, seconds)`` is called
+    after each batch (metrics).
+    """
+
+    def __init__(self, engine, *, max_batch: int = 32, max_wait_ms: float = 2.0, on_batch=None):
+        self.engine = engine
+        self.max_batch = max(1, int(max_batch))
+        self.max_wait = max(0.0, float(max_wait_ms)) / 1000.0
+        self.on_batch = on_batch
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mutask-infer")
+        self._loop = None
+        self._queue: asyncio.Queue | None = None
+        self._collector: asyncio.Task | None = None
+        self._arrived: asyncio.Event | None = None
+        self.incoming = 0  # requests being decoded that will submit soon
+
+    def _ensure(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._collector is None or self._collector.done():
+            self._loop = loop
+            self._queue = asyncio.Queue()
+            self._arrived = asyncio.Event()
+            self._collector = loop.create_task(self._collect(), name="mutask-batcher")
+
+    class _Expect:
+        def __init__(self, b):
+            self.b = b
+
+        def __enter__(self):
+            self.b.incoming += 1
+
+        def __exit__(self, *exc):
+            self.b.incoming -= 1
+            if self.b._arrived is not None:
+                self.b._arrived.set()
+
+    def expect(self):
+        """Context manager around a request's decoding: while it runs, the collector waits
+        (up to max_wait_ms) for it instead of running a smaller batch."""
+        return MicroBatcher._Expect(self)
+
+    async def submit(self, task: str, x: np.ndarray) -> np.ndarray:
+        """Logits for ``x`` (n, 3, S, S) of ``task``, batched with concurrent requests."""
+        self._ensure()
+        n = x.shape[0]
+        if n > self.max_batch:  # a large client batch goes through in max_batch chunks
+            parts = await asyncio.gather(*(self.submit(task, x[i : i + self.max_batch]) for i in range(0, n, self.max_batch)))
+            return np.concatenate(parts, axis=0)
+        fut = self._loop.create_future()
+        self._queue.put_nowait((task, x, fut))
+        self._arrived.set()
+        return await fut
+
+    async def _collect(self) -> None:
+        loop = asyncio.get_running_loop()
+        queue = self._queue
+        carry = None
+        while True:
+            item = carry if carry is not None else await queue.get()
+            carry = None
+            batch, rows = [item], item[1].shape[0]
+            deadline = loop.time() + self.max_wait
+            while rows < self.max_batch:
+                try:
+                    nxt = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    remaining = deadline - loop.time()
+                    if self.incoming <= 0 or remaining <= 0:
+                        break
+                    self._arrived.clear()
+                    try:
+                        await asyncio.wait_for(self._arrived.wait(), remaining)
+                    except asyncio.TimeoutError:
+                        pass
+                    continue
+                if rows + nxt[1].shape[0] > self.max_batch:
+                    carry = nxt
+                    break
+                batch.append(nxt)
+                rows += nxt[1].shape[0]
+            live = [b for b in batch if not b[2].done()]
+            if not live:
+                continue
+            t0 = time.perf_counter()
+            try:
+                outs = await loop.run_in_executor(self._executor, self.engine.run, [(t, x) for t, x, _ in live])
+            except Exception as e:  # an engine failure fails this batch only
+                log.exception("inference failed for a batch of %d requests", len(live))
+                for _, _, fut in live:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            seconds = time.perf_counter() - t0
+            for (_, _, fut), out in zip(live, outs):
+                if not fut.done():
+                    fut.set_result(out)
+            if self.on_batch is not None:
+                try:
+                    self.on_batch([(t, x.shape[0]) for t, x, _ in live], seconds)
+                except Exception:
+                    log.exception("batch metrics callback failed")
+
+    def close(self) -> None:
+        if self._collector is not None and not self._collector.done():
+            try:
+                self._collector.cancel()
+            except RuntimeError:  # its loop is closed
+                pass
+        self._executor.shutdown(wait=False)

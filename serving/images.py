@@ -1,0 +1,82 @@
+"""Uploaded bytes to a task's input, safely: guarded decoding, then the preprocessing contract.
+
+Decoding untrusted bytes is guarded: a byte limit, a pixel limit checked from the header before
+anything is decoded (decompression bombs), and every decoder failure (not an image, truncated,
+corrupt, an EXIF block or mode Pillow cannot convert) becomes an :class:`ImageError` whose
+message fits a 400 answer. The pixels then go through the task's
+:class:`mutask.preprocessing.Preprocessing`, the same code evaluation and export use.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from mutask.preprocessing import Preprocessing
+
+
+class ImageError(ValueError):
+    """The upload is not an image the server can use; the message says why (answered with 400)."""
+
+
+def open_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Bytes to a Pillow image whose header is read and checked (byte and pixel limits), not
+    yet decoded (:func:`load_image` decodes it); :class:`ImageError` with the reason."""
+    if not data:
+        raise ImageError("the image is empty (0 bytes)")
+    if len(data) > max_bytes:
+        raise ImageError(f"the image is {len(data)} bytes, over the limit of {max_bytes} bytes (MUTASK_MAX_IMAGE_BYTES)")
+    try:
+        # Image.open reads the header only (and raises DecompressionBombError past twice
+        # Image.MAX_IMAGE_PIXELS); our own pixel limit is checked before anything is decoded.
+        image = Image.open(io.BytesIO(data))
+        w, h = image.size
+        if w <= 0 or h <= 0:
+            raise ImageError(f"the image has no pixels ({w} x {h})")
+        if w * h > max_pixels:
+            raise ImageError(f"the image is {w} x {h} pixels, over the limit of {max_pixels} pixels (MUTASK_MAX_IMAGE_PIXELS)")
+    except Exception as e:
+        raise _image_error(e) from None
+    return image
+
+
+def load_image(image: Image.Image) -> Image.Image:
+    """Fully decode an image from :func:`open_image`; :class:`ImageError` if that fails."""
+    try:
+        image.load()
+    except Exception as e:
+        raise _image_error(e) from None
+    return image
+
+
+def decode(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Bytes to a fully decoded Pillow image, or :class:`ImageError` with a clear reason."""
+    return load_image(open_image(data, max_bytes=max_bytes, max_pixels=max_pixels))
+
+
+def to_input(image: Image.Image, pre: Preprocessing) -> np.ndarray:
+    """A decoded image to the float32 (1, 3, S, S) batch the task's graph takes."""
+    try:
+        return pre.image(image)
+    except Exception as e:  # a malformed EXIF block, an exotic mode Pillow cannot convert
+        raise ImageError(f"the image could not be converted to RGB: {type(e).__name__}: {e}") from None
+
+
+def preprocess_bytes(data: bytes, pre: Preprocessing, *, max_bytes: int, max_pixels: int) -> np.ndarray:
+    """Uploaded bytes to the task's float32 (1, 3, S, S) input; :class:`ImageError` on bad input."""
+    return to_input(decode(data, max_bytes=max_bytes, max_pixels=max_pixels), pre)
+
+
+def _image_error(e: Exception) -> ImageError:
+    if isinstance(e, ImageError):
+        return e
+    if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return ImageError(f"the image is too large to decode safely: {e}")
+    if isinstance(e, Image.UnidentifiedImageError):
+        return ImageError("the file is not an image Pillow can read (PNG, JPEG, GIF, BMP, TIFF, WebP, ...)")
+    if isinstance(e, MemoryError):
+        return ImageError("the image is too large to decode")
+    # truncated or corrupt data: OSError, SyntaxError, ValueError, struct.error, ...
+    return ImageError(f"the image could not be decoded (truncated or corrupt?): {type(e).__name__}: {e}")
