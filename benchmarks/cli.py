@@ -1,4 +1,4 @@
-"""``mutask bench ART``: the serving, load and artifact-size benchmarks on an exported system.
+"""``mutask bench ART``: the serving, baseline, load and artifact-size benchmarks on an exported system.
 
 Each writes JSON + a markdown table to the results directory (default benchmarks/results/)
 with machine info and repeats; ``--json`` prints the combined document.
@@ -12,10 +12,14 @@ from pathlib import Path
 DESCRIPTION = """\
 Benchmark an exported system (ART): per-task HTTP latency at batch 1 against a bare
 onnxruntime session, mixed-task throughput over concurrency with shared-segment batching
-against one session per task graph, resident memory against the unique weight bytes, a
-bounded load test (concurrent clients over mixed tasks, every answer checked), and artifact
-bytes against unique parameter bytes and one full model per task. Servers run on free
+against one session per task graph, resident memory against the unique weight bytes; the
+server against a minimal BentoML service with one plain onnxruntime session per task graph
+(latency per task, throughput at 8 and 32 clients, mutask / minimal ratios); a bounded load
+test (concurrent clients over mixed tasks, every answer checked); and artifact bytes against
+unique parameter bytes and one full model per task. Servers run on free
 loopback ports and are always stopped."""
+
+NAMES = ("serving", "baseline", "load", "artifact")  # the results it writes, in order
 
 
 def add_parser(sub) -> None:
@@ -36,12 +40,13 @@ def add_parser(sub) -> None:
 def _cmd_bench(a) -> None:
     from mutask.export.artifact import artifact_stats, load_artifact
 
-    from . import load_bench, serving_bench
+    from . import baseline_bench, load_bench, serving_bench
     from .common import RESULTS, write
 
     load_artifact(a.artifact)  # a bad ART stops here with a clear message (exit 2)
     results = Path(a.results or RESULTS)
     serving_bench.main([a.artifact, "--repeats", str(a.repeats), "--requests", str(a.requests), "--concurrency", a.concurrency, "--out", str(results)])
+    baseline_bench.main([a.artifact, "--repeats", str(a.repeats), "--requests", str(a.requests), "--results", str(results)])
     load_bench.main([a.artifact, "--clients", str(a.load_clients), "--seconds", str(a.load_seconds), "--results", str(results)])
     stats = artifact_stats(a.artifact)
     md = (
@@ -51,10 +56,10 @@ def _cmd_bench(a) -> None:
         f"{stats['naive_bytes']:,} | {stats['total_bytes'] / stats['naive_bytes']:.3f} |"
     )
     write("artifact", {"benchmark": "artifact", **stats, "repeats": 1}, md, results)
-    combined = {name: json.loads((results / f"{name}.json").read_text()) for name in ("serving", "load", "artifact")}
+    combined = {name: json.loads((results / f"{name}.json").read_text()) for name in NAMES}
     if a.json:
         print(json.dumps(combined, indent=2))
     else:
-        for name in ("serving", "load", "artifact"):
+        for name in NAMES:
             print(f"\n## {name}\n")
             print((results / f"{name}.md").read_text())

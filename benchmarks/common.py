@@ -35,6 +35,30 @@ def machine() -> dict:
     return info
 
 
+def serving_machine() -> dict:
+    """Machine facts for the torch-free serving benchmarks: cores this process may use,
+    ONNX Runtime and its providers, BentoML, numpy, Pillow."""
+    import bentoml
+    import numpy
+    import onnxruntime
+    import PIL
+
+    return {
+        "platform": platform.platform(),
+        "processor": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "onnxruntime": onnxruntime.__version__,
+        "onnxruntime_providers": onnxruntime.get_available_providers(),
+        "bentoml": bentoml.__version__,
+        "numpy": numpy.__version__,
+        "pillow": PIL.__version__,
+        "torch": "not used (serving is torch-free)",
+    }
+
+
 def _cpu_model() -> str:
     try:
         for line in open("/proc/cpuinfo"):

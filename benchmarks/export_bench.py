@@ -41,7 +41,7 @@ def run(state, out=None, results_dir=None, show_progress=True) -> dict:
         art = load_artifact(out, verify=True)
         t_verify = time.perf_counter() - t0
         st = artifact_stats(out)
-        m = art.manifest
+        m = art.manifest.model_dump(mode="json")
         tasks = {}
         for t, rec in m["tasks"].items():
             par = m["parity"]["tasks"][t]

@@ -18,26 +18,24 @@ import time
 import numpy as np
 
 from mutask.benchmarks.common import median, write
-from mutask.benchmarks.http import png_bytes, running_server
+from mutask.benchmarks.measure import model_input, plain_session
+from mutask.serving.process import png_bytes, running_server
 
 
 def reference_answers(art_path, samples_per_task: int = 32, seed: int = 0) -> list[tuple[str, bytes, int]]:
     """(task, png, expected index) from each task's test split, the expectation computed by a
-    bare onnxruntime session of the task's graph on the server's own preprocessing."""
-    import onnxruntime as ort
-
+    bare onnxruntime session of the task's graph on the preprocessing its manifest records."""
     from mutask.export.artifact import load_artifact
     from mutask.evolve.tasks import load_task
-    from mutask.serving.preprocess import preprocess_bytes
 
     art = load_artifact(art_path)
     out = []
     for task, rec in art.tasks.items():
-        data = load_task(rec["spec"], seed=rec["seed"]).test
+        data = load_task(rec.spec, seed=rec.seed).test
         idx = np.random.default_rng(seed).choice(len(data), size=min(samples_per_task, len(data)), replace=False)
         pngs = [png_bytes(np.asarray(data.images[i])) for i in idx]
-        x = np.concatenate([preprocess_bytes(p, rec["image_size"]) for p in pngs])
-        sess = ort.InferenceSession(str(art.graph_path(task)), providers=["CPUExecutionProvider"])
+        x = np.concatenate([model_input(art, task, p) for p in pngs])
+        sess = plain_session(art.graph_path(task))
         expected = sess.run(None, {sess.get_inputs()[0].name: x})[0].argmax(1)
         out += [(task, p, int(e)) for p, e in zip(pngs, expected)]
     return out

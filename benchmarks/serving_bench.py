@@ -14,7 +14,8 @@ session per task graph, each batching its own task's requests: the baseline), an
    in shared segments (from the server's ``mutask_segment_seconds_total``) and the mean
    engine batch size;
 3. resident memory (RSS, psutil) of each server's worker process, against the artifact's
-   unique weight bytes and against each other.
+   unique weight bytes and against each other;
+4. the engine alone, without HTTP (:mod:`mutask.benchmarks.engine_bench`).
 
 Client and server share the machine's cores (loopback): on a small machine the client is a
 real part of the load. Everything is bounded: ``--requests`` per measurement and a time cap
@@ -25,10 +26,6 @@ per measurement (``--max-seconds``). Writes ``benchmarks/results/serving.json`` 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import io
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -36,251 +33,92 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+from mutask.benchmarks import engine_bench
+from mutask.benchmarks.common import RESULTS, serving_machine, write
+from mutask.benchmarks.measure import closed_loop, http_latency as latency_series, model_input, noise_pngs, plain_session, run_times, summary_ms
+from mutask.serving.process import ServerProcess, child_env, metric_value
+from mutask.serving.settings import cpu_count, default_threads
 
-from mutask.benchmarks.common import RESULTS, _cpu_model, write
-from mutask.benchmarks.http import REPO, ServerProcess
-from mutask.serving.engine import server_threads
-
-def machine() -> dict:
-    import bentoml
-    import onnxruntime
-    import PIL
-
-    return {
-        "platform": platform.platform(),
-        "processor": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "onnxruntime": onnxruntime.__version__,
-        "onnxruntime_providers": onnxruntime.get_available_providers(),
-        "bentoml": bentoml.__version__,
-        "numpy": np.__version__,
-        "pillow": PIL.__version__,
-        "torch": "not used (serving is torch-free)",
-    }
+MODES = ("segments", "per_task")
+MIB = 1 / (1024 * 1024)
 
 
-def pct(xs, q) -> float:
-    return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m mutask.benchmarks.serving_bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("artifact", metavar="ART", help="artifact directory written by `mutask export`")
+    p.add_argument("--repeats", type=int, default=3, help="repeats of each throughput point (interleaved; medians)")
+    p.add_argument("--requests", type=int, default=100, help="requests per latency series and per throughput point")
+    p.add_argument("--concurrency", default="1,4,16,32", help="comma-separated concurrency curve")
+    p.add_argument("--max-seconds", type=float, default=20.0, help="time cap per measurement")
+    p.add_argument("--device", choices=["cpu", "auto", "cuda"], default="cpu", help="the servers' and the engine's device (default cpu, like the bare onnxruntime reference)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results directory (default benchmarks/results)")
+    return p.parse_args(argv)
 
 
-def engine_throughput(art, images: dict, batch: int, repeats: int, threads: int) -> dict:
-    """Images/s of the engine alone (no HTTP): mixed batches of ``batch`` single-image requests,
-    tasks round-robin, through the segment graph and through one session per task graph.
-    Interleaved repeats, medians: what shared-segment batching buys where compute dominates."""
-    from mutask.serving.engine import Engine
-    from mutask.serving.preprocess import preprocess_bytes
-
-    tasks = list(art.tasks)
-    xs = {t: preprocess_bytes(images[t], int(art.tasks[t]["image_size"])) for t in tasks}
-    items = [(tasks[i % len(tasks)], xs[tasks[i % len(tasks)]]) for i in range(batch)]
-    configs = {"segments": dict(mode="segments"), "per_task": dict(mode="per_task"), "segments_own_weights": dict(mode="segments", share_weights=False)}
-    engines = {m: Engine(art, verify=False, threads=threads, **kw) for m, kw in configs.items()}
-    for e in engines.values():
-        e.run(items)  # warm-up
-    runs = {m: [] for m in engines}
-    for r in range(repeats):
-        for m in (list(engines) if r % 2 == 0 else list(engines)[::-1]):
-            n, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < 1.0:
-                engines[m].run(items)
-                n += batch
-            runs[m].append(n / (time.perf_counter() - t0))
-    return {m: {"images_per_s_median": statistics.median(v), "runs": v} for m, v in runs.items()} | {"batch": batch, "repeats": repeats}
+# ---------------------------------------------------------------------------- over HTTP
 
 
-_MEMORY_PROBE = """
-import json, sys
-import numpy as np, psutil
-from mutask.export.artifact import load_artifact
-from mutask.serving.engine import Engine
-art = load_artifact(sys.argv[1])
-kw = json.loads(sys.argv[2])
-# ONNX Runtime's own one-time set-up (environment, kernel registry) before the first reading:
-# one plain session on the artifact's smallest graph, kept alive (nothing freed to be reused)
-import onnxruntime as ort
-small = min((art.segment_path(s) for s in art.segments), key=lambda p: p.stat().st_size)
-warm = ort.InferenceSession(str(small), providers=["CPUExecutionProvider"])
-rss0 = psutil.Process().memory_info().rss
-engine = Engine(art, verify=True, **kw)
-items = [(t, np.zeros((2, 3, r["image_size"], r["image_size"]), np.float32)) for t, r in art.tasks.items()]
-engine.run(items)
-for item in items:
-    engine.run([item])
-print(json.dumps({"rss_delta_bytes": psutil.Process().memory_info().rss - rss0, "sessions": len(engine.sessions),
-                  "weight_store_bytes": engine.weights.nbytes if engine.weights is not None else 0}))
-"""
+def start_servers(art_path: Path, tmp: Path, device: str) -> dict[str, ServerProcess]:
+    """One ready ``mutask serve`` per engine mode, each with its own Prometheus directory."""
+    servers = {}
+    try:
+        for mode in MODES:
+            prom = tmp / f"prometheus-{mode}"
+            prom.mkdir(parents=True, exist_ok=True)
+            env = child_env({"BENTOML_HOME": tmp / "bentoml-home", "PROMETHEUS_MULTIPROC_DIR": prom, "MUTASK_ENGINE": mode})
+            servers[mode] = ServerProcess(art_path, log_path=tmp / f"server-{mode}.log", env=env, args=["--device", device])
+        for s in servers.values():
+            s.wait_ready()
+    except BaseException:
+        for s in servers.values():
+            s.stop()
+        raise
+    return servers
 
 
-def engine_memory(art_path, threads: int) -> dict:
-    """RSS one engine adds to a fresh process (after ONNX Runtime's own set-up): loading,
-    verifying and running a mixed batch and every task alone. One fresh process per engine,
-    so no engine reuses memory another freed."""
-    import json
-    import subprocess
+def http_latency(url: str, images: dict, n: int, max_seconds: float) -> dict:
+    """Per task: p50/p99 of up to ``n`` sequential requests of the task's image."""
+    import httpx
 
-    configs = {"segments": dict(mode="segments"), "per_task": dict(mode="per_task"), "segments_own_weights": dict(mode="segments", share_weights=False)}
-    out = {}
-    for name, kw in configs.items():
-        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        r = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(art_path), json.dumps(dict(kw, threads=threads))],
-                           capture_output=True, text=True, env=env, timeout=600)
-        if r.returncode != 0:
-            raise RuntimeError(f"memory probe for {name} failed:\n{r.stderr[-2000:]}")
-        out[name] = json.loads(r.stdout.strip().splitlines()[-1])
-    return out
-
-
-def block_scaling(art, threads: int, rows=(1, 2, 4, 8, 16, 32), repeats: int = 5) -> dict:
-    """Seconds per run of the most widely shared segment that holds a transformer block, at
-    each number of rows, through the engine's own session (weights from its store). Where the
-    time grows in proportion to the rows, running several tasks' rows together in one batch
-    saves nothing; it saves what a run costs beyond its rows (the fixed part)."""
-    from mutask.serving.engine import Engine
-
-    engine = Engine(art, mode="segments", verify=False, threads=threads)
-    cands = [sid for sid, s in art.segments.items() if any(art.components[c]["name"].startswith("blocks.") for c in s["components"])]
-    sid = max(cands, key=lambda k: (len(art.segments[k]["tasks"]), -len(art.segments[k]["components"])))
-    session = engine.sessions[sid]
-    feed = session.get_inputs()[0].name
-    shape = [int(d) for d in art.segments[sid]["input_shape"][1:]]
-    rng = np.random.default_rng(0)
-    per_run = {}
-    for n in rows:
-        x = rng.standard_normal((n, *shape)).astype(np.float32)
-        for _ in range(5):
-            session.run(None, {feed: x})
-        times = []
-        for _ in range(repeats):
-            k, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < 0.3:
-                session.run(None, {feed: x})
-                k += 1
-            times.append((time.perf_counter() - t0) / k)
-        per_run[str(n)] = statistics.median(times)
-    return {
-        "segment": sid, "components": [art.components[c]["name"] for c in art.segments[sid]["components"]],
-        "tasks": art.segments[sid]["tasks"], "seconds_per_run": per_run, "repeats": repeats, "ort_threads": threads,
-    }
-
-
-def task_images(art) -> dict[str, bytes]:
-    """A noise PNG per task at its image size (no resize: the model's own cost)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    out = {}
-    for t, rec in art.tasks.items():
-        s = int(rec["image_size"])
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (s, s, 3), dtype=np.uint8)).save(buf, "PNG")
-        out[t] = buf.getvalue()
-    return out
+    with httpx.Client(base_url=url, timeout=60) as c:
+        return {t: summary_ms(latency_series(c, t, png, n, max_seconds)) for t, png in images.items()}
 
 
 def bare_ort_latency(art, images: dict, n: int, thread_counts) -> dict:
     """p50/p99 of one plain onnxruntime session per task graph (ONNX Runtime's defaults but the
     thread count), batch 1, in this process, for each of ``thread_counts``; ``p50_ms``/``p99_ms``
     are those of the fastest (lowest p50) setting, so the overhead against it is not flattered."""
-    import onnxruntime as ort
-
-    from mutask.serving.preprocess import preprocess_bytes
-
     out = {}
     for t in art.tasks:
-        x = preprocess_bytes(images[t], int(art.tasks[t]["image_size"]))
+        x = model_input(art, t, images[t])
         runs = {}
         for threads in dict.fromkeys(thread_counts):
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
-            so.log_severity_level = 3
-            sess = ort.InferenceSession(str(art.graph_path(t)), so, providers=["CPUExecutionProvider"])
-            for _ in range(5):
-                sess.run(None, {"image": x})
-            lat = []
-            for _ in range(n):
-                t0 = time.perf_counter()
-                sess.run(None, {"image": x})
-                lat.append(time.perf_counter() - t0)
-            runs[str(threads)] = {"p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3, "n": n}
-            del sess
+            session = plain_session(art.graph_path(t), threads)
+            runs[str(threads)] = summary_ms(run_times(session, x, n))
+            del session
         best = min(runs, key=lambda k: runs[k]["p50_ms"])
         out[t] = dict(runs[best], threads=int(best), by_threads=runs)
     return out
 
 
-def http_latency(url: str, images: dict, n: int, max_seconds: float) -> dict:
-    import httpx
-
-    out = {}
-    with httpx.Client(base_url=url, timeout=60) as c:
-        for t, img in images.items():
-            for _ in range(5):
-                c.post("/predict", data={"task": t}, files={"image": ("x.png", img, "image/png")}).raise_for_status()
-            lat, t_end = [], time.monotonic() + max_seconds
-            while len(lat) < n and time.monotonic() < t_end:
-                t0 = time.perf_counter()
-                r = c.post("/predict", data={"task": t}, files={"image": ("x.png", img, "image/png")})
-                lat.append(time.perf_counter() - t0)
-                r.raise_for_status()
-            out[t] = {"p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3, "n": len(lat)}
-    return out
-
-
 def scrape(url: str) -> dict:
+    """The server's counters that throughput reads: segment seconds (all, shared) and engine rows and batches."""
     import httpx
 
     text = httpx.get(url + "/metrics", timeout=30).text
-    seg = {"shared": 0.0, "all": 0.0}
-    rows = batches = 0.0
-    for line in text.splitlines():
-        if line.startswith("mutask_segment_seconds_total{"):
-            v = float(line.rsplit(" ", 1)[1])
-            seg["all"] += v
-            if 'shared="true"' in line:
-                seg["shared"] += v
-        elif line.startswith("mutask_engine_batch_size_sum"):
-            rows += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("mutask_engine_batch_size_count"):
-            batches += float(line.rsplit(" ", 1)[1])
-    return {"seg_shared": seg["shared"], "seg_all": seg["all"], "rows": rows, "batches": batches}
+    return {
+        "seg_shared": metric_value(text, "mutask_segment_seconds_total", shared="true"),
+        "seg_all": metric_value(text, "mutask_segment_seconds_total"),
+        "rows": metric_value(text, "mutask_engine_batch_size_sum"),
+        "batches": metric_value(text, "mutask_engine_batch_size_count"),
+    }
 
 
-async def _throughput(url: str, images: dict, concurrency: int, n: int, max_seconds: float) -> dict:
-    import httpx
-
-    tasks = list(images)
-    counter = {"next": 0, "done": 0, "errors": 0}
-    t_end = time.monotonic() + max_seconds
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as c:
-        for t in tasks:  # warm: every task once
-            (await c.post("/predict", data={"task": t}, files={"image": ("x.png", images[t], "image/png")})).raise_for_status()
-
-        async def worker():
-            while counter["next"] < n and time.monotonic() < t_end:
-                i = counter["next"]
-                counter["next"] += 1
-                t = tasks[i % len(tasks)]
-                r = await c.post("/predict", data={"task": t}, files={"image": ("x.png", images[t], "image/png")})
-                if r.status_code == 200:
-                    counter["done"] += 1
-                else:
-                    counter["errors"] += 1
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
-    return {"requests": counter["done"], "errors": counter["errors"], "seconds": wall, "rps": counter["done"] / wall if wall else 0.0}
-
-
-def throughput(url, images, concurrency, n, max_seconds) -> dict:
+def throughput(url: str, images: dict, concurrency: int, n: int, max_seconds: float) -> dict:
+    """One throughput point (tasks round-robin), with the shared-segment share of compute and
+    the mean engine batch over exactly that point (counters read before and after)."""
     before = scrape(url)
-    res = asyncio.run(_throughput(url, images, concurrency, n, max_seconds))
+    res = closed_loop(url, [(t, png, None) for t, png in images.items()], concurrency, n, max_seconds)
     after = scrape(url)
     d = {k: after[k] - before[k] for k in after}
     res["shared_compute_share"] = d["seg_shared"] / d["seg_all"] if d["seg_all"] > 0 else None
@@ -288,149 +126,157 @@ def throughput(url, images, concurrency, n, max_seconds) -> dict:
     return res
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mutask.benchmarks.serving_bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("artifact", metavar="ART", help="artifact directory written by `mutask export`")
-    p.add_argument("--repeats", type=int, default=3, help="repeats of each throughput point (interleaved; medians)")
-    p.add_argument("--requests", type=int, default=100, help="requests per latency series and per throughput point")
-    p.add_argument("--concurrency", default="1,4,16,32", help="comma-separated concurrency curve")
-    p.add_argument("--max-seconds", type=float, default=20.0, help="time cap per measurement")
-    p.add_argument("--out", type=Path, default=RESULTS, help="results directory (default benchmarks/results)")
-    a = p.parse_args(argv)
-    curve = [int(c) for c in a.concurrency.split(",") if c.strip()]
+def throughput_curve(servers: dict, images: dict, curve: list[int], repeats: int, requests: int, max_seconds: float) -> dict:
+    """Every point of ``curve`` on every server, ``repeats`` times, the servers' order
+    alternating between repeats; the raw runs, by mode and concurrency."""
+    runs: dict = {m: {c: [] for c in curve} for m in servers}
+    for r in range(repeats):
+        for c in curve:
+            for m in (MODES if r % 2 == 0 else MODES[::-1]):
+                res = throughput(servers[m].url, images, c, max(requests, 4 * c), max_seconds)
+                runs[m][c].append(res)
+                print(f"  repeat {r + 1} {m:<8} c={c:<3} {res['rps']:8.1f} req/s  batch {res['mean_engine_batch'] or 0:.2f}", flush=True)
+    return runs
 
-    from mutask.export.artifact import artifact_stats, load_artifact
 
-    art = load_artifact(a.artifact)
-    stats = artifact_stats(a.artifact)
-    images = task_images(art)
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    tmp = Path(tempfile.mkdtemp(prefix="mutask-serving-bench-"))
-    servers = {}
-    t_start = time.perf_counter()
-    try:
-        for mode in ("segments", "per_task"):
-            prom = tmp / f"prometheus-{mode}"
-            prom.mkdir(parents=True, exist_ok=True)
-            env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", BENTOML_HOME=tmp / "bentoml-home", PROMETHEUS_MULTIPROC_DIR=prom, MUTASK_ENGINE=mode)
-            env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-            servers[mode] = ServerProcess(Path(a.artifact).resolve(), log_path=tmp / f"server-{mode}.log", env=env)
-        for s in servers.values():
-            s.wait_ready()
-        print(f"servers ready: {', '.join(f'{m} {s.url}' for m, s in servers.items())}", flush=True)
-        # warm both, then memory at rest
-        for s in servers.values():
-            http_latency(s.url, images, 3, a.max_seconds)
-        memory = {m: s.worker_rss() for m, s in servers.items()}
-
-        print("latency at batch 1 ...", flush=True)
-        lat_http = http_latency(servers["segments"].url, images, a.requests, a.max_seconds)
-        lat_http_per_task = http_latency(servers["per_task"].url, images, a.requests, a.max_seconds)
-        lat_ort = bare_ort_latency(art, images, a.requests, (threads, server_threads()))
-
-        print("throughput ...", flush=True)
-        tp: dict = {m: {c: [] for c in curve} for m in servers}
-        for r in range(a.repeats):
-            for c in curve:
-                for m in (("segments", "per_task") if r % 2 == 0 else ("per_task", "segments")):
-                    res = throughput(servers[m].url, images, c, max(a.requests, 4 * c), a.max_seconds)
-                    tp[m][c].append(res)
-                    print(f"  repeat {r + 1} {m:<8} c={c:<3} {res['rps']:8.1f} req/s  batch {res['mean_engine_batch'] or 0:.2f}", flush=True)
-        memory_after = {m: s.worker_rss() for m, s in servers.items()}
-    finally:
-        for s in servers.values():
-            s.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
-
-    print("engine only (no HTTP) ...", flush=True)
-    engine_only = {str(b): engine_throughput(art, images, b, max(3, a.repeats), threads) for b in (1, 8, 32)}
-    scaling = {str(n): block_scaling(art, n) for n in sorted({1, threads})}
-    engine_mem = engine_memory(Path(a.artifact).resolve(), threads)
-
+def summarize_curve(runs: dict, curve: list[int]) -> dict:
+    """Medians over the repeats of each point: requests/s, mean engine batch, shared share; errors summed."""
     def med(xs, key):
         vals = [x[key] for x in xs if x.get(key) is not None]
         return statistics.median(vals) if vals else None
 
-    curve_doc = {
+    return {
         str(c): {
-            m: {"rps_median": med(tp[m][c], "rps"), "rps_all": [x["rps"] for x in tp[m][c]],
-                "mean_engine_batch": med(tp[m][c], "mean_engine_batch"), "errors": sum(x["errors"] for x in tp[m][c]),
-                "shared_compute_share": med(tp[m][c], "shared_compute_share")}
-            for m in tp
+            m: {"rps_median": med(runs[m][c], "rps"), "rps_all": [x["rps"] for x in runs[m][c]],
+                "mean_engine_batch": med(runs[m][c], "mean_engine_batch"), "errors": sum(x["errors"] for x in runs[m][c]),
+                "shared_compute_share": med(runs[m][c], "shared_compute_share")}
+            for m in runs
         }
         for c in curve
     }
-    unique = stats["unique_param_bytes"]
-    weights_file = stats["weights_file_bytes"]
-    doc = {
+
+
+def measure_servers(a, art, images: dict, curve: list[int], threads: int) -> dict:
+    """Both servers started, warmed and measured (memory at rest, latency, the throughput
+    curve, memory after), then stopped."""
+    tmp = Path(tempfile.mkdtemp(prefix="mutask-serving-bench-"))
+    try:
+        servers = start_servers(Path(a.artifact).resolve(), tmp, a.device)
+        try:
+            print(f"servers ready: {', '.join(f'{m} {s.url}' for m, s in servers.items())}", flush=True)
+            for s in servers.values():
+                http_latency(s.url, images, 3, a.max_seconds)
+            memory = {m: s.worker_rss() for m, s in servers.items()}
+            print("latency at batch 1 ...", flush=True)
+            latency = {m: http_latency(servers[m].url, images, a.requests, a.max_seconds) for m in MODES}
+            bare = bare_ort_latency(art, images, a.requests, (threads, default_threads()))
+            print("throughput ...", flush=True)
+            runs = throughput_curve(servers, images, curve, a.repeats, a.requests, a.max_seconds)
+            memory_after = {m: s.worker_rss() for m, s in servers.items()}
+        finally:
+            for s in servers.values():
+                s.stop()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"latency": latency, "bare": bare, "curve": summarize_curve(runs, curve), "memory": memory, "memory_after": memory_after}
+
+
+# ---------------------------------------------------------------------------- the engine alone
+
+
+def measure_engine(art, images: dict, repeats: int, threads: int, device: str) -> dict:
+    """Engine throughput at 1, 8 and 32 requests per batch, segment cost by rows, engine memory."""
+    print("engine only (no HTTP) ...", flush=True)
+    return {
+        "engine_only": {str(b): engine_bench.engine_throughput(art, images, b, max(3, repeats), threads, device) for b in (1, 8, 32)},
+        "block_scaling": {str(n): engine_bench.block_scaling(art, n, device) for n in sorted({1, threads})},
+        "engine_memory": engine_bench.engine_memory(art.path.resolve(), threads, device),
+    }
+
+
+# ---------------------------------------------------------------------------- the record
+
+
+def build_doc(a, art, stats: dict, curve: list[int], threads: int, http: dict, engine: dict, wall: float) -> dict:
+    return {
         "artifact": str(Path(a.artifact).resolve()),
         "tasks": list(art.tasks),
-        "segments": {sid: {"tasks": s["tasks"], "parents": s["parents"], "components": s["components"]} for sid, s in art.segments.items()},
-        "settings": {"repeats": a.repeats, "requests": a.requests, "concurrency": curve, "max_seconds": a.max_seconds,
-                     "ort_threads_bare_and_engine_only": threads, "ort_threads_server": server_threads()},
-        "latency_batch1": {t: {"http": lat_http[t], "http_per_task_server": lat_http_per_task[t], "bare_onnxruntime": lat_ort[t]} for t in art.tasks},
-        "throughput": curve_doc,
-        "engine_only": engine_only,
-        "block_scaling": scaling,
-        "engine_memory": engine_mem,
+        "segments": {sid: {"tasks": s.tasks, "parents": s.parents, "components": s.components} for sid, s in art.segments.items()},
+        "settings": {"repeats": a.repeats, "requests": a.requests, "concurrency": curve, "max_seconds": a.max_seconds, "device": a.device,
+                     "ort_threads_bare_and_engine_only": threads, "ort_threads_server": default_threads()},
+        "latency_batch1": {t: {"http": http["latency"]["segments"][t], "http_per_task_server": http["latency"]["per_task"][t],
+                               "bare_onnxruntime": http["bare"][t]} for t in art.tasks},
+        "throughput": http["curve"],
+        **engine,
         "memory": {
-            "unique_weight_bytes": unique,
+            "unique_weight_bytes": stats["unique_param_bytes"],
             "naive_weight_bytes_one_model_per_task": stats["naive_bytes"],
-            "at_rest": memory,
-            "after_load": memory_after,
+            "at_rest": http["memory"],
+            "after_load": http["memory_after"],
         },
-        "wall_seconds": time.perf_counter() - t_start,
+        "wall_seconds": wall,
+        "machine": serving_machine(),
     }
-    doc["machine"] = machine()
 
-    mb = 1 / (1024 * 1024)
+
+def latency_md(doc: dict) -> list[str]:
+    s = doc["settings"]
+    threads, server = s["ort_threads_bare_and_engine_only"], s["ort_threads_server"]
     lines = [
-        f"# Serving benchmark ({len(art.tasks)} tasks, {len(art.segments)} segments)",
-        "",
         "## Latency at batch 1 (ms; sequential requests)",
         "",
         f"Bare ORT: one session of the task's graph in the benchmark process with ONNX Runtime's defaults (threads spin "
-        f"between runs, weights pre-packed), at {threads} and at {server_threads()} intra-op thread(s), whichever had the lower "
-        f"p50 (the column 'bare threads'); the server: {server_threads()} thread(s) per session, no spinning, weights from its "
+        f"between runs, weights pre-packed), at {threads} and at {server} intra-op thread(s), whichever had the lower "
+        f"p50 (the column 'bare threads'); the server: {server} thread(s) per session, no spinning, weights from its "
         "shared store (not pre-packed).",
         "",
         "| task | HTTP p50 | HTTP p99 | bare ORT p50 | bare ORT p99 | bare threads | HTTP overhead p50 | per-task-graph server: HTTP p50 |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for t in art.tasks:
-        h, o = lat_http[t], lat_ort[t]
+    for t, rec in doc["latency_batch1"].items():
+        h, o = rec["http"], rec["bare_onnxruntime"]
         lines.append(
             f"| {t} | {h['p50_ms']:.2f} | {h['p99_ms']:.2f} | {o['p50_ms']:.2f} | {o['p99_ms']:.2f} | {o['threads']} | {h['p50_ms'] - o['p50_ms']:.2f} | "
-            f"{lat_http_per_task[t]['p50_ms']:.2f} |"
+            f"{rec['http_per_task_server']['p50_ms']:.2f} |"
         )
-    lines += [
-        "",
-        f"## Mixed-task throughput (requests/s, median of {a.repeats}; tasks round-robin)",
+    return lines
+
+
+def throughput_md(doc: dict) -> list[str]:
+    lines = [
+        f"## Mixed-task throughput (requests/s, median of {doc['settings']['repeats']}; tasks round-robin)",
         "",
         "| concurrency | segment graph | one session per task | speed-up | segment-graph mean batch | per-task mean batch | shared-segment share of compute |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for c in curve:
-        tr, pt = curve_doc[str(c)]["segments"], curve_doc[str(c)]["per_task"]
+    for c, point in doc["throughput"].items():
+        tr, pt = point["segments"], point["per_task"]
         sp = tr["rps_median"] / pt["rps_median"] if tr["rps_median"] and pt["rps_median"] else float("nan")
         share = tr["shared_compute_share"]
         lines.append(
             f"| {c} | {tr['rps_median']:.1f} | {pt['rps_median']:.1f} | {sp:.2f}x | {tr['mean_engine_batch'] or 0:.2f} | "
             f"{pt['mean_engine_batch'] or 0:.2f} | {'-' if share is None else f'{share:.1%}'} |"
         )
-    lines += [
-        "",
+    return lines
+
+
+def engine_md(doc: dict) -> list[str]:
+    lines = [
         "## Engine only, no HTTP (images/s, mixed tasks round-robin, one image per request)",
         "",
         "| requests per batch | segment graph | one session per task | speed-up | segment graph, each session loading its own weights |",
         "|---:|---:|---:|---:|---:|",
     ]
-    for b, e in engine_only.items():
+    for b, e in doc["engine_only"].items():
         tr, pt, own = (e[k]["images_per_s_median"] for k in ("segments", "per_task", "segments_own_weights"))
         lines.append(f"| {b} | {tr:.0f} | {pt:.0f} | {tr / pt:.2f}x | {own:.0f} ({own / pt:.2f}x) |")
+    return lines
+
+
+def scaling_md(doc: dict) -> list[str]:
+    scaling = doc["block_scaling"]
     first = next(iter(scaling.values()))
-    lines += [
-        "",
+    lines = [
         f"## What batching rows together saves here: one run of segment {first['segment']} ({', '.join(first['components'])}; "
         f"shared by {len(first['tasks'])} tasks) by rows (µs per run; median of {first['repeats']})",
         "",
@@ -440,47 +286,70 @@ def main(argv=None) -> int:
     for th, sc in scaling.items():
         runs = sc["seconds_per_run"]
         most = max(runs, key=int)
-        lines.append(
-            f"| {th} | " + " | ".join(f"{v * 1e6:.0f}" for v in runs.values())
-            + f" | {runs['1'] * 1e6:.0f} | {runs[most] / int(most) * 1e6:.0f} |"
-        )
-    em = engine_mem
-    seg_rest = em["segments"]["rss_delta_bytes"] - em["segments"]["weight_store_bytes"]
-    lines += [
-        "",
+        lines.append(f"| {th} | " + " | ".join(f"{v * 1e6:.0f}" for v in runs.values()) + f" | {runs['1'] * 1e6:.0f} | {runs[most] / int(most) * 1e6:.0f} |")
+    return lines
+
+
+def engine_memory_md(doc: dict) -> list[str]:
+    em, unique = doc["engine_memory"], doc["memory"]["unique_weight_bytes"]
+    seg = em["segments"]
+    return [
         "## Memory one engine adds to a fresh process (RSS after loading, verifying and running every task; one measurement each)",
         "",
         "| engine | sessions | RSS added (MiB) | of which the weight store (MiB) | the rest: sessions' own memory (MiB) |",
         "|---|---:|---:|---:|---:|",
-        f"| segment graph + task graphs over one weight store (the server) | {em['segments']['sessions']} | {em['segments']['rss_delta_bytes'] * mb:.1f} | "
-        f"{em['segments']['weight_store_bytes'] * mb:.2f} ({em['segments']['weight_store_bytes'] / unique:.3f}x unique weights) | {seg_rest * mb:.1f} |",
-        f"| one session per task graph, own weights | {em['per_task']['sessions']} | {em['per_task']['rss_delta_bytes'] * mb:.1f} | - | - |",
-        f"| segment graph + task graphs, each session its own weights | {em['segments_own_weights']['sessions']} | {em['segments_own_weights']['rss_delta_bytes'] * mb:.1f} | - | - |",
+        f"| segment graph + task graphs over one weight store (the server) | {seg['sessions']} | {seg['rss_delta_bytes'] * MIB:.1f} | "
+        f"{seg['weight_store_bytes'] * MIB:.2f} ({seg['weight_store_bytes'] / unique:.3f}x unique weights) | {(seg['rss_delta_bytes'] - seg['weight_store_bytes']) * MIB:.1f} |",
+        f"| one session per task graph, own weights | {em['per_task']['sessions']} | {em['per_task']['rss_delta_bytes'] * MIB:.1f} | - | - |",
+        f"| segment graph + task graphs, each session its own weights | {em['segments_own_weights']['sessions']} | {em['segments_own_weights']['rss_delta_bytes'] * MIB:.1f} | - | - |",
         "",
-        f"Unique weights {unique * mb:.2f} MiB. The store is the weights file read once; no session copies a weight (a test "
+        f"Unique weights {unique * MIB:.2f} MiB. The store is the weights file read once; no session copies a weight (a test "
         "proves it). The rest is what the sessions themselves hold (graph structure, kernels, activations; no per-session "
         "memory arenas): it grows with the number of graphs, not with the weights. Beyond the engine, the "
         "worker's RSS below is the fixed runtime (Python, BentoML, ONNX Runtime).",
     ]
-    lines += [
+
+
+def server_memory_md(doc: dict) -> list[str]:
+    mem, s, m = doc["memory"], doc["settings"], doc["machine"]
+    unique = mem["unique_weight_bytes"]
+    lines = ["## Memory (worker process RSS)", "", "| server | RSS at rest (MiB) | RSS after load (MiB) | RSS / unique weights |", "|---|---:|---:|---:|"]
+    for mode, label in (("segments", "segment graph (each weight once)"), ("per_task", "one session per task graph")):
+        r0, r1 = mem["at_rest"][mode]["worker_rss"], mem["after_load"][mode]["worker_rss"]
+        lines.append(f"| {label} | {r0 * MIB:.1f} | {r1 * MIB:.1f} | {r1 / unique:.1f}x |" if r0 and r1 else f"| {label} | - | - | - |")
+    return lines + [
         "",
-        "## Memory (worker process RSS)",
-        "",
-        "| server | RSS at rest (MiB) | RSS after load (MiB) | RSS / unique weights |",
-        "|---|---:|---:|---:|",
+        f"Unique weight bytes: {unique * MIB:.2f} MiB; one full model per task would hold {mem['naive_weight_bytes_one_model_per_task'] * MIB:.2f} MiB.",
+        f"Client and servers share this machine's {m['cpu_affinity'] or m['cpu_count']} cores (loopback); "
+        f"ONNX Runtime threads per server: {s['ort_threads_server']} (the server's default), per bare onnxruntime session and engine-only "
+        f"measurement: {s['ort_threads_bare_and_engine_only']}. Wall time {doc['wall_seconds']:.0f} s.",
     ]
-    for m, label in (("segments", "segment graph (each weight once)"), ("per_task", "one session per task graph")):
-        r0, r1 = memory[m]["worker_rss"], memory_after[m]["worker_rss"]
-        lines.append(f"| {label} | {r0 * mb:.1f} | {r1 * mb:.1f} | {r1 / unique:.1f}x |" if r0 and r1 else f"| {label} | - | - | - |")
-    lines += [
-        "",
-        f"Unique weight bytes: {unique * mb:.2f} MiB; one full model per task would hold {stats['naive_bytes'] * mb:.2f} MiB.",
-        f"Client and servers share this machine's {doc['machine']['cpu_affinity'] or doc['machine']['cpu_count']} cores (loopback); "
-        f"ONNX Runtime threads per server: {server_threads()} (the server's default), per bare onnxruntime session and engine-only "
-        f"measurement: {threads}. Wall time {doc['wall_seconds']:.0f} s.",
-    ]
-    j, m = write("serving", doc, "\n".join(lines), a.out)
-    print("\n".join(lines))
+
+
+def to_markdown(doc: dict) -> str:
+    sections = [latency_md, throughput_md, engine_md, scaling_md, engine_memory_md, server_memory_md]
+    lines = [f"# Serving benchmark ({len(doc['tasks'])} tasks, {len(doc['segments'])} segments)"]
+    for section in sections:
+        lines += [""] + section(doc)
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    curve = [int(c) for c in a.concurrency.split(",") if c.strip()]
+    from mutask.export.artifact import artifact_stats, load_artifact
+
+    art = load_artifact(a.artifact)
+    stats = artifact_stats(a.artifact)
+    images = {t: pngs[0] for t, pngs in noise_pngs(art).items()}
+    threads = cpu_count()
+    t_start = time.perf_counter()
+    http = measure_servers(a, art, images, curve, threads)
+    engine = measure_engine(art, images, a.repeats, threads, a.device)
+    doc = build_doc(a, art, stats, curve, threads, http, engine, time.perf_counter() - t_start)
+    md = to_markdown(doc)
+    j, m = write("serving", doc, md, a.out)
+    print(md)
     print(f"\nwrote {j} and {m}")
     return 0
 

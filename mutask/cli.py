@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     import importlib
 
-    for mod in ("mutask.export.cli", "mutask.serving.cli", "mutask.benchmarks.cli", "mutask.benchmarks.demo"):
+    for mod in ("mutask.export.cli", "mutask.serving.cli", "mutask.benchmarks.cli", "mutask.demo"):
         importlib.import_module(mod).add_parser(sub)  # each imports its stage inside the handler
     return p
 

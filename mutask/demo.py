@@ -24,6 +24,8 @@ the system graph, accuracy against parameters per task, latency per task.
 OUT is replaced if it holds an earlier demo; any other existing directory is refused."""
 
 MARKER = "demo.json"
+# the recorded quality benchmark, drawn beside this run where a source checkout has it
+RECORDED_QUALITY = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "quality.json"
 
 
 def add_parser(sub) -> None:
@@ -62,7 +64,7 @@ def _cmd_demo(a) -> None:
 def run_demo(out: Path, *, budget: str = "quick", tasks=None, requests_per_task=None, concurrency: int = 8, show_progress: bool = True, root=None) -> dict:
     from mutask.errors import MutaskError
 
-    from mutask.benchmarks.http import png_bytes, predict_all, running_server
+    from mutask.serving.process import png_bytes, predict_all, running_server
     from mutask.evolve.tasks import EMBEDDED_TASKS, load_task
 
     t_start = time.perf_counter()
@@ -192,9 +194,8 @@ def plot_accuracy_vs_params(doc: dict, path: Path) -> None:
     ax.scatter(par, acc, label="this demo: muNet, per task", color="tab:blue", zorder=3)
     for name, r in doc["tasks"].items():
         ax.annotate(name, (r["accounted_params"], r["test_accuracy_http"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    recorded = Path(__file__).resolve().parent / "results" / "quality.json"
-    if recorded.exists():
-        q = json.loads(recorded.read_text())
+    if RECORDED_QUALITY.exists():
+        q = json.loads(RECORDED_QUALITY.read_text())
         for i, (cfg, r) in enumerate(q["runs"].items()):
             ax.scatter([r["params_per_task"]], [r["avg_test_accuracy"]], marker="s", s=60, label=f"recorded: {cfg} (average)", color=plt.get_cmap("tab10")(i + 1), edgecolor="black", zorder=4)
     from matplotlib.ticker import FuncFormatter
