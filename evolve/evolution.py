@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-
-from mutask.errors import MutaskError
 
 from . import hparams as H
+from .config import BUDGETS, EvolveConfig  # noqa: F401 (re-exported)
 from .data import TaskData
 from .model import Adapter, Component, TaskPath, PathModel, new_head, resample_pos_embed
 from .progress import Progress, Visit
@@ -40,49 +38,6 @@ from .strategies import parse_strategy
 from .train import accuracy, device, train
 
 log = logging.getLogger("mutask")
-
-BUDGETS = {
-    "tiny": dict(rounds=1, children=3, generation_size=3, steps=6, validations=1, batch_size=32),
-    "quick": dict(rounds=2, children=8, generation_size=4, steps=200, validations=3, batch_size=64),
-    "full": dict(rounds=2, children=24, generation_size=8, steps=200, validations=3, batch_size=64),
-}
-
-
-@dataclass
-class EvolveConfig:
-    rounds: int = 1
-    children: int = 8
-    generation_size: int = 4
-    steps: int = 60
-    validations: int = 2
-    batch_size: int = 64
-    scale_factor: float = 1.0
-    mutation_prob: float | None = None  # None: auto-tuned (mu2Net)
-    seed: int = 0
-    strategy: str = "munet"  # munet | finetune | freeze:K | adapters:W
-    budget: str = "quick"
-
-    @classmethod
-    def from_budget(cls, budget: str, **overrides) -> "EvolveConfig":
-        if budget not in BUDGETS:
-            raise MutaskError(f"unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}.")
-        cfg = cls(budget=budget, **BUDGETS[budget])
-        for k, v in overrides.items():
-            if v is not None:
-                setattr(cfg, k, v)
-        cfg.validate()
-        return cfg
-
-    def validate(self) -> None:
-        for k in ("rounds", "children", "generation_size", "steps", "validations", "batch_size"):
-            if int(getattr(self, k)) < 1:
-                raise MutaskError(f"--{k.replace('_', '-')} must be at least 1 (got {getattr(self, k)}).")
-        if not 0.0 < self.scale_factor <= 1.0:
-            raise MutaskError(f"--scale-factor must be in (0, 1] (got {self.scale_factor}); 1.0 scores accuracy alone.")
-        if self.mutation_prob is not None and not 0.0 <= self.mutation_prob <= 1.0:
-            raise MutaskError(f"--mutation-prob must be in [0, 1] (got {self.mutation_prob}).")
-        parse_strategy(self.strategy)
-
 
 class Evolution:
     """Runs the loop over a :class:`System`, saving it to ``out`` at every generation boundary."""

@@ -51,15 +51,33 @@ def _visible_subdirs(path: Path) -> list[Path]:
     return sorted((p for p in path.iterdir() if not p.name.startswith(".") and p.is_dir()), key=lambda p: p.name)
 
 
-def _image_files(class_dir: Path) -> list[Path]:
-    """Image files below ``class_dir`` (recursively, hidden entries skipped), sorted by relative path."""
-    found = []
+def _image_files(class_dir: Path) -> tuple[list[Path], int]:
+    """Image files below ``class_dir`` (recursively, hidden entries skipped), sorted by relative
+    path, and how many were passed over: a symbolic link is followed only while it stays inside
+    the class folder (so a link to a parent or to another class adds nothing, and a link loop
+    ends), and a file reached twice through links counts once."""
+    base = class_dir.resolve()
+    found: dict[Path, Path] = {}  # real file -> the path it was first found under
+    seen_dirs: set[Path] = set()
+    passed_over = 0
     for root, dirs, files in os.walk(class_dir, followlinks=True):
+        real_root = Path(root).resolve()
+        if real_root in seen_dirs or not real_root.is_relative_to(base):
+            dirs[:] = []
+            passed_over += len(files)
+            continue
+        seen_dirs.add(real_root)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for f in files:
-            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS:
-                found.append(Path(root) / f)
-    return sorted(found, key=lambda p: p.relative_to(class_dir).as_posix())
+            if f.startswith(".") or os.path.splitext(f)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            path = Path(root) / f
+            real = path.resolve()
+            if not real.is_relative_to(base) or real in found:
+                passed_over += 1
+                continue
+            found[real] = path
+    return sorted(found.values(), key=lambda p: p.relative_to(class_dir).as_posix()), passed_over
 
 
 def _split_counts(n: int, fractions: tuple[float, float]) -> tuple[int, int]:
@@ -132,6 +150,38 @@ def _class_dirs(split_dir: Path) -> dict[str, Path]:
     return {p.name: p for p in _visible_subdirs(split_dir)}
 
 
+def _drop_cross_split_duplicates(files: dict) -> int:
+    """Remove from validation and test every file that an earlier split holds too (the same
+    file through a link): no image in two splits. Returns how many were removed."""
+    seen: set[Path] = set()
+    dropped = 0
+    for split in _SPLITS:
+        for c, paths in files[split].items():
+            keep = []
+            for p in paths:
+                real = p.resolve()
+                if real in seen:
+                    dropped += 1
+                else:
+                    seen.add(real)
+                    keep.append(p)
+            files[split][c] = keep
+    return dropped
+
+
+def _warn_unmeasured_classes(task: str, class_names: list[str], labels: dict) -> None:
+    """A warning for classes without validation or test images: their accuracy is not measured."""
+    for split in ("validation", "test"):
+        present = set(labels[split])
+        missing = [c for i, c in enumerate(class_names) if i not in present]
+        if missing and labels[split]:
+            log.warning(
+                "Task %r: class(es) %s have no %s images, so that split does not measure them; give every class at "
+                "least 3 images (or its own %s folder).", task, ", ".join(repr(c) for c in missing[:5]) + (" ..." if len(missing) > 5 else ""),
+                split, "val" if split == "validation" else split,
+            )
+
+
 def image_size_for(sizes: list[tuple[int, int]]) -> int:
     """Median of min(H, W), rounded to a multiple of 16, clamped to [16, 384]."""
     if not sizes:
@@ -173,9 +223,12 @@ def load_folder(path, name: str | None = None, seed: int = 0) -> TaskData:
 
     # files[split][class name] -> sorted list of files
     files: dict[str, dict[str, list[Path]]] = {s: {} for s in _SPLITS}
+    passed_over = 0  # links leaving a class folder, files reached twice
     if layout is None:
         for d in subdirs:
-            tr, va, te = _carve(_image_files(d), d.name, seed, (0.15, 0.15))
+            found, n = _image_files(d)
+            passed_over += n
+            tr, va, te = _carve(found, d.name, seed, (0.15, 0.15))
             files["train"][d.name], files["validation"][d.name], files["test"][d.name] = tr, va, te
         where = {c: root / c for c in files["train"]}
     else:
@@ -187,7 +240,9 @@ def load_folder(path, name: str | None = None, seed: int = 0) -> TaskData:
             )
         fractions = (0.0 if "validation" in layout else 0.15, 0.0 if "test" in layout else 0.15)
         for c, d in train_classes.items():
-            tr, va, te = _carve(_image_files(d), c, seed, fractions)
+            found, n = _image_files(d)
+            passed_over += n
+            tr, va, te = _carve(found, c, seed, fractions)
             files["train"][c], files["validation"][c], files["test"][c] = tr, va, te
         for split in ("validation", "test"):
             if split not in layout:
@@ -198,8 +253,10 @@ def load_folder(path, name: str | None = None, seed: int = 0) -> TaskData:
                         f"Class folder {d} has no matching folder in {layout['train']}: add training images "
                         f"for class '{c}' there, or remove the folder."
                     )
-                files[split][c] = _image_files(d)
+                files[split][c], n = _image_files(d)
+                passed_over += n
         where = {c: layout["train"] / c for c in train_classes}
+        passed_over += _drop_cross_split_duplicates(files)
 
     class_names = sorted(files["train"])
     if len(class_names) < 2:
@@ -223,6 +280,12 @@ def load_folder(path, name: str | None = None, seed: int = 0) -> TaskData:
                 images[split].append(arr)
                 labels[split].append(label)
                 per_class[c] += 1 if split == "train" else 0
+    if passed_over:
+        log.warning(
+            "Passed over %d image file(s) in %s reached through symbolic links that leave their class folder, or "
+            "reached twice (each image counts once, in one split).", passed_over, root,
+        )
+    _warn_unmeasured_classes(name, class_names, labels)
     if skipped:
         log.warning(
             "Skipped %d unreadable image file(s) in %s (e.g. %s).",

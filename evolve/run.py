@@ -10,7 +10,7 @@ from pathlib import Path
 from mutask.errors import MutaskError
 
 from .evolution import EvolveConfig, Evolution
-from .state import STATE_FILE, System
+from .state import STATE_FILE, System, only_save_leftovers, save_leftovers
 from .train import device
 
 log = logging.getLogger("mutask")
@@ -77,7 +77,13 @@ def evolve(
         data = {t: load_task(system.tasks[t]["spec"], seed=system.tasks[t]["seed"]) for t in order}
         return Evolution(system, data, out, show_progress=show_progress).run(order)
 
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise MutaskError(f"--out {str(out)!r} is a file, not a directory. Choose a new --out for the STATE.")
+    if only_save_leftovers(out):
+        log.warning("%s holds only temporary files of a first save that never finished: removing them and starting again", out)
+        for leftover in save_leftovers(out):
+            leftover.unlink()
+    if out.exists() and any(out.iterdir()):
         hint = " It holds a STATE: add --resume to continue it, or --from it with a new --out to extend it." if (out / STATE_FILE).exists() else ""
         raise MutaskError(f"--out {str(out)!r} exists and is not empty; mutask never writes over it.{hint} Choose a new --out.")
     cfg = EvolveConfig.from_budget(budget, **overrides)

@@ -108,8 +108,8 @@ class System:
                 tensors[f"{cid}/{k}"] = v.detach().to("cpu").contiguous()
         fd, tmp = tempfile.mkstemp(prefix=".components-", dir=d)
         os.close(fd)
-        os.chmod(tmp, 0o666 & ~current_umask())  # like state.json: mkstemp makes 0600
         save_file(tensors, tmp, metadata={"format": "mutask-components", "version": "1"})
+        os.chmod(tmp, 0o666 & ~current_umask())  # like state.json: mkstemp and save_file make 0600
         os.replace(tmp, d / weights_name)
         doc = {
             "format": FORMAT,
@@ -134,6 +134,8 @@ class System:
         for old in d.glob("components-*.safetensors"):
             if old.name != weights_name:
                 old.unlink(missing_ok=True)
+        for leftover in save_leftovers(d):  # temporaries of saves that were killed
+            leftover.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, directory, device: torch.device | None = None) -> "System":
@@ -145,7 +147,12 @@ class System:
         if not d.is_dir():
             raise MutaskError(f"STATE {str(d)!r} does not exist. Give a directory written by `mutask evolve --out STATE`.")
         if not state_file.is_file():
-            raise MutaskError(f"{str(d)!r} holds no {STATE_FILE}: not a mutask STATE (or one that never finished its first save). Run `mutask evolve --out {d}` again.")
+            if only_save_leftovers(d):
+                raise MutaskError(
+                    f"{str(d)!r} holds only the temporary files of a first save that never finished: there is nothing to resume. "
+                    f"Start the run again with `mutask evolve --out {d} --task ...` (it reuses the directory)."
+                )
+            raise MutaskError(f"{str(d)!r} holds no {STATE_FILE}: it is not a mutask STATE. Give a directory written by `mutask evolve --out STATE`.")
         doc = read_document(
             state_file, format=FORMAT, version=VERSION, version_key="version", what="mutask STATE",
             fix="Restore the STATE from a copy, or evolve its tasks again with this version of mutask.",
@@ -186,6 +193,21 @@ class System:
             next_path=doc["next_path"],
             root_params=int(doc["root"]["params"]),
         )
+
+
+SAVE_TEMPORARIES = (".components-", ".state-")  # System.save writes these, then renames them
+
+
+def save_leftovers(directory) -> list[Path]:
+    """Temporary files of saves that did not finish (a save renames its own before it ends)."""
+    d = Path(directory)
+    return [p for p in d.iterdir() if p.is_file() and p.name.startswith(SAVE_TEMPORARIES)] if d.is_dir() else []
+
+
+def only_save_leftovers(directory) -> bool:
+    """Whether ``directory`` holds nothing but the temporaries of an unfinished first save."""
+    d = Path(directory)
+    return d.is_dir() and any(d.iterdir()) and len(save_leftovers(d)) == len(list(d.iterdir()))
 
 
 def _rng_to_json(state):

@@ -139,7 +139,7 @@ def export_system(system, out, *, data=None, force: bool = False, bentoml_model:
             parity=Parity(atol=ATOL, min_argmax_agreement=MIN_ARGMAX_AGREEMENT, provider="CPUExecutionProvider", tasks=parity),
             created=created(started),
         )
-        (tmp / MANIFEST).write_text(manifest.to_json())
+        (tmp / MANIFEST).write_text(manifest.sealed().to_json())
         load_artifact(tmp, verify=True)  # the reader accepts what we wrote
 
         _seal(tmp)

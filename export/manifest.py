@@ -9,6 +9,8 @@ documented in ``export/FORMAT.md``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Literal, Optional, Union
 
@@ -19,7 +21,7 @@ from mutask.errors import MutaskError
 from mutask.preprocessing import Preprocessing
 
 FORMAT = "mutask-artifact"
-FORMAT_VERSION = 2  # 2: segments form a DAG ("parents"); 1 had a prefix tree ("parent")
+FORMAT_VERSION = 3  # 3: manifest_sha256 binds the manifest; 2: segments form a DAG; 1: a prefix tree
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 
@@ -124,13 +126,18 @@ class Created(Strict):
     exporter: str
 
 
+def content_digest(doc: dict) -> str:
+    """sha256 of a JSON document in canonical form (sorted keys, no spaces)."""
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()
+
+
 def _plain_name(name: str) -> bool:
     return name not in ("", ".", "..") and "/" not in name and "\\" not in name and not os.path.isabs(name)
 
 
 class Manifest(Strict):
     format: Literal["mutask-artifact"] = FORMAT
-    format_version: Literal[2] = FORMAT_VERSION
+    format_version: Literal[3] = FORMAT_VERSION
     weights: str = WEIGHTS
     weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     weights_bytes: int = Field(ge=8)
@@ -142,6 +149,7 @@ class Manifest(Strict):
     segments: dict[str, SegmentEntry] = Field(min_length=1)
     parity: Parity
     created: Created
+    manifest_sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$")  # see sealed()
 
     # -- what the schema guarantees beyond field types -------------------------------------
     @model_validator(mode="after")
@@ -220,6 +228,13 @@ class Manifest(Strict):
     def to_json(self) -> str:
         return self.model_dump_json(indent=1)
 
+    def sealed(self) -> "Manifest":
+        """This manifest with ``manifest_sha256`` set: the digest of everything else in it, as
+        a reader parses it back. A reader refuses a manifest whose digest does not match, so an
+        edit to any field after export (a label, the preprocessing, a metric) is caught."""
+        doc = json.loads(self.model_copy(update={"manifest_sha256": ""}).to_json())
+        return self.model_copy(update={"manifest_sha256": content_digest(doc)})
+
     @classmethod
     def load(cls, path, fix: str) -> "Manifest":
         """The manifest at ``path``; :class:`ArtifactError` naming the file, the first bad
@@ -229,6 +244,12 @@ class Manifest(Strict):
             path, format=FORMAT, version=FORMAT_VERSION, version_key="format_version",
             what="mutask artifact manifest", fix=fix, error=ArtifactError,
         )
+        recorded = doc.get("manifest_sha256")
+        if not isinstance(recorded, str) or recorded != content_digest(dict(doc, manifest_sha256="")):
+            raise ArtifactError(
+                f"{path} does not match the digest export wrote into it (manifest_sha256): it was edited or damaged "
+                f"after export, and serving it could answer with the wrong preprocessing or labels. {fix}"
+            )
         try:
             return cls.model_validate(doc)
         except ValidationError as e:

@@ -38,6 +38,7 @@ def _cmd_tasks(a):
 def _cmd_pretrain(a):
     from mutask.evolve.pretrain import pretrain
 
+    _torch_threads(a.threads)
     t0 = time.perf_counter()
     spec = pretrain(a.out, budget=a.budget, seed=a.seed, show_progress=not a.quiet)
     print(
@@ -46,9 +47,21 @@ def _cmd_pretrain(a):
     )
 
 
+def _torch_threads(n: int | None) -> None:
+    """torch's intra-op threads: ``--threads``, default the cores this process may run on."""
+    import torch
+
+    from mutask.serving.settings import cpu_count
+
+    if n is not None and n < 1:
+        raise MutaskError(f"--threads must be at least 1 (got {n}).")
+    torch.set_num_threads(n or cpu_count())
+
+
 def _cmd_evolve(a):
     from mutask.evolve.run import evolve
 
+    _torch_threads(a.threads)
     overrides = dict(
         rounds=a.rounds, children=a.children, generation_size=a.generation_size, steps=a.steps,
         validations=a.validations, batch_size=a.batch_size, scale_factor=a.scale_factor,
@@ -78,6 +91,12 @@ def _cmd_report(a):
         print(f"\npicture of the system: {png}")
 
 
+def _budgets() -> str:
+    from mutask.evolve.config import BUDGETS
+
+    return "Budgets: " + "; ".join(f"{name}: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in b.items()) for name, b in BUDGETS.items()) + "."
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mutask", description="Evolve one pretrained ViT into a multitask system (muNet), export it to ONNX, serve it with BentoML.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -91,28 +110,30 @@ def build_parser() -> argparse.ArgumentParser:
     pt = sub.add_parser("pretrain", help="pretrain the default root offline", description="Train the default root ViT on the `symbols` source task and write config.json + model.safetensors to --out.")
     pt.add_argument("--out", required=True, help="directory to write (replaced atomically)")
     pt.add_argument("--budget", choices=["tiny", "quick", "full"], default="quick", help="tiny: seconds (tests); quick: a few minutes on 2 cores; full: longer, better")
-    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--seed", type=int, default=0, help="seed of the data and the initialisation (default 0)")
+    pt.add_argument("--threads", type=int, help="torch threads (default: the cores this process may use)")
     pt.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     pt.set_defaults(func=_cmd_pretrain)
 
-    e = sub.add_parser("evolve", help="evolve a multitask system (muNet)", description="Evolve a multitask system from a root with muNet: per task, which layers to share frozen, clone and train, where to add adapters, how deep to go and which hyperparameters to use. Saves STATE at every generation boundary.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e = sub.add_parser("evolve", help="evolve a multitask system (muNet)", description="Evolve a multitask system from a root with muNet: per task, which layers to share frozen, clone and train, where to add adapters, how deep to go and which hyperparameters to use. Saves STATE at every generation boundary.")
     e.add_argument("--task", action="append", metavar="NAME_OR_DIR", help="an embedded task, an ImageFolder DIR, or NAME=DIR; repeat per task (visited in this order)")
     e.add_argument("--root", help="root: a `mutask pretrain` directory or timm:NAME (default: the cached default root, pretrained on first use)")
     e.add_argument("--pretrained", action="store_true", help="with --root timm:NAME, load timm's pretrained weights (needs network or timm's cache)")
     e.add_argument("--out", required=True, help="STATE directory to write")
-    e.add_argument("--budget", choices=["tiny", "quick", "full"], default="quick", help="tiny: seconds (tests); quick: the demo; full: the benchmark")
-    e.add_argument("--rounds", type=int, help="rounds over the tasks (budget default)")
-    e.add_argument("--children", type=int, help="children trained per task visit (budget default)")
-    e.add_argument("--generation-size", type=int, help="children per generation; they share training batches (budget default)")
-    e.add_argument("--steps", type=int, help="training steps per child (budget default)")
-    e.add_argument("--validations", type=int, help="validations per child; the best is kept (budget default)")
-    e.add_argument("--batch-size", type=int, help="training batch size (budget default)")
+    e.add_argument("--budget", choices=["tiny", "quick", "full"], default="quick", help=f"tiny: seconds (tests); quick: the demo; full: the benchmark (default quick). {_budgets()}")
+    e.add_argument("--rounds", type=int, help="rounds over the tasks (default: the budget's)")
+    e.add_argument("--children", type=int, help="children trained per task visit (default: the budget's)")
+    e.add_argument("--generation-size", type=int, help="children per generation; they share training batches (default: the budget's)")
+    e.add_argument("--steps", type=int, help="training steps per child (default: the budget's)")
+    e.add_argument("--validations", type=int, help="validations per child; the best is kept (default: the budget's)")
+    e.add_argument("--batch-size", type=int, help="training batch size (default: the budget's)")
     e.add_argument("--scale-factor", type=float, help="s in score = acc * s^(accounted/root params); below 1 favours sharing (default 1.0)")
     e.add_argument("--mutation-prob", type=float, help="fixed mutation probability mu (default: auto-tuned per path, mu2Net)")
     e.add_argument("--strategy", help="munet (default), or a baseline through the same engine: finetune, freeze:K, adapters:W")
     e.add_argument("--seed", type=int, help="evolution seed (default 0)")
     e.add_argument("--from", dest="from_state", help="extend this existing STATE with the --task tasks (its tasks stay frozen)")
     e.add_argument("--resume", action="store_true", help="continue the interrupted run saved in --out")
+    e.add_argument("--threads", type=int, help="torch threads (default: the cores this process may use)")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=_cmd_evolve)
 

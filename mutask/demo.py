@@ -25,9 +25,6 @@ OUT is replaced if it holds an earlier demo; any other existing directory is ref
 
 MARKER = "demo.json"
 # the recorded quality benchmark, drawn beside this run where a source checkout has it
-RECORDED_QUALITY = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "quality.json"
-
-
 def add_parser(sub) -> None:
     import argparse
 
@@ -134,6 +131,7 @@ def run_demo(out: Path, *, budget: str = "quick", tasks=None, requests_per_task=
             "test_accuracy_evolve": e["test_accuracy"],
             "params": e["params"],
             "accounted_params": e["accounted_params"],
+            "chance": 1.0 / e["num_classes"],
             "p50_ms": float(np.percentile(lat, 50)),
             "p99_ms": float(np.percentile(lat, 99)),
             "requests": len(mine),
@@ -186,24 +184,27 @@ def _plt():
 
 
 def plot_accuracy_vs_params(doc: dict, path: Path) -> None:
-    """This run's muNet tasks, plus the recorded quality benchmark (muNet and baselines), if any."""
+    """This run only: each task's test accuracy over HTTP against its accounted parameters,
+    the task's chance level under it, and this run's average."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    acc = [r["test_accuracy_http"] for r in doc["tasks"].values()]
-    par = [r["accounted_params"] for r in doc["tasks"].values()]
-    ax.scatter(par, acc, label="this demo: muNet, per task", color="tab:blue", zorder=3)
+    rows = doc["tasks"].values()
+    par = [r["accounted_params"] for r in rows]
+    ax.scatter(par, [r["test_accuracy_http"] for r in rows], label="muNet, per task (this run)", color="tab:blue", zorder=3)
+    ax.scatter(par, [r["chance"] for r in rows], marker="_", s=120, label="the task's chance level", color="grey", zorder=2)
     for name, r in doc["tasks"].items():
         ax.annotate(name, (r["accounted_params"], r["test_accuracy_http"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    if RECORDED_QUALITY.exists():
-        q = json.loads(RECORDED_QUALITY.read_text())
-        for i, (cfg, r) in enumerate(q["runs"].items()):
-            ax.scatter([r["params_per_task"]], [r["avg_test_accuracy"]], marker="s", s=60, label=f"recorded: {cfg} (average)", color=plt.get_cmap("tab10")(i + 1), edgecolor="black", zorder=4)
+        ax.plot([r["accounted_params"]] * 2, [r["chance"], r["test_accuracy_http"]], color="lightgrey", linewidth=0.8, zorder=1)
+    avg_acc = float(np.mean([r["test_accuracy_http"] for r in rows]))
+    ax.scatter([doc["params_per_task"]], [avg_acc], marker="s", s=70, color="tab:orange", edgecolor="black", zorder=4,
+               label=f"this run's average ({avg_acc:.3f} at {doc['params_per_task'] / 1e3:.0f}k params per task)")
     from matplotlib.ticker import FuncFormatter
 
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e3:.0f}k"))
     ax.set_xlabel("accounted parameters per task")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("accuracy against parameters per task")
+    ax.set_ylabel("test accuracy (over HTTP)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"accuracy against parameters per task ({doc['budget']} budget, one run)")
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -10,6 +10,7 @@ message fits a 400 answer. The pixels then go through the task's
 from __future__ import annotations
 
 import io
+import threading
 
 import numpy as np
 from PIL import Image
@@ -42,6 +43,27 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
     return image
 
 
+class PixelBudget:
+    """The pixels one request may decode, all its images together: decoding and resizing cost
+    grows with the pixels (tens of nanoseconds each), so a request that would take seconds of
+    CPU is refused from its images' headers before any pixel is decoded."""
+
+    def __init__(self, pixels: int):
+        self.limit = self.left = int(pixels)
+        self._lock = threading.Lock()
+
+    def take(self, image: Image.Image) -> None:
+        """Reserve the image's pixels; :class:`ImageError` when they do not fit."""
+        w, h = image.size
+        with self._lock:
+            if w * h > self.left:
+                raise ImageError(
+                    f"the request's images hold more than {self.limit} pixels together (this one is {w} x {h}; "
+                    "MUTASK_MAX_REQUEST_PIXELS): send smaller images, or fewer per request"
+                )
+            self.left -= w * h
+
+
 def load_image(image: Image.Image) -> Image.Image:
     """Fully decode an image from :func:`open_image`; :class:`ImageError` if that fails."""
     try:
@@ -64,9 +86,13 @@ def to_input(image: Image.Image, pre: Preprocessing) -> np.ndarray:
         raise ImageError(f"the image could not be converted to RGB: {type(e).__name__}: {e}") from None
 
 
-def preprocess_bytes(data: bytes, pre: Preprocessing, *, max_bytes: int, max_pixels: int) -> np.ndarray:
-    """Uploaded bytes to the task's float32 (1, 3, S, S) input; :class:`ImageError` on bad input."""
-    return to_input(decode(data, max_bytes=max_bytes, max_pixels=max_pixels), pre)
+def preprocess_bytes(data: bytes, pre: Preprocessing, *, max_bytes: int, max_pixels: int, budget: PixelBudget | None = None) -> np.ndarray:
+    """Uploaded bytes to the task's float32 (1, 3, S, S) input; :class:`ImageError` on bad
+    input, or when the image does not fit the request's pixel ``budget``."""
+    image = open_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    if budget is not None:
+        budget.take(image)
+    return to_input(load_image(image), pre)
 
 
 def _image_error(e: Exception) -> ImageError:

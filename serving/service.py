@@ -33,7 +33,7 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from . import images, metrics
+from . import http, images, metrics
 from .api import BatchInput, BatchPrediction, Prediction, PredictInput, TaskRecord, TasksInput, prediction
 from .batcher import MicroBatcher
 from .engine import Engine, EngineError
@@ -81,11 +81,22 @@ def _startup_failed(exc: BaseException) -> None:
         os.kill(os.getppid(), signal.SIGTERM)  # the arbiter: it stops this worker and exits
 
 
+def served_paths() -> set[str]:
+    """Every path the service answers: its APIs, GET /tasks, BentoML's health, metrics and
+    OpenAPI routes, and the OpenAPI page's static files."""
+    paths = {api.route for api in Mutask.apis.values()} | {"/", "/livez", "/healthz", "/readyz", "/metrics", "/docs.json", "/schema.json"}
+    # the OpenAPI page's assets, served by BentoML from its package (the directory is BentoML's)
+    assets = Path(bentoml.__file__).resolve().parent / "_internal" / "server" / "static_content"
+    return paths | {f"/static_content/{f.name}" for f in assets.glob("*") if f.is_file()}
+
+
 # Fail fast: the process that imports the service (the `bentoml serve` arbiter, each worker)
 # refuses to go on with a bad setting or a missing or bad artifact.
 if artifact_source() is not None:
     Settings.from_env()
     open_artifact()
+if bentoml.server_context.worker_index is not None:  # a server worker: before uvicorn loads its configuration
+    http.install()
 
 
 @bentoml.asgi_app(tasks_app, path="/", name="mutask-tasks")
@@ -106,6 +117,7 @@ class Mutask:
 
     def _start(self) -> None:
         s = self.settings = Settings.from_env()
+        http.configure(s, served_paths())
         self.artifact = open_artifact()
         self.engine = Engine(self.artifact, device=s.device, threads=s.threads, global_pools=s.ort_global_pools, mode=s.engine)
         self.metrics = metrics.get()
@@ -218,7 +230,7 @@ class Mutask:
         shown = repr(task) if len(str(task)) <= 64 else repr(str(task)[:64]) + "..."
         return error(404, f"unknown task {shown}; valid tasks: {', '.join(valid)}", valid_tasks=valid)
 
-    def _decode(self, task: str, data: bytes | Path) -> np.ndarray:
+    def _decode(self, task: str, data: bytes | Path, budget: images.PixelBudget) -> np.ndarray:
         s = self.settings
         if isinstance(data, Path):
             try:
@@ -228,7 +240,8 @@ class Mutask:
                 data = data.read_bytes()
             except OSError as e:
                 raise images.ImageError(f"the upload could not be read: {e}") from None
-        return images.preprocess_bytes(data, self.engine.tasks[task].preprocessing, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
+        pre = self.engine.tasks[task].preprocessing
+        return images.preprocess_bytes(data, pre, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels, budget=budget)
 
     def _decode_small(self, task: str, data) -> np.ndarray | None:
         """A lone small image decoded here, on the event loop (see INLINE_BYTES); None for
@@ -253,7 +266,8 @@ class Mutask:
                 if x is not None:
                     xs = [x]
                 else:
-                    xs = await asyncio.gather(*(loop.run_in_executor(self._decode_pool, self._decode, task, s) for s in sources))
+                    budget = images.PixelBudget(self.settings.max_request_pixels)
+                    xs = await asyncio.gather(*(loop.run_in_executor(self._decode_pool, self._decode, task, s, budget) for s in sources))
             except images.ImageError as e:
                 self.metrics.errors.labels(task=task, kind="bad_image").inc()
                 which = "" if len(sources) == 1 else " (one of the images)"

@@ -45,11 +45,18 @@ class Settings:
     max_batch: int = 32  # rows per engine batch
     max_wait_ms: float = 2.0  # how long a batch waits for requests still being decoded
     max_image_bytes: int = 10 * 1024 * 1024  # one uploaded image
-    max_image_pixels: int = 40_000_000  # width x height of one image (decompression bombs)
+    max_image_pixels: int = 16_000_000  # width x height of one image (4000 x 4000; decompression bombs)
     max_batch_images: int = 64  # images per /predict_batch request
     max_body_bytes: int = 64 * 1024 * 1024  # one /predict_batch body
+    max_request_pixels: int = 48_000_000  # decoded pixels of all the images of one request together
     engine: str = "segments"  # segments (the server); per_task (the benchmarks' baseline)
     ort_global_pools: bool = False  # one ONNX Runtime pool for all sessions (it spins; off by default)
+    # HTTP limits, enforced below the application (mutask.serving.http)
+    max_header_bytes: int = 32 * 1024  # request line + headers of one request
+    max_headers: int = 100
+    header_timeout_s: float = 10.0  # a request's headers (or a new connection's first request) must arrive within
+    body_timeout_s: float = 60.0  # a request's body must arrive within, from its headers
+    max_connections: int = 1000  # open connections; more are answered 503 and closed
 
     @property
     def threads(self) -> int:
@@ -75,7 +82,10 @@ class Settings:
             raise SettingsError(f"MUTASK_DEVICE={self.device!r}: use one of {', '.join(DEVICES)}")
         if self.engine not in ENGINE_MODES:
             raise SettingsError(f"MUTASK_ENGINE={self.engine!r}: segments (the server) or per_task (a benchmark baseline)")
-        for name in ("max_batch", "max_image_bytes", "max_image_pixels", "max_batch_images", "max_body_bytes"):
+        for name in (
+            "max_batch", "max_image_bytes", "max_image_pixels", "max_batch_images", "max_body_bytes", "max_request_pixels",
+            "max_header_bytes", "max_headers", "header_timeout_s", "body_timeout_s", "max_connections",
+        ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"MUTASK_{name.upper()} must be positive, got {getattr(self, name)}")
         if self.ort_threads < 0:

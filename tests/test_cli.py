@@ -120,3 +120,52 @@ def test_resume_and_report_of_bad_states(tmp_path, capsys):
     (tmp_path / "half" / "state.json").write_text("{")
     assert main(["evolve", "--out", str(tmp_path / "half"), "--resume", "-q"]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_an_interrupted_first_save_is_recognised_and_cleaned(tiny_root_dir, tmp_path, capsys):
+    """A kill during the very first save leaves only a temporary file: --resume says so, and
+    the same --out works again; later saves remove temporaries of killed saves; files follow the umask."""
+    import os
+
+    out = tmp_path / "state"
+    out.mkdir()
+    (out / ".components-abc123").write_bytes(b"\0" * 64)
+    assert main(["evolve", "--out", str(out), "--resume", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "first save that never finished" in err and f"mutask evolve --out {out}" in err
+    (out / ".state-dead.json").write_text("{")  # another killed save's temporary
+    old = os.umask(0o022)
+    try:
+        assert main(["evolve", "--out", str(out), "--task", "digits", "--budget", "tiny", "--root", str(tiny_root_dir), "-q"]) == 0
+    finally:
+        os.umask(old)
+    names = sorted(p.name for p in out.iterdir())
+    assert not [n for n in names if n.startswith(".")], names
+    assert (out / "state.json").stat().st_mode & 0o777 == 0o644
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in out.glob("components-*.safetensors"))
+
+
+def test_out_that_is_a_file_and_help_without_none(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert main(["evolve", "--out", str(f), "--task", "digits", "-q"]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    for command in ("evolve", "pretrain", "export", "serve", "bench", "demo"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        assert "(default: None)" not in text, (command, text)
+        if command in ("evolve", "pretrain", "serve"):
+            assert "--threads" in text, command
+
+
+def test_threads_sets_torch_threads(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["pretrain", "--out", str(tmp_path / "r"), "--budget", "tiny", "--threads", "1", "-q"]) == 0
+        assert torch.get_num_threads() == 1
+        assert main(["pretrain", "--out", str(tmp_path / "r2"), "--budget", "tiny", "--threads", "0", "-q"]) == 2
+    finally:
+        torch.set_num_threads(before)

@@ -120,7 +120,7 @@ def test_manifest_contract(evolved):
     s, data, art = evolved
     m = load_artifact(art).manifest
     written = json.loads((art / "manifest.json").read_text())  # the JSON as the writer wrote it
-    assert m.format_version == 2 and m.weights == WEIGHTS
+    assert m.format_version == 3 and m.weights == WEIGHTS
     assert m.root.source == "tiny-test-root" and m.root.root_params == s.root_params
     assert list(m.tasks) == ["a", "b", "c", "d"]
     for t, rec in m.tasks.items():
@@ -345,7 +345,7 @@ def test_tampered_artifacts_are_refused(evolved, tmp_path):
     m = json.loads((d / "manifest.json").read_text())
     m["format_version"] = 1  # the prefix-tree format: "parent" where version 2 has "parents"
     (d / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ArtifactError, match="format_version 1.*reads version 2"):
+    with pytest.raises(ArtifactError, match="format_version 1.*reads version 3"):
         load_artifact(d)
 
     d = copy("graph")
@@ -366,7 +366,7 @@ def test_tampered_artifacts_are_refused(evolved, tmp_path):
     g.write_bytes(model.SerializeToString())
     m = json.loads((d / "manifest.json").read_text())
     m["graphs"][g.name] = {"sha256": hashlib.sha256(g.read_bytes()).hexdigest(), "bytes": g.stat().st_size}
-    (d / "manifest.json").write_text(json.dumps(m))
+    (d / "manifest.json").write_text(json.dumps(resealed(m)))
     with pytest.raises(ArtifactError, match="not one tensor"):
         load_artifact(d)
 
@@ -374,15 +374,37 @@ def test_tampered_artifacts_are_refused(evolved, tmp_path):
         load_artifact(tmp_path / "nope")
 
 
+def resealed(m: dict) -> dict:
+    """``m`` with its manifest_sha256 recomputed: what a writer that made this manifest would
+    have written (the schema's checks are reached only past the digest)."""
+    from mutask.export.manifest import content_digest
+
+    return dict(m, manifest_sha256=content_digest(dict(m, manifest_sha256="")))
+
+
 def _edited_manifest(art, tmp_path, edit):
-    """A directory holding ``art``'s manifest.json after ``edit(manifest dict)`` (the schema
-    is checked before any other file is looked at)."""
+    """A directory holding ``art``'s manifest.json after ``edit(manifest dict)``, resealed
+    (the schema is checked before any other file is looked at)."""
     d = tmp_path / "edited"
     d.mkdir()
     m = json.loads((art / "manifest.json").read_text())
     edit(m)
-    (d / "manifest.json").write_text(json.dumps(m))
+    (d / "manifest.json").write_text(json.dumps(resealed(m)))
     return d
+
+
+def test_an_edit_without_a_new_digest_is_refused(evolved, tmp_path):
+    _, _, art = evolved
+    d = tmp_path / "art"
+    shutil.copytree(art, d)
+    m = json.loads((d / "manifest.json").read_text())
+    m["tasks"]["a"]["labels"][0] = "renamed"
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="manifest_sha256.*edited or damaged after export") as e:
+        load_artifact(d, verify=False)
+    assert f"`mutask export STATE --out {d} --force`" in str(e.value)
+    (d / "manifest.json").write_text(json.dumps(resealed(m)))
+    assert load_artifact(d).tasks["a"].labels[0] == "renamed"  # the digest is what binds it
 
 
 def _add_cycle(m):
@@ -423,7 +445,7 @@ def test_format_version_1_is_refused_with_the_reexport_command(evolved, tmp_path
             seg["parent"] = parents[0] if parents else None
 
     d = _edited_manifest(art, tmp_path, to_version_1)
-    with pytest.raises(ArtifactError, match="format_version 1.*reads version 2") as e:
+    with pytest.raises(ArtifactError, match="format_version 1.*reads version 3") as e:
         load_artifact(d, verify=False)
     assert f"`mutask export STATE --out {d} --force`" in str(e.value)
 
@@ -509,7 +531,7 @@ def test_verify_only_reports_a_graph_onnxruntime_refuses(evolved, tmp_path, caps
     g.write_bytes(model.SerializeToString())
     m = json.loads((d / "manifest.json").read_text())
     m["graphs"][g.name] = {"sha256": hashlib.sha256(g.read_bytes()).hexdigest(), "bytes": g.stat().st_size}
-    (d / "manifest.json").write_text(json.dumps(m))
+    (d / "manifest.json").write_text(json.dumps(resealed(m)))
     load_artifact(d)  # integrity holds
     assert main(["export", "--verify-only", str(d), "-q"]) == 2
     err = capsys.readouterr().err

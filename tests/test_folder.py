@@ -175,3 +175,52 @@ def test_image_size_rule():
     assert image_size_for([(100, 120), (90, 200), (500, 40)]) == 96
     assert image_size_for([(1000, 1000)]) == 384
     assert image_size_for([(5, 5)]) == 16
+
+
+def test_symlinks_do_not_leave_the_class_folder_or_duplicate_images(tmp_path, caplog):
+    """A link loop inside a class folder, a link to another class and a link to a file of the
+    same class: each image counts once, in its own class, and no image is in two splits."""
+    import os
+
+    root = tmp_path / "linked"
+    for i in range(3):
+        _img(root / "a" / f"a{i}.png", value=i)
+        _img(root / "b" / f"b{i}.png", value=10 + i)
+    os.symlink(root, root / "a" / "loop")  # the task's own root, from inside class a
+    os.symlink(root / "b", root / "a" / "other")  # another class
+    os.symlink(root / "a" / "a0.png", root / "a" / "again.png")  # a file of the same class twice
+    with caplog.at_level(logging.WARNING, logger="mutask"):
+        td = load_folder(root)
+    assert [len(s) for s in (td.train, td.validation, td.test)] == [2, 2, 2]
+    for split in (td.train, td.validation, td.test):
+        assert sorted(split.labels.tolist()) == [0, 1]
+    pixels = [bytes(x) for s in (td.train, td.validation, td.test) for x in s.images]
+    assert len(set(pixels)) == 6  # six different images, none twice
+    assert "symbolic links" in caplog.text
+
+
+def test_a_link_across_split_folders_is_kept_in_train_only(tmp_path, caplog):
+    import os
+
+    root = tmp_path / "splits"
+    for c in ("x", "y"):
+        for i in range(4):
+            _img(root / "train" / c / f"{i}.png", value=hash((c, i)) % 1000)
+        _img(root / "test" / c / "t.png", value=hash((c, "t")) % 1000)
+    os.symlink(root / "train" / "x" / "0.png", root / "test" / "x" / "leak.png")
+    with caplog.at_level(logging.WARNING, logger="mutask"):
+        td = load_folder(root)
+    train = {bytes(x) for x in td.train.images}
+    assert not train & {bytes(x) for x in td.test.images}
+    assert len(td.test) == 2
+
+
+def test_a_class_too_small_to_measure_is_warned_about(tmp_path, caplog):
+    root = tmp_path / "small"
+    for i in range(6):
+        _img(root / "many" / f"{i}.png", value=i)
+    _img(root / "one" / "0.png", value=99)
+    with caplog.at_level(logging.WARNING, logger="mutask"):
+        td = load_folder(root)
+    assert td.num_classes == 2
+    assert "'one'" in caplog.text and "no validation images" in caplog.text and "no test images" in caplog.text

@@ -11,7 +11,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from packaging.markers import Marker
 from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,0 +1,182 @@
+"""Connection-level limits for the server's HTTP parser: what a production server bounds before
+a request reaches the application.
+
+BentoML runs uvicorn with the httptools parser, which buffers any amount of header bytes,
+keeps a connection that never finishes its headers (or its body) open forever, and accepts
+connections until the process runs out of file descriptors; BentoML exposes no setting for
+any of that. :class:`GuardedHttpToolsProtocol` is uvicorn's own httptools protocol with four
+limits added, answered the way uvicorn answers a malformed request (a short response, then
+the connection closed), never reaching the application or its metrics:
+
+* request line + headers over ``max_header_bytes``, or more than ``max_headers`` headers:
+  431 Request Header Fields Too Large;
+* a request whose headers do not arrive within ``header_timeout_s`` of its first byte (or a
+  new connection that sends nothing for that long): 408 Request Timeout;
+* a body that does not arrive within ``body_timeout_s`` of its headers: the connection is
+  closed (the application sees a disconnect);
+* more than ``max_connections`` open connections: the oldest connection that is still waiting
+  for its request's headers is answered 408 and closed to make room (so a flood of idle
+  connections cannot lock clients out); when every connection is busy with a request, the new
+  one is answered 503 and closed, at once;
+* a path the service does not serve: 404, so that BentoML's request metrics, which label
+  every request by its raw path, only ever see the service's own paths (a scan of random
+  URLs would otherwise add series to ``/metrics`` without bound).
+
+:func:`install` makes uvicorn use it (its ``"auto"`` HTTP protocol; BentoML builds uvicorn's
+configuration without naming one), in the server worker only, before uvicorn loads its
+configuration; :func:`configure` sets the limits from the settings when the service starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.parse
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+log = logging.getLogger("mutask.serving")
+
+_REASONS = {404: "Not Found", 408: "Request Timeout", 431: "Request Header Fields Too Large", 503: "Service Unavailable"}
+
+
+class Limits:
+    max_header_bytes = 32 * 1024
+    max_headers = 100
+    header_timeout_s = 10.0
+    body_timeout_s = 60.0
+    max_connections = 1000
+    paths: frozenset | None = None  # the paths served (None: any)
+
+
+def configure(settings, paths=None) -> None:
+    """Take the limits from :class:`mutask.serving.settings.Settings`, and the set of paths the
+    service answers (any other is a 404 here)."""
+    Limits.max_header_bytes = settings.max_header_bytes
+    Limits.max_headers = settings.max_headers
+    Limits.header_timeout_s = settings.header_timeout_s
+    Limits.body_timeout_s = settings.body_timeout_s
+    Limits.max_connections = settings.max_connections
+    Limits.paths = frozenset(paths) if paths is not None else None
+
+
+def request_path(url: bytes) -> str | None:
+    """The path of a request target as the application will see it (percent-decoded, without a
+    trailing slash), or None when the target does not parse (uvicorn answers that itself)."""
+    try:
+        path = urllib.parse.unquote(httptools.parse_url(url).path.decode("latin-1"))
+    except (httptools.HttpParserInvalidURLError, UnicodeDecodeError, ValueError):
+        return None
+    return path.rstrip("/") or "/"
+
+
+def install() -> None:
+    """Make uvicorn's default ("auto") HTTP protocol :class:`GuardedHttpToolsProtocol`."""
+    from uvicorn import config
+
+    config.HTTP_PROTOCOLS["auto"] = config.HTTP_PROTOCOLS["httptools"] = f"{__name__}:GuardedHttpToolsProtocol"
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with header, time and connection limits (see the module)."""
+
+    def connection_made(self, transport) -> None:
+        self._timer = None
+        self._refused = False
+        self._awaiting_headers = True
+        self._header_bytes = 0
+        self._header_count = 0
+        self._opened = self.loop.time()
+        if len(self.connections) >= Limits.max_connections and not self._evict_idle():
+            self.transport = transport  # for connection_lost
+            self._refuse(503, f"the server has {Limits.max_connections} connections busy with requests (MUTASK_MAX_CONNECTIONS); retry later")
+            return
+        super().connection_made(transport)
+        self._arm(Limits.header_timeout_s)
+
+    def _evict_idle(self) -> bool:
+        """Close the oldest connection still waiting for request headers; False if none is."""
+        idle = [c for c in self.connections if isinstance(c, GuardedHttpToolsProtocol) and c._awaiting_headers and not c._refused]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda c: c._opened)
+        oldest._refuse(408, f"closed to make room: the server holds {Limits.max_connections} connections (MUTASK_MAX_CONNECTIONS)")
+        self.connections.discard(oldest)
+        return True
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        super().data_received(data)
+        if self._awaiting_headers and not self._refused:
+            self._header_bytes += len(data)
+            if self._header_bytes > Limits.max_header_bytes:
+                self._refuse(431, f"request line and headers are over {Limits.max_header_bytes} bytes (MUTASK_MAX_HEADER_BYTES)")
+
+    def send_400_response(self, msg: str) -> None:
+        if not self._refused:  # a refusal stops the parser with an error: it is answered already
+            super().send_400_response(msg)
+
+    # parser callbacks
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._awaiting_headers = True
+        self._header_bytes = self._header_count = 0
+        self._arm(Limits.header_timeout_s)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > Limits.max_headers:
+            self._refuse(431, f"more than {Limits.max_headers} request headers (MUTASK_MAX_HEADERS)")
+            raise ValueError("too many headers")  # stops httptools' parser
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._awaiting_headers = False
+        if Limits.paths is not None:
+            path = request_path(self.url)
+            if path is not None and path not in Limits.paths:
+                shown = path if len(path) <= 80 else path[:80] + "..."
+                self._refuse(404, f"no such path {shown!r}: this server answers POST /predict, POST /predict_batch, GET /tasks (API docs at /)")
+                raise ValueError("unknown path")  # stops httptools' parser; nothing reaches the application
+        self._arm(Limits.body_timeout_s)
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+    # limits
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._timer = self.loop.call_later(seconds, self._timed_out)
+
+    def _disarm(self) -> None:
+        if getattr(self, "_timer", None) is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self.transport.is_closing():
+            return
+        if self._awaiting_headers:
+            self._refuse(408, f"no complete request headers within {Limits.header_timeout_s:g} s (MUTASK_HEADER_TIMEOUT_S)")
+        else:  # a body still arriving: the application is waiting on it and will see a disconnect
+            log.debug("closing a connection whose body took over %g s", Limits.body_timeout_s)
+            self.transport.close()
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer ``status`` with a JSON error and close the connection."""
+        self._refused = True
+        self._disarm()
+        body = json.dumps({"error": message}).encode()
+        head = f"HTTP/1.1 {status} {_REASONS[status]}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        if not self.transport.is_closing():
+            self.transport.write(head.encode("latin-1") + body)
+            self.transport.close()
