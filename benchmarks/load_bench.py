@@ -33,7 +33,7 @@ def reference_answers(art_path, samples_per_task: int = 32, seed: int = 0) -> li
     for task, rec in art.tasks.items():
         data = load_task(rec.spec, seed=rec.seed).test
         idx = np.random.default_rng(seed).choice(len(data), size=min(samples_per_task, len(data)), replace=False)
-        pngs = [png_bytes(np.asarray(data.images[i])) for i in idx]
+        pngs = [png_bytes(data.raw(i)) for i in idx]
         x = np.concatenate([model_input(art, task, p) for p in pngs])
         sess = plain_session(art.graph_path(task))
         expected = sess.run(None, {sess.get_inputs()[0].name: x})[0].argmax(1)

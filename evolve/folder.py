@@ -12,15 +12,22 @@ Two layouts are understood:
 
 Images may sit anywhere below a class folder (sub-folders are searched). Files are recognised by
 extension (png, jpg/jpeg, bmp, gif, webp, tif/tiff, ppm/pgm/pbm); other files and anything whose
-name starts with ``.`` are ignored. Every image is decoded with :func:`mutask.preprocessing.to_rgb_array`
-(EXIF orientation applied, grayscale/palette/RGBA/CMYK converted to RGB; first frame of animations).
-Files Pillow cannot decode are skipped, and their count is logged as a warning on the
-``mutask`` logger.
+name starts with ``.`` are ignored.
 
-Images keep their native size: a split's ``images`` is one stacked uint8 (N, H, W, 3) array when
-every image of the task has the same size, else a list of (H_i, W_i, 3) arrays. The task's default
-``image_size`` is the median over train images of min(H, W), rounded to a multiple of 16 and
-clamped to [16, 384]. Class names are the class folder names, sorted; label i is class_names[i].
+Loading a folder *indexes* it: each file's header is read (Pillow ``Image.open``, no pixel
+decoding), which gives its size; a file that does not open as an image is skipped, and their
+count is logged as a warning on the ``mutask`` logger. Pixels are decoded later, per image size,
+by :class:`~mutask.evolve.data.FolderSplit` into an on-disk cache (:mod:`.imagecache`), with
+:func:`mutask.preprocessing.to_rgb_array` (EXIF orientation applied, grayscale/palette/RGBA/CMYK
+converted to RGB; first frame of animations); a file whose header opens but whose pixels do not
+decode (truncated) is left out of its split then, with a warning.
+
+The task's typical ``image_size`` is the median over train images of min(H, W) (from the
+headers), rounded to a multiple of 16 and clamped to [16, 384] (the ``image_size`` values that
+muNet's hyperparameter list holds). ``mutask evolve`` starts a task's paths at
+min(the root's image size, this size), at least twice the root's patch size, unless
+``--image-size`` says otherwise (see :func:`mutask.evolve.run.start_image_size`). Class names
+are the class folder names, sorted; label i is class_names[i].
 """
 
 from __future__ import annotations
@@ -28,14 +35,15 @@ from __future__ import annotations
 import logging
 import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from mutask.evolve.data import Split, TaskData
-from mutask.preprocessing import to_rgb_array
 from mutask.errors import MutaskError
+from mutask.evolve.data import FolderSplit, TaskData
+from mutask.evolve.imagecache import available_cores
 
 log = logging.getLogger("mutask")
 
@@ -106,16 +114,35 @@ def _carve(files: list[Path], class_name: str, seed: int, fractions: tuple[float
     return train, val, test
 
 
-def _decode(path: Path) -> np.ndarray | None:
+def _probe(path: Path) -> tuple[int, int, int, int] | None:
+    """(height, width, byte size, mtime in ns) of an image file from its header alone, or None
+    when it does not open as an image."""
     try:
+        st = os.stat(path)
         with Image.open(path) as im:
-            im.load()
-            arr = to_rgb_array(im)
-    except Exception:  # unreadable, truncated, not an image, decompression bomb...: skipped
+            width, height = im.size
+    except Exception:  # unreadable, not an image, decompression bomb...: skipped
         return None
-    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+    if width <= 0 or height <= 0:
         return None
-    return arr
+    return height, width, st.st_size, st.st_mtime_ns
+
+
+def _probe_all(paths: list[Path], desc: str, show_progress: bool | None) -> list:
+    """:func:`_probe` of every path, in order, by a few threads (reading headers waits on the
+    disk), with a progress bar."""
+    from tqdm.auto import tqdm
+
+    chunk = 256
+    chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
+    out: list = []
+    disable = None if show_progress is None else not show_progress
+    workers = min(16, 4 * available_cores())
+    with tqdm(total=len(paths), desc=desc, unit="file", disable=disable, leave=False) as bar, ThreadPoolExecutor(workers) as pool:
+        for probed in pool.map(lambda ps: [_probe(p) for p in ps], chunks):
+            out += probed
+            bar.update(len(probed))
+    return out
 
 
 def _detect_layout(root: Path, subdirs: list[Path]) -> dict[str, Path] | None:
@@ -190,14 +217,15 @@ def image_size_for(sizes: list[tuple[int, int]]) -> int:
     return int(min(MAX_IMAGE_SIZE, max(MIN_IMAGE_SIZE, 16 * round(med / 16))))
 
 
-def load_folder(path, name: str | None = None, seed: int = 0) -> TaskData:
-    """Load an ImageFolder directory as a task (see the module docstring for layouts and rules).
+def load_folder(path, name: str | None = None, seed: int = 0, *, show_progress: bool | None = None) -> TaskData:
+    """Index an ImageFolder directory as a task (see the module docstring for layouts and rules).
 
     ``name`` defaults to the directory's base name. ``seed`` drives the deterministic splitting
     of a flat layout (and the carving of a missing validation/test split); the same directory
-    and seed always give the same task. Raises :class:`MutaskError` for a missing path, a
-    directory without class folders, a single class, no readable image at all, or a class
-    without any readable image.
+    and seed always give the same task. Only file headers are read here; the splits decode on
+    demand. ``show_progress``: progress bars for indexing and decoding (None: on a terminal).
+    Raises :class:`MutaskError` for a missing path, a directory without class folders, a single
+    class, no readable image at all, or a class without any readable image.
     """
     root = Path(os.path.expanduser(str(path)))
     if not root.exists():
@@ -265,21 +293,19 @@ def load_folder(path, name: str | None = None, seed: int = 0) -> TaskData:
             "least two class sub-folders; add another class folder."
         )
 
-    # Decode everything, counting what could not be read.
-    images: dict[str, list[np.ndarray]] = {s: [] for s in _SPLITS}
-    labels: dict[str, list[int]] = {s: [] for s in _SPLITS}
+    # Read every header, in row order, counting what does not open as an image.
+    listed = [(split, label, f) for split in _SPLITS for label, c in enumerate(class_names) for f in files[split].get(c, [])]
+    headers = _probe_all([f for _, _, f in listed], f"indexing {name}", show_progress)
+    kept: dict[str, list] = {s: [] for s in _SPLITS}  # (file, label, (h, w, bytes, mtime))
     per_class = dict.fromkeys(class_names, 0)
     skipped: list[Path] = []
-    for split in _SPLITS:
-        for label, c in enumerate(class_names):
-            for f in files[split].get(c, []):
-                arr = _decode(f)
-                if arr is None:
-                    skipped.append(f)
-                    continue
-                images[split].append(arr)
-                labels[split].append(label)
-                per_class[c] += 1 if split == "train" else 0
+    for (split, label, f), header in zip(listed, headers):
+        if header is None:
+            skipped.append(f)
+            continue
+        kept[split].append((f, label, header))
+        per_class[class_names[label]] += 1 if split == "train" else 0
+    labels = {s: [label for _, label, _ in kept[s]] for s in _SPLITS}
     if passed_over:
         log.warning(
             "Passed over %d image file(s) in %s reached through symbolic links that leave their class folder, or "
@@ -293,7 +319,7 @@ def load_folder(path, name: str | None = None, seed: int = 0) -> TaskData:
             root,
             ", ".join(str(p.relative_to(root)) for p in skipped[:3]),
         )
-    if not any(images[s] for s in _SPLITS):
+    if not any(kept[s] for s in _SPLITS):
         raise MutaskError(
             f"Task directory {root} has no readable images: put image files (png, jpg, bmp, gif, webp, tiff) "
             "in its class sub-folders."
@@ -306,7 +332,7 @@ def load_folder(path, name: str | None = None, seed: int = 0) -> TaskData:
             + ": add images to it or remove the folder."
         )
     for split in ("validation", "test"):
-        if not images[split]:
+        if not kept[split]:
             log.warning(
                 "Task %r from %s has an empty %s split: add more images per class (3 or more each).",
                 name,
@@ -314,25 +340,25 @@ def load_folder(path, name: str | None = None, seed: int = 0) -> TaskData:
                 split,
             )
 
-    shapes = {a.shape for s in _SPLITS for a in images[s]}
-    uniform = len(shapes) == 1
-    splits = {}
-    for s in _SPLITS:
-        y = np.asarray(labels[s], dtype=np.int64)
-        if uniform:
-            h, w, _ = next(iter(shapes))
-            x = np.stack(images[s]) if images[s] else np.zeros((0, h, w, 3), np.uint8)
-        else:
-            x = images[s]
-        splits[s] = Split(x, y)
-
+    source = str(root.resolve())
+    splits = {
+        s: FolderSplit(
+            name, s, source,
+            paths=[str(f) for f, _, _ in kept[s]],
+            relative=[f.relative_to(root).as_posix() for f, _, _ in kept[s]],
+            stats=[(h[2], h[3]) for _, _, h in kept[s]],
+            labels=np.asarray(labels[s], dtype=np.int64),
+            show_progress=show_progress,
+        )
+        for s in _SPLITS
+    }
     return TaskData(
         name=name,
         class_names=class_names,
         train=splits["train"],
         validation=splits["validation"],
         test=splits["test"],
-        image_size=image_size_for([a.shape[:2] for a in images["train"]]),
+        image_size=image_size_for([h[:2] for _, _, h in kept["train"]]),
         description=f"ImageFolder task with {len(class_names)} classes from {root}.",
-        source=str(root.resolve()),
+        source=source,
     )

@@ -1,4 +1,15 @@
-"""``mutask evolve``: resolve tasks and root, then start, resume or extend a system."""
+"""``mutask evolve``: resolve tasks and root, then start, resume or extend a system.
+
+Each new task starts at an image size of its own, recorded in the STATE's tasks record
+(``start_image_size``, so ``--resume`` and ``--from`` keep it); muNet's mutations move it from
+there. By default it is min(the root's image size, the task's typical size), at least twice the
+root's patch size: the typical size is the median min(H, W) of the task's training images snapped
+to muNet's image-size list (16, 32, ..., 384; the suite's images are 32 x 32). Small images are
+not upsampled to a large root's size (compute and cache grow with the square of the size and the
+pixels add nothing), large ones are not trained above the size the root was trained at, and two
+patches per side keep a grid of tokens. ``--image-size N`` sets every new task's start instead:
+a multiple of the root's patch size, at most 384 (the list's maximum).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +20,8 @@ from pathlib import Path
 
 from mutask.errors import MutaskError
 
-from .evolution import EvolveConfig, Evolution
+from . import hparams as H
+from .evolution import Evolution, EvolveConfig
 from .state import STATE_FILE, System, only_save_leftovers, save_leftovers
 from .train import device
 
@@ -27,7 +39,32 @@ def _task_record(spec: str, data, seed: int) -> dict:
     }
 
 
-def resolve_tasks(specs: list[str], seed: int) -> tuple[list[str], dict, dict]:
+def check_image_size(size: int | None, patch_size: int | None = None) -> None:
+    """Raise :class:`MutaskError` when ``--image-size`` cannot work: not positive, over the
+    image-size list's maximum, or (once the root is known) not a multiple of its patch size."""
+    if size is None:
+        return
+    top = max(H.LISTS["image_size"])
+    step = patch_size or 1
+    if patch_size:
+        valid = f"a multiple of the root's patch size {patch_size} from {patch_size} to {top - top % step}"
+    else:
+        valid = f"a positive multiple of the root's patch size, at most {top}"
+    if size < 1 or size > top or size % step:
+        raise MutaskError(f"--image-size {size} cannot work: use {valid} (or leave it out to start each task at its images' size).")
+
+
+def start_image_size(typical: int, root, requested: int | None = None) -> int:
+    """The image size a new task's paths start at (see the module docstring): ``requested``
+    (``--image-size``) when given, else max(2 x patch size, min(root size, ``typical`` snapped
+    to the image-size list))."""
+    if requested is not None:
+        check_image_size(requested, root.patch_size)
+        return int(requested)
+    return int(max(2 * root.patch_size, min(root.image_size, H.snap("image_size", int(typical)))))
+
+
+def resolve_tasks(specs: list[str], seed: int, show_progress: bool | None = None) -> tuple[list[str], dict, dict]:
     """Load every task before anything is written; returns (names, data, records)."""
     from .tasks import load_task
 
@@ -35,7 +72,7 @@ def resolve_tasks(specs: list[str], seed: int) -> tuple[list[str], dict, dict]:
         raise MutaskError("no task given. Pass --task NAME (see `mutask tasks`) or --task DIR / NAME=DIR, once per task.")
     names, data, records = [], {}, {}
     for spec in specs:
-        td = load_task(spec, seed=seed)
+        td = load_task(spec, seed=seed, show_progress=show_progress)
         if td.name in data:
             raise MutaskError(f"task {td.name!r} is given twice. Name directory tasks apart with NAME=DIR.")
         # record directory tasks by absolute path, so --resume finds them from anywhere
@@ -61,20 +98,25 @@ def evolve(
     resume: bool = False,
     show_progress: bool = True,
     data_seed: int = 0,
+    image_size: int | None = None,
     **overrides,
 ) -> System:
+    """Start (``tasks`` on ``root``), extend (``from_state``) or ``resume`` a system in ``out``.
+    ``image_size``: every new task's starting image size (default: per task, see the module
+    docstring)."""
     from .tasks import load_task
 
     out = Path(out)
+    progress = None if show_progress else False
     if resume:
-        if tasks or from_state or root:
-            raise MutaskError("--resume continues the run saved in --out as it was configured; drop --task, --root and --from.")
+        if tasks or from_state or root or image_size is not None:
+            raise MutaskError("--resume continues the run saved in --out as it was configured; drop --task, --root, --from and --image-size.")
         system = System.load(out, device())
         order = system.config["order"]
         if system.progress is None:
             log.warning("%s is complete: nothing to resume", out)
             return system
-        data = {t: load_task(system.tasks[t]["spec"], seed=system.tasks[t]["seed"]) for t in order}
+        data = {t: load_task(system.tasks[t]["spec"], seed=system.tasks[t]["seed"], show_progress=progress) for t in order}
         return Evolution(system, data, out, show_progress=show_progress).run(order)
 
     if out.exists() and not out.is_dir():
@@ -87,7 +129,8 @@ def evolve(
         hint = " It holds a STATE: add --resume to continue it, or --from it with a new --out to extend it." if (out / STATE_FILE).exists() else ""
         raise MutaskError(f"--out {str(out)!r} exists and is not empty; mutask never writes over it.{hint} Choose a new --out.")
     cfg = EvolveConfig.from_budget(budget, **overrides)
-    names, data, records = resolve_tasks(tasks, data_seed)
+    check_image_size(image_size)
+    names, data, records = resolve_tasks(tasks, data_seed, show_progress=progress)
     if from_state is not None:
         system = System.load(from_state, device())
         for t in names:
@@ -107,6 +150,8 @@ def evolve(
         system = System.new(r, seed=cfg.seed)
         for comp in system.store.components.values():
             comp.module.to(device())
+    for t in names:
+        records[t]["start_image_size"] = start_image_size(data[t].image_size, system.root, image_size)
     system.tasks.update(records)
     system.config["evolve"] = asdict(cfg)
     system.config["order"] = names

@@ -27,14 +27,16 @@ PRETRAIN_TASK = PRETRAIN
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
 
 
-def load_task(spec: str, seed: int = 0) -> TaskData:
-    """The task ``spec`` names (see the module docstring), deterministic for ``seed``."""
+def load_task(spec: str, seed: int = 0, *, show_progress: bool | None = None) -> TaskData:
+    """The task ``spec`` names (see the module docstring), deterministic for ``seed``.
+    ``show_progress``: progress bars while a directory task is indexed and decoded (None: on a
+    terminal)."""
     spec = str(spec)
     if spec in ALL_NAMES:
         return load_embedded(spec, seed)
     path = os.path.expanduser(spec)
     if os.path.isdir(path):
-        return load_folder(path, seed=seed)
+        return load_folder(path, seed=seed, show_progress=show_progress)
     if "=" in spec:
         name, directory = spec.split("=", 1)
         if not _NAME.match(name):
@@ -44,12 +46,12 @@ def load_task(spec: str, seed: int = 0) -> TaskData:
             )
         if not directory:
             raise MutaskError(f"Task spec {spec!r} has no directory after '=': write NAME=DIR.")
-        return load_folder(directory, name=name, seed=seed)
+        return load_folder(directory, name=name, seed=seed, show_progress=show_progress)
     if os.path.exists(path):
-        return load_folder(path, seed=seed)  # raises: not a directory
+        return load_folder(path, seed=seed, show_progress=show_progress)  # raises: not a directory
     looks_like_path = os.sep in spec or spec.startswith((".", "~")) or (os.altsep and os.altsep in spec)
     if looks_like_path:
-        return load_folder(path, seed=seed)  # raises: does not exist
+        return load_folder(path, seed=seed, show_progress=show_progress)  # raises: does not exist
     raise MutaskError(
         f"Unknown task {spec!r}: use an embedded task ({', '.join(EMBEDDED_TASKS)}, or {PRETRAIN_TASK} for "
         "pretraining), a directory path with one sub-folder of images per class, or NAME=DIR."

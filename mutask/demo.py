@@ -103,9 +103,8 @@ def run_demo(out: Path, *, budget: str = "quick", tasks=None, requests_per_task=
     for name in tasks:
         split = data[name].test
         n = len(split) if requests_per_task is None else min(len(split), requests_per_task)
-        imgs = split.images
         for i in range(n):
-            items.append((name, png_bytes(imgs[i])))
+            items.append((name, png_bytes(split.raw(i))))
             truth.append(int(split.labels[i]))
     (out / "report").mkdir(exist_ok=True)
     try:

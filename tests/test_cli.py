@@ -102,6 +102,9 @@ def test_evolve_report_extend(tiny_root_dir, folder_task, tmp_path, capsys):
         (["--task", "digits", "--root", "/nonexistent/root"], "does not exist"),
         (["--task", "digits", "--budget", "tiny", "--scale-factor", "1.5"], "scale-factor"),
         (["--task", "digits", "--strategy", "bogus"], "strategy"),
+        (["--task", "digits", "--image-size", "0"], "--image-size 0 cannot work: use a positive multiple of the root's patch size, at most 384"),
+        (["--task", "digits", "--image-size", "400"], "--image-size 400 cannot work"),
+        (["--task", "digits", "--image-size", "20"], "--image-size 20 cannot work: use a multiple of the root's patch size 8 from 8 to 384"),
     ],
 )
 def test_evolve_bad_input_exits_2_and_writes_nothing(args, message, tmp_path, capsys, tiny_root_dir):
@@ -120,6 +123,8 @@ def test_resume_and_report_of_bad_states(tmp_path, capsys):
     (tmp_path / "half" / "state.json").write_text("{")
     assert main(["evolve", "--out", str(tmp_path / "half"), "--resume", "-q"]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+    assert main(["evolve", "--out", str(tmp_path / "half"), "--resume", "--image-size", "16", "-q"]) == 2
+    assert "drop --task, --root, --from and --image-size" in capsys.readouterr().err
 
 
 def test_an_interrupted_first_save_is_recognised_and_cleaned(tiny_root_dir, tmp_path, capsys):
@@ -169,3 +174,24 @@ def test_threads_sets_torch_threads(tmp_path):
         assert main(["pretrain", "--out", str(tmp_path / "r2"), "--budget", "tiny", "--threads", "0", "-q"]) == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_image_size_sets_where_new_tasks_start(tiny_root_dir, folder_task, tmp_path, capsys):
+    """--image-size N: every new task's record and first generation; without it, the default rule."""
+    state = tmp_path / "state"
+    args = ["evolve", "--task", f"bands={folder_task}", "--task", "digits", "--root", str(tiny_root_dir),
+            "--out", str(state), "--budget", "tiny", "-q"]
+    assert main(args + ["--image-size", "16"]) == 0
+    doc = json.loads((state / "state.json").read_text())
+    assert {t: r["start_image_size"] for t, r in doc["tasks"].items()} == {"bands": 16, "digits": 16}
+    first = {}
+    for h in doc["history"]:
+        first.setdefault(h["task"], h["hparams"]["image_size"])
+    assert first == {"bands": 16, "digits": 16}
+
+    state2 = tmp_path / "state2"
+    assert main(["evolve", "--from", str(state), "--task", "shapes", "--out", str(state2), "--budget", "tiny", "-q"]) == 0
+    capsys.readouterr()
+    tasks = json.loads((state2 / "state.json").read_text())["tasks"]
+    assert tasks["bands"]["start_image_size"] == 16  # kept from the first run
+    assert tasks["shapes"]["start_image_size"] == 32  # the default: min(root 32, the suite's 32)
