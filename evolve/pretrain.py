@@ -5,7 +5,9 @@ ViT-Ti/16 three-block character root.
 Architecture: 32 px input, 8 px patches (a 4 x 4 grid + class token), width 96, 4 blocks,
 3 heads (0.48 M parameters): the quick budget trains it in a few minutes on 2 CPU cores.
 Recipe (ours; the paper's roots come pretrained): AdamW, warm-up + cosine, light random
-resized crops and colour jitter, label smoothing 0.1.
+resized crops and colour jitter, label smoothing 0.1. Preprocessing: mean = std = 0.5 with
+bilinear resizing (:meth:`mutask.preprocessing.Preprocessing.signed_unit`), recorded in the
+root's ``config.json`` under ``"preprocessing"``.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from mutask.cache import cache_dir
+from mutask.preprocessing import Preprocessing
 
 from .root import build_vit, load_root_dir, save_root_dir
-from .train import accuracy, augment, device, lr_scheduler, model_input
+from .train import accuracy, augment, device, lr_scheduler, model_input, split_images
 
 log = logging.getLogger("mutask")
 
@@ -46,11 +49,12 @@ def pretrain(out, budget: str = "quick", seed: int = 0, show_progress: bool = Tr
     cfg = BUDGETS[budget]
     data = load_task(PRETRAIN_TASK, seed=seed)
     torch.manual_seed(seed)
-    spec = {"timm_model": "VisionTransformer", "kwargs": dict(ARCH, num_classes=data.num_classes)}
+    pre = Preprocessing.signed_unit(ARCH["img_size"])
+    spec = {"timm_model": "VisionTransformer", "kwargs": dict(ARCH, num_classes=data.num_classes), "preprocessing": pre.root_record()}
     vit = build_vit(spec).to(device())
     opt = torch.optim.AdamW(vit.parameters(), lr=cfg["lr"], weight_decay=0.05)
     hp = dict(AUGMENT, lr=cfg["lr"], lr_schedule="cosine", warmup_ratio=0.05, image_size=ARCH["img_size"])
-    images = data.train.resized(ARCH["img_size"])
+    images = split_images(data.train, pre)
     labels = torch.from_numpy(np.asarray(data.train.labels, dtype=np.int64))
     gen = torch.Generator().manual_seed(seed)
     steps, bs = cfg["steps"], cfg["batch_size"]
@@ -60,7 +64,7 @@ def pretrain(out, budget: str = "quick", seed: int = 0, show_progress: bool = Tr
     bar = tqdm(range(steps), desc=f"pretrain root on {PRETRAIN_TASK} ({budget})", disable=not show_progress, unit="step")
     for step in bar:
         idx = torch.randint(0, len(labels), (bs,), generator=gen)
-        x = augment(model_input(images[idx.numpy()], ARCH["img_size"], device()), hp, gen)
+        x = augment(model_input(images[idx.numpy()], pre, device()), hp, gen, pre)
         sched.step_update(step)
         loss = F.cross_entropy(vit(x), labels[idx].to(device()), label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)
@@ -71,7 +75,7 @@ def pretrain(out, budget: str = "quick", seed: int = 0, show_progress: bool = Tr
             bar.set_postfix(loss=f"{loss.item():.3f}")
     vit.eval()
     train_s = time.perf_counter() - t0
-    val_acc = accuracy(vit, data.validation, ARCH["img_size"])
+    val_acc = accuracy(vit, data.validation, pre)
     spec.update(
         pretrained_on=PRETRAIN_TASK,
         class_names=list(data.class_names),

@@ -3,6 +3,14 @@
 ``--root`` is either a directory that ``mutask pretrain`` wrote (``config.json`` +
 ``model.safetensors``) or ``timm:NAME`` for any timm VisionTransformer with a class token,
 absolute position embedding and token pooling (``--pretrained`` uses timm's own loading).
+
+A root carries its own preprocessing (:class:`mutask.preprocessing.Preprocessing`): the
+per-channel mean and std and the resize filter its weights were trained with, recorded in its
+spec under ``"preprocessing"`` (and so in every STATE and artifact built on it). ``timm:NAME``
+roots take them from timm's data config for the model (its ``pretrained_cfg``; timm's
+centre crop is not applied: images are resized whole to the path's image size);
+``mutask pretrain`` roots record mean = std = 0.5, bilinear. A spec without the record is read
+as mean = std = 0.5, bilinear, the normalisation such roots were trained and evaluated with.
 """
 
 from __future__ import annotations
@@ -13,9 +21,11 @@ import os
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from mutask.errors import MutaskError
+from mutask.preprocessing import FILTERS, Preprocessing
 
 from .model import Adapter, ClsToken, ComponentStore, Head, PatchEmbed, TaskPath, PosEmbed, component_kind
 
@@ -65,8 +75,46 @@ def check_supported(vit: nn.Module, name: str) -> None:
         )
 
 
+def timm_preprocessing(vit: nn.Module, name: str) -> dict:
+    """The root record (mean, std, resize) of timm's data config for ``vit``
+    (``timm.data.resolve_data_config``, from the model's ``pretrained_cfg``)."""
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=vit)
+    interpolation = str(cfg.get("interpolation", "")).lower()
+    if interpolation not in FILTERS:
+        raise MutaskError(
+            f"root {name!r}: timm's data config resizes its images with {interpolation!r}, and mutask's preprocessing "
+            f"resizes with {' or '.join(FILTERS)} only, so the root would see other inputs than it was trained on. "
+            "Pick a root whose timm config uses one of those (e.g. timm:vit_tiny_patch16_224, timm:deit_tiny_patch16_224)."
+        )
+    return {"mean": [float(v) for v in cfg["mean"]], "std": [float(v) for v in cfg["std"]], "resize": interpolation}
+
+
+def root_preprocessing(spec: dict, image_size: int, source: str) -> Preprocessing:
+    """The root's preprocessing at its image size, from ``spec["preprocessing"]`` (mean = std
+    = 0.5, bilinear when the spec records none)."""
+    record = spec.get("preprocessing")
+    if record is None:
+        return Preprocessing.signed_unit(image_size)
+    if not isinstance(record, dict):
+        problem = f"a {type(record).__name__}, not a mapping"
+    else:
+        try:
+            return Preprocessing(**dict(record, image_size=image_size))
+        except ValidationError as e:
+            problem = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors(include_url=False))
+    raise MutaskError(
+        f"root {source!r}: its preprocessing record {record!r} is invalid ({problem}). It needs mean and std (3 floats "
+        f"each, in [0, 1] pixel units, std > 0) and resize ({' or '.join(FILTERS)}); re-create the root "
+        "(`mutask pretrain --out DIR`, or --root timm:NAME)."
+    )
+
+
 class Root:
-    """A root model: its spec, its architecture facts, and its components in a store."""
+    """A root model: its spec, its architecture facts, its preprocessing (``preprocessing``, a
+    :class:`~mutask.preprocessing.Preprocessing` at the root's image size; ``.at(S)`` for a
+    path at image size S), and its components in a store."""
 
     def __init__(self, spec: dict, vit: nn.Module, source: str):
         check_supported(vit, source)
@@ -80,6 +128,7 @@ class Root:
         self.image_size = int(vit.patch_embed.img_size[0])
         self.norm_eps = float(getattr(vit.norm, "eps", 1e-6))
         self.class_names = spec.get("class_names")
+        self.preprocessing = root_preprocessing(spec, self.image_size, source)
 
     # -- components ---------------------------------------------------------------------
     def modules(self) -> list[tuple[str, nn.Module]]:
@@ -153,6 +202,7 @@ def load_root(spec_or_arg: str | dict, pretrained: bool = False) -> Root:
         except Exception as e:  # network or cache problems of timm's own loading
             raise MutaskError(f"timm could not load {name!r} (pretrained={pretrained}): {e}. Without network, drop --pretrained or use a local root directory.") from e
         spec["pretrained"] = False  # the weights now travel inside the state, not via timm
+        spec["preprocessing"] = timm_preprocessing(vit, arg)
         return Root(spec, vit, arg)
     return load_root_dir(arg)
 

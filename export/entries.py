@@ -14,7 +14,7 @@ from .graphs import SegmentGraph
 from .manifest import ComponentEntry, Created, GraphFile, RootRecord, SegmentEntry, TaskEntry, TaskMetrics
 from .weights import WeightsFile
 
-__all__ = ["component_entries", "created", "graph_files", "root_record", "segment_entries", "task_entries"]
+__all__ = ["component_entries", "created", "graph_files", "root_record", "segment_entries", "task_entries", "task_preprocessing"]
 
 EXPORTER = "torch.onnx.export(dynamo=True) + onnxscript optimizer, no folding through parameters"
 
@@ -27,6 +27,12 @@ def _labels(system, task: str, task_data, num_classes: int) -> list[str]:
     if not labels or len(labels) != num_classes:
         labels = [str(i) for i in range(num_classes)]
     return list(labels)
+
+
+def task_preprocessing(system, path) -> Preprocessing:
+    """A task's preprocessing: the root's (mean, std, resize filter) at its path's image size.
+    The manifest records it and the parity check preprocesses with it."""
+    return system.root.preprocessing.at(path.image_size)
 
 
 def task_entries(system, paths: dict, modules: dict, chains: dict, segment_graphs: dict[str, SegmentGraph],
@@ -44,7 +50,7 @@ def task_entries(system, paths: dict, modules: dict, chains: dict, segment_graph
             image_size=p.image_size,
             input_shape=segment_graphs[chains[t][0]].input_shape,
             output_shape=segment_graphs[chains[t][-1]].output_shape,
-            preprocessing=Preprocessing(image_size=p.image_size),
+            preprocessing=task_preprocessing(system, p),
             params=system.path_params(p.components),
             accounted_params=system.accounted_params(p.components, t),
             components=list(p.components),

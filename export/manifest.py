@@ -21,7 +21,9 @@ from mutask.errors import MutaskError
 from mutask.preprocessing import Preprocessing
 
 FORMAT = "mutask-artifact"
-FORMAT_VERSION = 3  # 3: manifest_sha256 binds the manifest; 2: segments form a DAG; 1: a prefix tree
+# 4: tasks' preprocessing records the root's mean, std and resize filter; 3: manifest_sha256
+# binds the manifest; 2: segments form a DAG; 1: a prefix tree
+FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 
@@ -137,7 +139,7 @@ def _plain_name(name: str) -> bool:
 
 class Manifest(Strict):
     format: Literal["mutask-artifact"] = FORMAT
-    format_version: Literal[3] = FORMAT_VERSION
+    format_version: Literal[4] = FORMAT_VERSION
     weights: str = WEIGHTS
     weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     weights_bytes: int = Field(ge=8)

@@ -5,23 +5,33 @@ with it, and the server applies it to every upload: all three call this module, 
 bit for bit. It needs Pillow and numpy only (no torch), so the server can import it.
 
 1. decode, apply the EXIF orientation, convert to RGB (grayscale is tiled, alpha dropped);
-2. resize to S x S with Pillow's bilinear filter (skipped when the image already is S x S);
-3. float32 pixels * scale + offset (1/127.5 and -1: values in [-1, 1]), channels first (NCHW).
+2. resize to S x S with Pillow's bilinear or bicubic filter (skipped when the image already is
+   S x S);
+3. per channel c, float32 ``(x / 255 - mean[c]) / std[c]``, computed as
+   ``x * scale[c] + offset[c]`` with ``scale = 1 / (255 std)`` and ``offset = -mean / std``
+   (both computed in float64, then rounded to float32); channels first (NCHW).
 
-A :class:`Preprocessing` is the contract's parameters for one task (its image size S); the
-export manifest stores it as it is (``tasks.<task>.preprocessing``).
+``mean`` and ``std`` are in [0, 1] pixel units, as timm's data configs give them. A
+:class:`Preprocessing` is the contract's parameters for one task (the root's mean, std and
+filter at the task's image size S); the export manifest stores it as it is
+(``tasks.<task>.preprocessing``). With mean = std = 0.5 and bilinear resizing
+(:meth:`Preprocessing.signed_unit`, what ``mutask pretrain`` roots use) step 3 is
+``x * (1 / 127.5) - 1``: values in [-1, 1].
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
-SCALE = 1.0 / 127.5
-OFFSET = -1.0
+Resize = Literal["bilinear", "bicubic"]
+FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+Mean = Annotated[float, Field(ge=0.0, le=1.0)]
+Std = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
 
 
 def to_rgb_array(image: Image.Image) -> np.ndarray:
@@ -30,31 +40,64 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
-def resize_rgb(array: np.ndarray, size: int) -> np.ndarray:
-    """Step 2: square bilinear resize of one uint8 (H, W, 3) array; a no-op at size x size."""
+def resize_rgb(array: np.ndarray, size: int, resize: str = "bilinear") -> np.ndarray:
+    """Step 2: square resize of one uint8 (H, W, 3) array with Pillow's ``resize`` filter
+    ("bilinear" or "bicubic"); a no-op at size x size."""
     if array.shape[0] == size and array.shape[1] == size:
         return array
-    return np.asarray(Image.fromarray(array).resize((size, size), Image.BILINEAR), dtype=np.uint8)
+    return np.asarray(Image.fromarray(array).resize((size, size), FILTERS[resize]), dtype=np.uint8)
 
 
 class Preprocessing(BaseModel):
-    """One task's preprocessing: the contract above at ``image_size``."""
+    """One task's preprocessing: the contract above at ``image_size``, with the root's
+    per-channel ``mean`` and ``std`` and its ``resize`` filter."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     mode: Literal["RGB"] = "RGB"
     exif_transpose: Literal[True] = True
-    resize: Literal["bilinear"] = "bilinear"
-    scale: float = SCALE
-    offset: float = OFFSET
+    resize: Resize
+    mean: tuple[Mean, Mean, Mean]
+    std: tuple[Std, Std, Std]
     layout: Literal["NCHW"] = "NCHW"
     image_size: int = Field(gt=0, le=4096)
 
+    @classmethod
+    def signed_unit(cls, image_size: int) -> Preprocessing:
+        """mean = std = 0.5 with bilinear resizing (x / 127.5 - 1, values in [-1, 1]): the
+        preprocessing of ``mutask pretrain`` roots and of roots that record none."""
+        return cls(resize="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), image_size=image_size)
+
+    def at(self, image_size: int) -> Preprocessing:
+        """The same preprocessing at another image size."""
+        return Preprocessing(**dict(self.model_dump(), image_size=image_size))
+
+    def root_record(self) -> dict:
+        """``mean``, ``std`` and ``resize`` as JSON values: what a root records of it (a root's
+        image size is its own)."""
+        return self.model_dump(mode="json", include={"mean", "std", "resize"})
+
+    def affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """Step 3's float32 ``scale`` and ``offset``, one per channel (shape (3,))."""
+        mean, std = np.asarray(self.mean, np.float64), np.asarray(self.std, np.float64)
+        return (1.0 / (255.0 * std)).astype(np.float32), (-mean / std).astype(np.float32)
+
+    def value_range(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+        """Per channel, the normalised values of pixel 0 and pixel 255: ``(0 - mean) / std``
+        and ``(1 - mean) / std`` ((-1, 1) each for :meth:`signed_unit`)."""
+        low = tuple((0.0 - m) / s for m, s in zip(self.mean, self.std))
+        high = tuple((1.0 - m) / s for m, s in zip(self.mean, self.std))
+        return low, high
+
     def normalize(self, batch_uint8: np.ndarray) -> np.ndarray:
-        """Step 3: uint8 (N, S, S, 3) to float32 (N, 3, S, S), x * scale + offset."""
-        x = np.asarray(batch_uint8).astype(np.float32) * np.float32(self.scale) + np.float32(self.offset)
+        """Step 3: uint8 (N, S, S, 3) to float32 (N, 3, S, S)."""
+        x = np.asarray(batch_uint8)
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"normalize takes a uint8 batch (N, H, W, 3), got shape {x.shape}")
+        scale, offset = self.affine()
+        x = x.astype(np.float32) * scale + offset
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
     def image(self, image: Image.Image) -> np.ndarray:
         """Steps 1-3 for one decoded image: float32 (1, 3, S, S)."""
-        return self.normalize(resize_rgb(to_rgb_array(image), self.image_size)[None])
+        return self.normalize(resize_rgb(to_rgb_array(image), self.image_size, resize=self.resize)[None])

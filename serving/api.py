@@ -57,7 +57,7 @@ class BatchPrediction(BaseModel):
 class TaskRecord(BaseModel):
     labels: list[str]
     num_labels: int
-    image_size: int = Field(description="Images are resized to image_size x image_size (bilinear)")
+    image_size: int = Field(description="Images are resized to image_size x image_size (the root's filter, see the manifest)")
     params: t.Optional[int] = Field(None, description="Parameters on the task's path")
     accounted_params: t.Optional[float] = Field(None, description="Parameters accounted to the task (shared ones divided among their tasks)")
     val_accuracy: t.Optional[float] = None

@@ -158,8 +158,8 @@ class Mutask:
         Send multipart/form-data with `task` (a task id, see /tasks) and `image` (a file: PNG,
         JPEG or any format Pillow reads, any size and mode, up to MUTASK_MAX_IMAGE_BYTES, 10 MB
         by default). The image gets the task's own preprocessing from the export manifest
-        (EXIF orientation, RGB, bilinear resize to the task's image size, [-1, 1] scaling),
-        exactly as in evaluation. Concurrent requests, for any tasks, are batched together
+        (EXIF orientation, RGB, a square resize to the task's image size with the root's filter,
+        the root's mean and std), exactly as in evaluation. Concurrent requests, for any tasks, are batched together
         through the segments their tasks share.
 
         Answers `task`, the arg-max `label` and its `index`, and the top-5 `scores` (label ->

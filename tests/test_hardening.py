@@ -231,7 +231,7 @@ def test_deeply_nested_json_is_a_client_error(server):
 
 def test_an_edited_manifest_is_refused_by_serve_and_verify(serving_artifact, tmp_path):
     for name, edit in {
-        "preprocessing": lambda m: m["tasks"]["a"]["preprocessing"].update(scale=1.0),
+        "preprocessing": lambda m: m["tasks"]["a"]["preprocessing"].update(mean=[0.4, 0.5, 0.5]),
         "labels": lambda m: m["tasks"]["b"]["labels"].reverse(),
         "metrics": lambda m: m["tasks"]["c"]["metrics"].update(test_accuracy=0.99),
         "image size": lambda m: m["tasks"]["a"].update(image_size=48),

@@ -31,16 +31,17 @@ def preprocess_bytes(data: bytes, size: int):
     from mutask.preprocessing import Preprocessing
     from mutask.serving.images import preprocess_bytes
 
-    return preprocess_bytes(data, Preprocessing(image_size=size), max_bytes=10_000_000, max_pixels=40_000_000)
+    return preprocess_bytes(data, Preprocessing.signed_unit(size), max_bytes=10_000_000, max_pixels=40_000_000)
 
 
 def test_preprocess_matches_evaluation_bit_for_bit():
+    from mutask.preprocessing import Preprocessing
 
     images = sample_images()
     assert len(images) >= 15
     for name, data in images.items():
         for size in (32, 24, 57):
-            want = evolve_input(data, size)
+            want = evolve_input(data, Preprocessing.signed_unit(size))
             got = preprocess_bytes(data, size)
             assert got.dtype == np.float32 and got.shape == (1, 3, size, size), name
             assert got.flags["C_CONTIGUOUS"]
@@ -120,7 +121,7 @@ def test_engine_runs_the_segment_graph_over_one_copy_of_the_weights(serving_arti
     items, refs = [], []
     for i, task in enumerate(["a", "b", "d", "c", "a", "d", "c", "b", "a"]):
         data = [images[names[(i + k) % len(names)]] for k in range(1 + i % 3)]
-        x = np.concatenate([evolve_input(d, engine.tasks[task].image_size) for d in data])
+        x = np.concatenate([evolve_input(d, engine.tasks[task].preprocessing) for d in data])
         items.append((task, x))
         refs.append(np.stack([reference_logits(serving_artifact, task, d) for d in data]))
     runs_before = {sid: s["runs"] for sid, s in engine.stats.items()}

@@ -130,15 +130,16 @@ def b64(data: bytes) -> str:
 # ---- references ---------------------------------------------------------------------------
 
 
-def evolve_input(data: bytes, size: int) -> np.ndarray:
-    """What evaluation feeds a task at image size ``size`` (mutask.evolve.data's contract)."""
+def evolve_input(data: bytes, pre) -> np.ndarray:
+    """What evaluation feeds a task whose preprocessing is ``pre`` (mutask.evolve.data's
+    resizing, then ``pre``'s normalisation)."""
     from PIL import Image
 
     from mutask.evolve.data import Split
-    from mutask.preprocessing import Preprocessing, to_rgb_array
+    from mutask.preprocessing import to_rgb_array
 
     split = Split([to_rgb_array(Image.open(io.BytesIO(data)))], np.zeros(1, np.int64))  # as evolve's folder loader keeps it
-    return Preprocessing(image_size=size).normalize(split.resized(size))
+    return pre.normalize(split.resized(pre.image_size, resize=pre.resize))
 
 
 def reference_logits(artifact: Path, task: str, data: bytes) -> np.ndarray:
@@ -157,7 +158,7 @@ def reference_logits(artifact: Path, task: str, data: bytes) -> np.ndarray:
         except Exception:
             so.use_per_session_threads = False
             _CACHE[key] = ort.InferenceSession(str(art.graph_path(task)), so, providers=["CPUExecutionProvider"])
-    x = evolve_input(data, art.tasks[task].image_size)
+    x = evolve_input(data, art.tasks[task].preprocessing)
     return _CACHE[key].run(None, {"image": x})[0][0]
 
 
