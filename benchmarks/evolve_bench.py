@@ -27,9 +27,11 @@ from mutask.evolve.model import Component, ComponentStore, TaskPath, PathModel, 
 from mutask.evolve.pretrain import ARCH
 from mutask.evolve.root import Root, build_vit
 from mutask.evolve.train import model_input, train
+from mutask.preprocessing import Preprocessing
 
 NUM_CLASSES = 10
 BATCH = 64
+PRE = Preprocessing.signed_unit(ARCH["img_size"])  # the default root's preprocessing
 NO_AUG = {"image_size": ARCH["img_size"], "crop_area_min": 1.0, "aspect_ratio_min": 1.0, "flip": False, "color_jitter": 0.0,
           "lr": 0.01, "lr_schedule": "cosine", "warmup_ratio": 0.1, "momentum": 0.9, "nesterov": False}
 
@@ -43,7 +45,7 @@ def timm_loop(images, labels, steps: int, seed: int) -> float:
     t0 = time.perf_counter()
     for _ in range(steps):
         idx = torch.randint(0, len(labels), (BATCH,), generator=gen)
-        loss = F.cross_entropy(vit(model_input(images[idx].numpy(), ARCH["img_size"])), labels[idx])
+        loss = F.cross_entropy(vit(model_input(images[idx].numpy(), PRE)), labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vit.parameters(), 1.0)
@@ -78,7 +80,7 @@ def mutask_path(frozen_blocks: int, seed: int):
 def mutask_loop(split, val, steps: int, frozen_blocks: int, seed: int) -> float:
     model, params = mutask_path(frozen_blocks, seed)
     t0 = time.perf_counter()
-    train(model, params, split, val, NO_AUG, steps=steps, batch_size=BATCH, validations=1, seed=seed)
+    train(model, params, split, val, NO_AUG, pre=PRE, steps=steps, batch_size=BATCH, validations=1, seed=seed)
     return steps * BATCH / (time.perf_counter() - t0)
 
 

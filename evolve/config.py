@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from mutask.errors import MutaskError
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # see mutask.evolve.train.autocast_dtype
+
 BUDGETS = {
     "tiny": dict(rounds=1, children=3, generation_size=3, steps=6, validations=1, batch_size=32),
     "quick": dict(rounds=2, children=8, generation_size=4, steps=200, validations=3, batch_size=64),
@@ -27,6 +29,7 @@ class EvolveConfig:
     seed: int = 0
     strategy: str = "munet"  # munet | finetune | freeze:K | adapters:W
     budget: str = "quick"
+    precision: str = "auto"  # auto (bf16 on a CUDA GPU, fp32 on the CPU) | fp32 | bf16 | fp16
 
     @classmethod
     def from_budget(cls, budget: str, **overrides) -> "EvolveConfig":
@@ -50,3 +53,5 @@ class EvolveConfig:
         from .strategies import parse_strategy  # torch; the CLI's help reads BUDGETS without it
 
         parse_strategy(self.strategy)
+        if self.precision not in PRECISIONS:
+            raise MutaskError(f"unknown precision {self.precision!r}; use {', '.join(PRECISIONS)}.")

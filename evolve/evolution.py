@@ -50,6 +50,8 @@ class Evolution:
         self.show_progress = show_progress
         self.dev = device()
         self.strategy = parse_strategy(self.cfg.strategy)
+        for comp in system.store.components.values():  # every component on the device children train on
+            comp.module.to(self.dev)
 
     # -- scores -----------------------------------------------------------------------------
     def score(self, val_acc: float, accounted: float) -> float:
@@ -162,7 +164,7 @@ class Evolution:
         used = {cid for p in s.paths.values() for cid in p.components}
         s.store.remove_unused(used)
         model = PathModel.from_store(s.store, best).to(self.dev)
-        best.metrics["test_accuracy"] = accuracy(model, self.data[task].test, best.image_size)
+        best.metrics["test_accuracy"] = accuracy(model, self.data[task].test, s.root.preprocessing.at(best.image_size), precision=self.cfg.precision)
         best.metrics["visit_seconds"] = round(time.time() - v.started, 1)
         log.info(
             "%s: best %s val %.3f test %.3f params %d accounted %.0f",
@@ -193,7 +195,14 @@ class Evolution:
         return s.rng.choice(candidates)
 
     def default_hparams(self, task: str) -> dict:
-        hp = H.defaults(self.sys.root.image_size, self.sys.root.depth)
+        """The hyperparameters a task's first paths get: the defaults, at the task's starting
+        image size (its tasks record's ``start_image_size``; the root's image size for a STATE
+        written before tasks had one)."""
+        root = self.sys.root
+        hp = H.defaults(root.image_size, root.depth)
+        start = self.sys.tasks.get(task, {}).get("start_image_size")
+        if start is not None:
+            hp["image_size"] = int(start)
         if self.cfg.mutation_prob is not None:
             hp["mu"] = self.cfg.mutation_prob
         return hp
@@ -259,7 +268,7 @@ class Evolution:
         params = [p for c in fresh.values() for p in c.module.parameters()]
         t0 = time.perf_counter()
         result = train(
-            model, params, data.train, data.validation, child.hparams,
+            model, params, data.train, data.validation, child.hparams, pre=s.root.preprocessing.at(child.image_size), precision=self.cfg.precision,
             steps=self.cfg.steps, batch_size=self.cfg.batch_size, validations=self.cfg.validations, seed=batch_seed,
         )
         accounted = s.accounted_params(child.components, task, fresh)

@@ -19,8 +19,10 @@ from timm.scheduler import CosineLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 from torch import nn
 
+from mutask.errors import MutaskError
 from mutask.preprocessing import Preprocessing
 
+from .config import PRECISIONS
 from .data import Split
 
 
@@ -28,15 +30,50 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def model_input(batch_uint8: np.ndarray, size: int, dev: torch.device | None = None) -> torch.Tensor:
-    """uint8 (N, S, S, 3) -> the model's float32 (N, 3, S, S), by the preprocessing contract."""
-    x = torch.from_numpy(Preprocessing(image_size=size).normalize(batch_uint8))
+def autocast_dtype(precision: str, dev: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` on ``dev``, None for plain fp32. ``auto``: bf16 on a
+    CUDA GPU (fp16, with loss scaling, where the GPU has no bf16), fp32 on the CPU, where
+    autocast is slower than fp32. Parameters, gradients and the optimizer stay fp32."""
+    if precision not in PRECISIONS:
+        raise MutaskError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}.")
+    if precision == "auto":
+        precision = "bf16" if dev.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return None
+    if dev.type == "cuda":
+        if precision == "bf16" and not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return torch.bfloat16 if precision == "bf16" else torch.float16
+    if precision == "fp16":
+        raise MutaskError("--precision fp16 needs a CUDA GPU; on the CPU use fp32 (or bf16, which the CPU autocasts).")
+    return torch.bfloat16
+
+
+def _autocast(dev: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device_type=dev.type, dtype=dtype, enabled=dtype is not None)
+
+
+def _require(pre) -> None:
+    if not isinstance(pre, Preprocessing):
+        raise TypeError(f"expected the path's Preprocessing (root.preprocessing.at(image_size)), got {pre!r}")
+
+
+def model_input(batch_uint8: np.ndarray, pre: Preprocessing, dev: torch.device | None = None) -> torch.Tensor:
+    """uint8 (N, S, S, 3) -> the model's float32 (N, 3, S, S), by the path's preprocessing."""
+    _require(pre)
+    x = torch.from_numpy(pre.normalize(batch_uint8))
     return x if dev is None else x.to(dev, non_blocking=True)
 
 
-def augment(x: torch.Tensor, hp: dict, gen: torch.Generator) -> torch.Tensor:
-    """Training-time random resized crop, horizontal flip and colour jitter on a normalised
-    batch (N, 3, S, S), per the path's data keys; one batched grid_sample, output size kept."""
+def split_images(split: Split, pre: Preprocessing) -> np.ndarray:
+    """A split's images at the preprocessing's size and filter (contract steps 1-2)."""
+    _require(pre)
+    return split.resized(pre.image_size, resize=pre.resize)
+
+
+def augment(x: torch.Tensor, hp: dict, gen: torch.Generator, pre: Preprocessing) -> torch.Tensor:
+    """Training-time random resized crop, horizontal flip and colour jitter on a batch (N, 3, S, S)
+    normalised by ``pre``, per the path's data keys; one batched grid_sample, output size kept."""
     n = x.shape[0]
     area_min, ar_min = float(hp["crop_area_min"]), float(hp["aspect_ratio_min"])
     flip, jitter = bool(hp["flip"]), float(hp["color_jitter"])
@@ -60,12 +97,25 @@ def augment(x: torch.Tensor, hp: dict, gen: torch.Generator) -> torch.Tensor:
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     if jitter > 0:
-        v = torch.rand(n, 2, generator=gen).to(x.device)
-        brightness = (2 * v[:, 0] - 1) * jitter
-        contrast = 1 + (2 * v[:, 1] - 1) * jitter
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        x = ((x - mean) * contrast.view(-1, 1, 1, 1) + mean + brightness.view(-1, 1, 1, 1)).clamp(-1, 1)
+        x = color_jitter(x, jitter, gen, pre)
     return x
+
+
+def color_jitter(x: torch.Tensor, jitter: float, gen: torch.Generator, pre: Preprocessing) -> torch.Tensor:
+    """Per image, brightness +- ``jitter`` and contrast 1 +- ``jitter`` around the image's mean,
+    in units where each channel's pixel range is [-1, 1] (so the strength does not depend on the
+    root's mean and std), clamped to that range: per channel [(0 - mean) / std, (1 - mean) / std]
+    in ``pre``'s normalised units."""
+    n = x.shape[0]
+    low, high = (torch.tensor(v, dtype=x.dtype, device=x.device).view(1, 3, 1, 1) for v in pre.value_range())
+    centre, half = (high + low) / 2, (high - low) / 2  # 0 and 1 for mean = std = 0.5
+    v = torch.rand(n, 2, generator=gen).to(x.device)
+    brightness = ((2 * v[:, 0] - 1) * jitter).view(-1, 1, 1, 1)
+    contrast = (1 + (2 * v[:, 1] - 1) * jitter).view(-1, 1, 1, 1)
+    s = (x - centre) / half
+    mean = s.mean(dim=(1, 2, 3), keepdim=True)
+    s = ((s - mean) * contrast + mean + brightness).clamp(-1, 1)
+    return s * half + centre
 
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, total: int, hp: dict) -> Scheduler:
@@ -86,21 +136,66 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, total: int, hp: dict) -> Sche
 
 
 @torch.no_grad()
-def predict(model: nn.Module, split: Split, image_size: int, batch_size: int = 256) -> np.ndarray:
-    """Logits for a whole split (evaluation preprocessing, no augmentation)."""
+def predict(model: nn.Module, split: Split, pre: Preprocessing, batch_size: int = 256, precision: str = "fp32") -> np.ndarray:
+    """Logits (float32) for a whole split, preprocessed by ``pre`` (the path's: the root's at
+    the path's image size), no augmentation, in ``precision``."""
     dev = next(model.parameters()).device
-    images = split.resized(image_size)
+    dtype = autocast_dtype(precision, dev)
+    images = split_images(split, pre)
     out = []
-    for i in range(0, len(images), batch_size):
-        out.append(model(model_input(images[i : i + batch_size], image_size, dev)).float().cpu())
+    with _autocast(dev, dtype):
+        for i in range(0, len(images), batch_size):
+            out.append(model(model_input(images[i : i + batch_size], pre, dev)).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
-def accuracy(model: nn.Module, split: Split, image_size: int) -> float:
+def accuracy(model: nn.Module, split: Split, pre: Preprocessing, precision: str = "fp32") -> float:
+    """Top-1 accuracy on a split preprocessed by ``pre``; 0 for an empty split."""
     if len(split) == 0:
         return 0.0
-    logits = predict(model, split, image_size)
+    logits = predict(model, split, pre, precision=precision)
     return float((logits.argmax(1) == split.labels).mean())
+
+
+class Batches:
+    """The training batches of a run, read and normalised one step ahead on a worker thread
+    while the model trains on the current one; on CUDA in pinned memory, copied without
+    blocking. ``order`` holds each step's row indices (drawn up front, so the order does not
+    depend on the thread)."""
+
+    def __init__(self, images, labels: np.ndarray, order: list[np.ndarray], pre: Preprocessing, dev: torch.device):
+        import concurrent.futures
+
+        self.images, self.labels, self.order, self.pre, self.dev = images, labels, order, pre, dev
+        self.pin = dev.type == "cuda"
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mutask-batches")
+
+    def _load(self, idx: np.ndarray):
+        x = torch.from_numpy(self.pre.normalize(self.images[idx]))
+        y = torch.from_numpy(self.labels[idx])
+        return (x.pin_memory(), y.pin_memory()) if self.pin else (x, y)
+
+    def __iter__(self):
+        try:
+            ahead = self._pool.submit(self._load, self.order[0]) if self.order else None
+            for step in range(len(self.order)):
+                x, y = ahead.result()
+                if step + 1 < len(self.order):
+                    ahead = self._pool.submit(self._load, self.order[step + 1])
+                yield x.to(self.dev, non_blocking=True), y.to(self.dev, non_blocking=True)
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def batch_order(n: int, batch_size: int, steps: int, gen: torch.Generator) -> list[np.ndarray]:
+    """Each step's row indices: shuffled epochs, a partial epoch's rest dropped."""
+    order, pos, out = torch.randperm(n, generator=gen), 0, []
+    for _ in range(steps):
+        if pos + batch_size > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        out.append(order[pos : pos + batch_size].numpy())
+        pos += batch_size
+    return out
 
 
 @dataclass
@@ -119,49 +214,52 @@ def train(
     val_split: Split,
     hp: dict,
     *,
+    pre: Preprocessing,
     steps: int,
     batch_size: int,
     validations: int,
     seed: int,
+    precision: str = "auto",
     progress=None,
 ) -> TrainResult:
     """Train ``params`` (only those: the rest of the model is frozen) and keep the best
-    validation. ``seed`` fixes batch order and augmentation, so children of one generation
-    see the same data. The model's trainable parameters end at their best evaluation."""
+    validation. ``pre`` is the path's preprocessing (the root's at ``hp["image_size"]``).
+    ``seed`` fixes batch order and augmentation, so children of one generation see the same
+    data. ``precision`` (:data:`PRECISIONS`) sets autocast for training and validation; fp16
+    scales the loss. The model's trainable parameters end at their best evaluation."""
     import time
 
+    if pre.image_size != int(hp["image_size"]):
+        raise ValueError(f"train: preprocessing at image size {pre.image_size} for a path at {hp['image_size']}; pass root.preprocessing.at({hp['image_size']})")
     dev = next(model.parameters()).device
-    size = int(hp["image_size"])
-    images = train_split.resized(size)
-    labels = torch.from_numpy(np.asarray(train_split.labels, dtype=np.int64))
+    dtype = autocast_dtype(precision, dev)
+    scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
+    images = split_images(train_split, pre)
+    labels = np.asarray(train_split.labels, dtype=np.int64)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(params, lr=float(hp["lr"]), momentum=float(hp["momentum"]), nesterov=bool(hp["nesterov"]) and float(hp["momentum"]) > 0)
     sched = lr_scheduler(opt, steps, hp)
     eval_at = sorted({max(1, round(steps * (k + 1) / validations)) for k in range(max(1, validations))})
     best = (-1.0, 0, None)
     curve = []
-    order = torch.randperm(len(labels), generator=gen)
-    pos = 0
     model.train()
     t0 = time.perf_counter()
     seen = 0
-    for step in range(1, steps + 1):
-        if pos + batch_size > len(order):
-            order, pos = torch.randperm(len(labels), generator=gen), 0
-        idx = order[pos : pos + batch_size]
-        pos += batch_size
-        x = augment(model_input(images[idx.numpy()], size, dev), hp, gen)
-        y = labels[idx].to(dev)
+    for step, (x, y) in enumerate(Batches(images, labels, batch_order(len(labels), batch_size, steps, gen), pre, dev), start=1):
+        x = augment(x, hp, gen, pre)
         sched.step_update(step - 1)
-        loss = F.cross_entropy(model(x), y)
+        with _autocast(dev, dtype):
+            loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        seen += len(idx)
+        scaler.step(opt)
+        scaler.update()
+        seen += len(y)
         if step in eval_at:
             model.eval()
-            acc = accuracy(model, val_split, size)
+            acc = accuracy(model, val_split, pre, precision=precision)
             model.train()
             curve.append((step, acc))
             if acc > best[0]:

@@ -37,7 +37,7 @@ from .graphs import graph_file_names, write_segment_graphs, write_task_graph
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, Manifest, Parity
 from .parity import check_parity, load_task_data
 from .segments import plan_segments
-from .verify import ATOL, MIN_ARGMAX_AGREEMENT
+from .verify import ATOL, DEFAULT_SAMPLES, MIN_ARGMAX_AGREEMENT
 from .weights import write_weights
 
 log = logging.getLogger("mutask")
@@ -92,7 +92,9 @@ def _seal(tmp: pathlib.Path) -> None:
     os.chmod(tmp, 0o777 & ~umask)
 
 
-def export_system(system, out, *, data=None, force: bool = False, bentoml_model: str | None = None, show_progress: bool = True) -> pathlib.Path:
+def export_system(
+    system, out, *, data=None, force: bool = False, bentoml_model: str | None = None, parity_samples: int = DEFAULT_SAMPLES, show_progress: bool = True,
+) -> pathlib.Path:
     """Export ``system`` (an :class:`evolve.state.System`) to the artifact directory ``out``.
 
     ``data``: optional task -> :class:`evolve.data.TaskData` for the parity check (default:
@@ -124,7 +126,7 @@ def export_system(system, out, *, data=None, force: bool = False, bentoml_model:
         task_data = load_task_data(system, tasks, data)
         parity = check_parity(
             system, paths, modules, chains, {t: tmp / f for t, f in task_files.items()}, {s: tmp / f for s, f in segment_files.items()},
-            task_data, out=out, show_progress=show_progress,
+            task_data, out=out, samples=parity_samples, show_progress=show_progress,
         )
 
         manifest = Manifest(

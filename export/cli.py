@@ -19,6 +19,8 @@ def add_parser(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing ART")
     p.add_argument("--verify-only", action="store_true", help="check an existing ART: hashes, files, and every task graph against its segment chain")
     p.add_argument("--bentoml-model", metavar="NAME", help="also store the artifact in BentoML's model store as NAME (for `bentoml build`)")
+    p.add_argument("--parity-samples", type=int, default=256, metavar="N",
+                   help="test images per task the parity check (and --verify-only) runs, evenly spaced over the split; 0 for all of them (default 256)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_export)
 
@@ -26,12 +28,14 @@ def add_parser(sub) -> None:
 def _cmd_export(a) -> None:
     from mutask.errors import MutaskError
 
+    if a.parity_samples < 0:
+        raise MutaskError(f"--parity-samples must be 0 (all) or positive, got {a.parity_samples}.")
     if a.verify_only:
         if a.out or a.force or a.bentoml_model:
             raise MutaskError("--verify-only checks an existing ART given as the positional argument; drop --out, --force and --bentoml-model.")
         from .verify import verify_artifact
 
-        rep = verify_artifact(a.path, show_progress=not a.quiet)
+        rep = verify_artifact(a.path, samples=a.parity_samples, show_progress=not a.quiet)
         print(f"artifact {a.path}: {rep['integrity']}")
         for t, r in rep["tasks"].items():
             acc = f", test accuracy {r['test_accuracy']:.3f}" if "test_accuracy" in r else ""
@@ -48,7 +52,7 @@ def _cmd_export(a) -> None:
 
     t0 = time.perf_counter()
     system = System.load(a.path)
-    out = export_system(system, a.out, force=a.force, bentoml_model=a.bentoml_model, show_progress=not a.quiet)
+    out = export_system(system, a.out, force=a.force, bentoml_model=a.bentoml_model, parity_samples=a.parity_samples, show_progress=not a.quiet)
     st = artifact_stats(out)
     man = load_artifact(out, verify=False).manifest
     print(f"exported {st['num_tasks']} task(s), {st['num_segments']} segment(s) to {out} in {time.perf_counter() - t0:.0f} s")

@@ -1,10 +1,12 @@
 """The export's parity check, run on the finished graphs before anything is committed.
 
 Per task: ONNX Runtime (CPU) on the task graph against the PyTorch path, and the task's
-segment chain against its task graph, on the task's test split (preprocessed by
-:class:`mutask.preprocessing.Preprocessing`), or on random inputs when its data cannot be
-loaded (recorded as such). Both must agree within :data:`export.verify.ATOL` with arg-max
-agreement of at least :data:`export.verify.MIN_ARGMAX_AGREEMENT`.
+segment chain against its task graph, on a bounded, evenly spaced sample of the task's test
+split (``samples`` images, read through the split's streaming images; preprocessed by the task's
+:class:`mutask.preprocessing.Preprocessing`, the one its manifest entry records: the root's at
+the path's image size), or on random inputs when its data cannot be loaded (recorded as
+such). Both must agree within :data:`export.verify.ATOL` with arg-max agreement of at least
+:data:`export.verify.MIN_ARGMAX_AGREEMENT`.
 """
 
 from __future__ import annotations
@@ -16,15 +18,15 @@ import numpy as np
 import torch
 
 from mutask.errors import MutaskError
+from mutask.preprocessing import Preprocessing
 
+from .entries import task_preprocessing
 from .manifest import TaskParity
-from .verify import ATOL, MIN_ARGMAX_AGREEMENT, compare, ort_session, random_inputs, run_chain
+from .verify import ATOL, DEFAULT_SAMPLES, MIN_ARGMAX_AGREEMENT, chain_outputs, compare, graph_outputs, random_inputs, split_batches
 
 log = logging.getLogger("mutask")
 
-PARITY_BATCH = 64
-
-__all__ = ["PARITY_BATCH", "load_task_data", "check_parity"]
+__all__ = ["load_task_data", "check_parity"]
 
 
 def load_task_data(system, tasks: list[str], data: dict | None) -> dict:
@@ -46,45 +48,38 @@ def load_task_data(system, tasks: list[str], data: dict | None) -> dict:
     return out
 
 
-def _batches(task_data, image_size: int) -> tuple[list[np.ndarray], str]:
-    from mutask.preprocessing import Preprocessing
-
+def _batches(task_data, pre: Preprocessing, samples: int) -> tuple[list[np.ndarray], str]:
+    """A bounded sample of the task's test split preprocessed by ``pre``, in batches, or random
+    inputs without data."""
     if task_data is not None and len(task_data.test):
-        images = task_data.test.resized(image_size)
-        pre = Preprocessing(image_size=image_size)
-        return [pre.normalize(images[i : i + PARITY_BATCH]) for i in range(0, len(images), PARITY_BATCH)], "test split"
-    return [random_inputs(32, image_size, seed=0)], "random inputs (task data unavailable)"
+        batches, _, source = split_batches(task_data.test, pre, samples)
+        return batches, source
+    return [random_inputs(32, pre, seed=0)], "random inputs (task data unavailable)"
 
 
 def check_parity(system, paths: dict, modules: dict, chains: dict, task_graphs: dict[str, pathlib.Path], segment_graphs: dict[str, pathlib.Path],
-                 task_data: dict, *, out, show_progress: bool = True) -> dict[str, TaskParity]:
-    """Task -> its parity record. ``paths``: task -> TaskPath; ``modules``: component id -> CPU
-    module; ``chains``: task -> segment ids; ``task_graphs`` / ``segment_graphs``: the graph
-    files; ``task_data``: from :func:`load_task_data`. Raises :class:`MutaskError` naming every failing task (and
-    saying that nothing was written to ``out``) when one is outside the bounds."""
+                 task_data: dict, *, out, samples: int = DEFAULT_SAMPLES, show_progress: bool = True) -> dict[str, TaskParity]:
+    """Task -> its parity record, on ``samples`` test images per task (0: all of them).
+    ``paths``: task -> TaskPath; ``modules``: component id -> CPU module; ``chains``: task ->
+    segment ids; ``task_graphs`` / ``segment_graphs``: the graph files; ``task_data``: from
+    :func:`load_task_data`. One ONNX Runtime session is alive at a time (the task graph, then
+    each segment of its chain in turn), so memory stays at one session's weights and working
+    set beyond the sample. Raises :class:`MutaskError` naming every failing task (and saying
+    that nothing was written to ``out``) when one is outside the bounds."""
     from tqdm.auto import tqdm
 
     from mutask.evolve.model import PathModel
 
     tasks = list(paths)
     parity: dict[str, TaskParity] = {}
-    segment_sessions: dict = {}
     for t in tqdm(tasks, desc="parity", unit="task", disable=not show_progress, leave=False):
         p = paths[t]
-        batches, source = _batches(task_data[t], p.image_size)
+        batches, source = _batches(task_data[t], task_preprocessing(system, p), samples)
         model = PathModel([system.store[c].name for c in p.components], [modules[c] for c in p.components]).eval()
-        graph = ort_session(task_graphs[t])
-        for sid in chains[t]:
-            if sid not in segment_sessions:
-                segment_sessions[sid] = ort_session(segment_graphs[sid])
-        chain = [segment_sessions[sid] for sid in chains[t]]
-        ref, got, via = [], [], []
         with torch.no_grad():
-            for x in batches:
-                ref.append(model(torch.from_numpy(x)).numpy())
-                got.append(graph.run(["logits"], {"image": x})[0])
-                via.append(run_chain(chain, x))
-        ref, got, via = np.concatenate(ref), np.concatenate(got), np.concatenate(via)
+            ref = np.concatenate([model(torch.from_numpy(x)).numpy() for x in batches])
+        got = np.concatenate(graph_outputs(task_graphs[t], batches, "image", "logits"))
+        via = np.concatenate(chain_outputs([segment_graphs[sid] for sid in chains[t]], batches))
         vs_torch, vs_graph = compare(got, ref), compare(via, got)
         parity[t] = TaskParity(
             inputs=source,

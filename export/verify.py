@@ -4,7 +4,7 @@
 file present, weights and graph sha256, every external-data reference on exactly one tensor
 of the weights file), then, per task, its graph against its segment chain in ONNX Runtime on
 the task's test images (loaded from the spec and seed the manifest records, preprocessed by
-the manifest's contract), or on random inputs when the data cannot be loaded (and says so).
+the task's preprocessing as the manifest records it), or on random inputs when the data cannot be loaded (and says so).
 """
 
 from __future__ import annotations
@@ -13,21 +13,26 @@ import logging
 
 import numpy as np
 
+from mutask.preprocessing import Preprocessing
+
 from .artifact import ArtifactError, load_artifact, reexport_hint
 
 log = logging.getLogger("mutask")
 
 ATOL = 1e-4  # max |logit difference|
 MIN_ARGMAX_AGREEMENT = 0.999
-BATCH = 64
+BATCH = 32
+DEFAULT_SAMPLES = 256  # images per task a check runs (0: the whole test split)
 
 
 def ort_session(path, threads: int | None = None):
-    """A CPU ONNX Runtime session for one graph file (external data resolves next to it)."""
+    """A CPU ONNX Runtime session for one graph file (external data resolves next to it),
+    without a memory arena (what a check allocates is returned when the session goes)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.enable_cpu_mem_arena = False
     if threads:
         opts.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
@@ -40,8 +45,45 @@ def run_chain(sessions, x: np.ndarray) -> np.ndarray:
     return x
 
 
-def random_inputs(n: int, size: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).uniform(-1, 1, (n, 3, size, size)).astype(np.float32)
+def sample_rows(n: int, samples: int) -> np.ndarray:
+    """``samples`` row indices of ``n``, evenly spaced (all rows when ``samples`` is 0 or at
+    least ``n``): the same rows every time, spread over the split."""
+    if samples <= 0 or samples >= n:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, samples).round().astype(np.int64))
+
+
+def split_batches(split, pre: Preprocessing, samples: int) -> tuple[list[np.ndarray], np.ndarray, str]:
+    """(input batches, their labels, a description) of a bounded sample of ``split``, read
+    through the split's own (streaming) images and preprocessed by ``pre``."""
+    images = split.resized(pre.image_size, resize=pre.resize)
+    rows = sample_rows(len(images), samples)
+    labels = np.asarray(split.labels)[rows]
+    batches = [pre.normalize(images[rows[i : i + BATCH]]) for i in range(0, len(rows), BATCH)]
+    source = "test split" if len(rows) == len(images) else f"test split, {len(rows)} of {len(images)} images evenly spaced"
+    return batches, labels, source
+
+
+def graph_outputs(path, batches: list[np.ndarray], input_name: str, output_name: str, open_session=ort_session) -> list[np.ndarray]:
+    """One graph's outputs for every batch, from one session released before returning."""
+    session = open_session(path)
+    try:
+        return [session.run([output_name], {input_name: x})[0] for x in batches]
+    finally:
+        del session
+
+
+def chain_outputs(paths: list, batches: list[np.ndarray], open_session=ort_session) -> list[np.ndarray]:
+    """A segment chain's outputs for every batch, one segment's session alive at a time."""
+    for path in paths:
+        batches = graph_outputs(path, batches, "input", "output", open_session)
+    return batches
+
+
+def random_inputs(n: int, pre: Preprocessing, seed: int = 0) -> np.ndarray:
+    """``n`` images of uniform random pixels, normalised by ``pre``: float32 (n, 3, S, S)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (n, pre.image_size, pre.image_size, 3), dtype=np.uint8)
+    return pre.normalize(pixels)
 
 
 def compare(got: np.ndarray, ref: np.ndarray) -> dict:
@@ -52,10 +94,10 @@ def compare(got: np.ndarray, ref: np.ndarray) -> dict:
     return {"max_abs_diff": diff, "argmax_agreement": agree, "ok": bool(diff <= ATOL and agree >= MIN_ARGMAX_AGREEMENT)}
 
 
-def _inputs(art, task: str, data: dict | None):
+def _inputs(art, task: str, data: dict | None, samples: int):
     """(batches, labels or None, source description) for a task."""
     entry = art.tasks[task]
-    size = entry.image_size
+    pre = entry.preprocessing
     td, why = None, ""
     if data is not None and task in data:
         td = data[task]
@@ -67,10 +109,9 @@ def _inputs(art, task: str, data: dict | None):
         except Exception as e:  # directory gone, unknown spec
             why = str(e)
     if td is not None and len(td.test):
-        images = td.test.resized(size)
-        return [entry.preprocessing.normalize(images[i : i + BATCH]) for i in range(0, len(images), BATCH)], np.asarray(td.test.labels), "test split"
+        return split_batches(td.test, pre, samples)
     log.warning("task %s: test data unavailable (%s); checking on random inputs", task, why or "empty test split")
-    return [random_inputs(32, size, seed=0)], None, "random inputs (test data unavailable)"
+    return [random_inputs(32, pre, seed=0)], None, "random inputs (test data unavailable)"
 
 
 def _open(path):
@@ -83,40 +124,24 @@ def _open(path):
         raise ArtifactError(f"{path}: ONNX Runtime cannot load this graph ({type(e).__name__}: {e}). {reexport_hint(path.parent)}") from None
 
 
-def _run(path, session, x: np.ndarray, input_name: str, output_name: str) -> np.ndarray:
-    """Output ``output_name`` of ``session`` (the graph at ``path``) fed ``x`` as
-    ``input_name``; ONNX Runtime's failure (a graph without those names included) as an
-    :class:`ArtifactError`."""
-    try:
-        return session.run([output_name], {input_name: x})[0]
-    except Exception as e:  # onnxruntime's own exception types
-        raise ArtifactError(f"{path}: ONNX Runtime cannot run this graph ({type(e).__name__}: {e}). {reexport_hint(path.parent)}") from None
-
-
-def verify_artifact(path, data=None, *, show_progress: bool = False, raise_on_failure: bool = True) -> dict:
-    """Check an artifact's own consistency; returns the report, raises :class:`ArtifactError`
-    on any failure (with ``raise_on_failure``)."""
+def verify_artifact(path, data=None, *, samples: int = DEFAULT_SAMPLES, show_progress: bool = False, raise_on_failure: bool = True) -> dict:
+    """Check an artifact's own consistency on ``samples`` test images per task (0: all); returns
+    the report, raises :class:`ArtifactError` on any failure (with ``raise_on_failure``).
+    One ONNX Runtime session is alive at a time."""
     from tqdm.auto import tqdm
 
     art = load_artifact(path, verify=True)
     report = {"path": str(art.path), "integrity": "ok: format version, files, sha256, external-data references", "tasks": {}}
-    sessions: dict = {}
     for task in tqdm(list(art.tasks), desc="verify", unit="task", disable=not show_progress, leave=False):
         entry = art.tasks[task]
-        batches, labels, source = _inputs(art, task, data)
-        graph_path = art.graph_path(task)
-        graph = _open(graph_path)
-        chain_paths = [art.segment_path(sid) for sid in entry.segments]
-        for sid, path in zip(entry.segments, chain_paths):
-            if sid not in sessions:
-                sessions[sid] = _open(path)
-        got, via = [], []
-        for x in batches:
-            got.append(_run(graph_path, graph, x, "image", "logits"))
-            for sid, path in zip(entry.segments, chain_paths):
-                x = _run(path, sessions[sid], x, "input", "output")
-            via.append(x)
-        got, via = np.concatenate(got), np.concatenate(via)
+        batches, labels, source = _inputs(art, task, data, samples)
+        try:
+            got = np.concatenate(graph_outputs(art.graph_path(task), batches, "image", "logits", _open))
+            via = np.concatenate(chain_outputs([art.segment_path(sid) for sid in entry.segments], batches, _open))
+        except ArtifactError:
+            raise
+        except Exception as e:  # onnxruntime's own exception types: a graph that loads but cannot run
+            raise ArtifactError(f"task {task}: ONNX Runtime cannot run its graphs ({type(e).__name__}: {e}). {reexport_hint(art.path)}") from None
         cmp = compare(via, got)
         rec = {
             "inputs": source,

@@ -65,11 +65,11 @@ def _cmd_evolve(a):
     overrides = dict(
         rounds=a.rounds, children=a.children, generation_size=a.generation_size, steps=a.steps,
         validations=a.validations, batch_size=a.batch_size, scale_factor=a.scale_factor,
-        mutation_prob=a.mutation_prob, seed=a.seed, strategy=a.strategy,
+        mutation_prob=a.mutation_prob, seed=a.seed, strategy=a.strategy, precision=a.precision,
     )
     system = evolve(
         a.task or [], a.out, root=a.root, pretrained=a.pretrained, budget=a.budget,
-        from_state=a.from_state, resume=a.resume, show_progress=not a.quiet, **overrides,
+        from_state=a.from_state, resume=a.resume, show_progress=not a.quiet, image_size=a.image_size, **overrides,
     )
     from mutask.evolve.report import format_table, report
 
@@ -89,6 +89,12 @@ def _cmd_report(a):
     else:
         print(format_table(doc))
         print(f"\npicture of the system: {png}")
+
+
+def _precisions() -> tuple:
+    from mutask.evolve.config import PRECISIONS
+
+    return PRECISIONS
 
 
 def _budgets() -> str:
@@ -129,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, help="training batch size (default: the budget's)")
     e.add_argument("--scale-factor", type=float, help="s in score = acc * s^(accounted/root params); below 1 favours sharing (default 1.0)")
     e.add_argument("--mutation-prob", type=float, help="fixed mutation probability mu (default: auto-tuned per path, mu2Net)")
+    e.add_argument("--precision", choices=_precisions(), help="training and evaluation precision: auto (default: bf16 autocast on a CUDA GPU, fp16 with loss scaling where it has no bf16; fp32 on the CPU), fp32, bf16, fp16")
     e.add_argument("--strategy", help="munet (default), or a baseline through the same engine: finetune, freeze:K, adapters:W")
+    e.add_argument("--image-size", type=int, metavar="N", help="every new task's starting image size, a multiple of the root's patch size up to 384 (default: per task, min(the root's size, the median min(H, W) of its images), at least 2 patches); muNet's mutations move it")
     e.add_argument("--seed", type=int, help="evolution seed (default 0)")
     e.add_argument("--from", dest="from_state", help="extend this existing STATE with the --task tasks (its tasks stay frozen)")
     e.add_argument("--resume", action="store_true", help="continue the interrupted run saved in --out")

@@ -71,7 +71,7 @@ def test_children_only_train_their_own_clones(tiny_root, tmp_path):
     Evolution(s, data, tmp_path / "st", show_progress=False).run(["a"])
     for cid, tensors in root_before.items():
         for k, v in tensors.items():
-            assert torch.equal(s.store[cid].tensors()[k], v)
+            assert torch.equal(s.store[cid].tensors()[k].cpu(), v.cpu())  # compared on one device
     # with mu = 1 the mutated child cloned every component: it owns all of them
     child = s.history[1]
     assert child["new_params"] == child["params"]
@@ -83,7 +83,7 @@ def test_extension_keeps_existing_tasks_bit_identical(tiny_root, tmp_path):
     Evolution(s, data, tmp_path / "st1", show_progress=False).run(["a", "b"])
     s1 = System.load(tmp_path / "st1")
     before = {t: tensors_of(s1, t) for t in ("a", "b")}
-    logits = {t: predict(PathModel.from_store(s1.store, s1.best_path(t)), data[t].test, s1.best_path(t).image_size) for t in ("a", "b")}
+    logits = {t: predict(PathModel.from_store(s1.store, s1.best_path(t)), data[t].test, s1.root.preprocessing.at(s1.best_path(t).image_size)) for t in ("a", "b")}
 
     s1.tasks["c"] = {"spec": "c", "seed": 0, "num_classes": 5}
     s1.config["order"] = ["c"]
@@ -98,7 +98,7 @@ def test_extension_keeps_existing_tasks_bit_identical(tiny_root, tmp_path):
         for cid in after:
             for k in after[cid]:
                 assert after[cid][k].numpy().tobytes() == before[t][cid][k].numpy().tobytes()
-        again = predict(PathModel.from_store(s2.store, s2.best_path(t)), data[t].test, s2.best_path(t).image_size)
+        again = predict(PathModel.from_store(s2.store, s2.best_path(t)), data[t].test, s2.root.preprocessing.at(s2.best_path(t).image_size))
         assert again.tobytes() == logits[t].tobytes()
 
 
@@ -208,3 +208,34 @@ def test_strategies():
             parse_strategy(bad)
     with pytest.raises(MutaskError, match="unknown strategy 'freeze:-1'"):
         EvolveConfig(strategy="freeze:-1").validate()
+
+
+def test_start_image_size_rule(tiny_root):
+    """min(root size, typical size snapped to the list), at least 2 patches; --image-size wins."""
+    from types import SimpleNamespace
+
+    from mutask.evolve.run import start_image_size
+
+    assert (tiny_root.image_size, tiny_root.patch_size) == (32, 8)
+    assert start_image_size(16, tiny_root) == 16  # small images are not upsampled to the root's size
+    assert start_image_size(368, tiny_root) == 32  # large ones start at the root's size
+    assert start_image_size(23, tiny_root) == 16  # snapped to the list (16, 32, ...)
+    vit_b = SimpleNamespace(image_size=224, patch_size=16)
+    assert start_image_size(16, vit_b) == 32  # two patches at least
+    assert start_image_size(100, vit_b) == 96 and start_image_size(384, vit_b) == 224
+    assert start_image_size(384, vit_b, requested=48) == 48 and start_image_size(16, vit_b, requested=384) == 384
+    for bad in (0, -16, 20, 400):
+        with pytest.raises(MutaskError, match=f"--image-size {bad} cannot work: use a multiple of the root's patch size 16 from 16 to 384"):
+            start_image_size(96, vit_b, requested=bad)
+
+
+def test_a_task_starts_at_its_recorded_image_size(tiny_root, tmp_path):
+    data = {"a": synthetic_task("a", 3, 1), "b": synthetic_task("b", 3, 2)}
+    s = new_system(tiny_root, ["a"], data, children=2, generation_size=2)
+    s.tasks["a"]["start_image_size"] = 16
+    evo = Evolution(s, data, tmp_path / "st", show_progress=False)
+    assert evo.default_hparams("a")["image_size"] == 16
+    assert evo.default_hparams("b")["image_size"] == 32  # a record without one (an older STATE): the root's size
+    evo.run(["a"])
+    assert [h["hparams"]["image_size"] for h in s.history] == [16, 16]  # the first generation starts there
+    assert System.load(tmp_path / "st").tasks["a"]["start_image_size"] == 16

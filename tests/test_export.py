@@ -1,6 +1,7 @@
 """Export: deduplicated weights, per-task and segment ONNX graphs over them, parity, atomicity,
 the torch-free reader, the CLI and BentoML."""
 
+import copy
 import hashlib
 import json
 import os
@@ -106,7 +107,7 @@ def test_weights_hold_every_unique_tensor_once(evolved):
         assert rec.num_params == s.store[cid].num_params and rec.name == s.store[cid].name
         assert rec.used_by == [t for t in s.best if cid in s.best_path(t).components]
         for name, t in s.store[cid].tensors().items():
-            assert np.array_equal(tensors[rec.tensor_map[name]], t.numpy())
+            assert np.array_equal(tensors[rec.tensor_map[name]], t.cpu().numpy())
     # header metadata says which components use each tensor
     with safe_open(str(art / WEIGHTS), "np") as f:
         meta = f.metadata()
@@ -120,14 +121,14 @@ def test_manifest_contract(evolved):
     s, data, art = evolved
     m = load_artifact(art).manifest
     written = json.loads((art / "manifest.json").read_text())  # the JSON as the writer wrote it
-    assert m.format_version == 3 and m.weights == WEIGHTS
+    assert m.format_version == 4 and m.weights == WEIGHTS
     assert m.root.source == "tiny-test-root" and m.root.root_params == s.root_params
     assert list(m.tasks) == ["a", "b", "c", "d"]
     for t, rec in m.tasks.items():
         p = s.best_path(t)
         assert rec.labels == (data[t].class_names if t in "ab" else [f"{t}-{i}" for i in range(data[t].num_classes)])
-        assert rec.image_size == p.image_size and rec.preprocessing == Preprocessing(image_size=p.image_size)
-        assert written["tasks"][t]["preprocessing"] == Preprocessing(image_size=p.image_size).model_dump()
+        assert rec.image_size == p.image_size and rec.preprocessing == Preprocessing.signed_unit(p.image_size)  # the tiny root's
+        assert written["tasks"][t]["preprocessing"] == Preprocessing.signed_unit(p.image_size).model_dump(mode="json")
         assert rec.params == s.path_params(p.components)
         assert rec.accounted_params == pytest.approx(s.accounted_params(p.components, t))
         assert rec.components == p.components and rec.metrics.test_accuracy == p.metrics["test_accuracy"]
@@ -172,9 +173,11 @@ def test_each_task_graph_runs_alone_in_onnxruntime(evolved, tmp_path):
         assert [i.name for i in sess.get_inputs()] == ["image"] and [o.name for o in sess.get_outputs()] == ["logits"]
         assert sess.get_inputs()[0].shape[0] == "batch"
         p = s.best_path(t)
-        x = Preprocessing(image_size=p.image_size).normalize(data[t].test.resized(p.image_size))
+        pre = a.tasks[t].preprocessing
+        x = pre.normalize(data[t].test.resized(pre.image_size, resize=pre.resize))
         got = np.concatenate([sess.run(None, {"image": x[:1]})[0], sess.run(None, {"image": x[1:]})[0]])
-        ref = predict(PathModel.from_store(s.store, p), data[t].test, p.image_size)
+        on_cpu = copy.deepcopy(PathModel.from_store(s.store, p)).cpu()  # compared with ONNX Runtime's CPU run on one device
+        ref = predict(on_cpu, data[t].test, s.root.preprocessing.at(p.image_size))
         assert got.shape == (len(x), len(a.tasks[t].labels))
         assert np.abs(got - ref).max() <= 1e-4
         assert (got.argmax(1) == ref.argmax(1)).all()
@@ -186,8 +189,8 @@ def test_segment_chains_equal_task_graphs(evolved):
     s, data, art = evolved
     a = load_artifact(art)
     for t in a.tasks:
-        size = a.tasks[t].image_size
-        x = Preprocessing(image_size=size).normalize(data[t].test.resized(size))
+        pre = a.tasks[t].preprocessing
+        x = pre.normalize(data[t].test.resized(pre.image_size, resize=pre.resize))
         whole = ort_session(a.graph_path(t)).run(None, {"image": x})[0]
         sessions = [ort_session(a.segment_path(sid)) for sid in a.chain(t)]
         assert [ss.get_inputs()[0].name for ss in sessions] == ["input"] * len(sessions)
@@ -281,7 +284,7 @@ def test_force_and_interrupted_export(solo, tmp_path, monkeypatch):
         export_system(s, tmp_path / "new", data=data, show_progress=False)
     assert not (tmp_path / "new").exists() and not _leftovers(tmp_path, "new")
     monkeypatch.undo()
-    monkeypatch.setattr(parity, "ort_session", boom)
+    monkeypatch.setattr(parity, "graph_outputs", boom)
     with pytest.raises(KeyboardInterrupt):
         export_system(s, art, data=data, force=True, show_progress=False)
     assert _tree(art) == before and not _leftovers(tmp_path, "art")
@@ -345,7 +348,7 @@ def test_tampered_artifacts_are_refused(evolved, tmp_path):
     m = json.loads((d / "manifest.json").read_text())
     m["format_version"] = 1  # the prefix-tree format: "parent" where version 2 has "parents"
     (d / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ArtifactError, match="format_version 1.*reads version 3"):
+    with pytest.raises(ArtifactError, match="format_version 1.*reads version 4"):
         load_artifact(d)
 
     d = copy("graph")
@@ -445,7 +448,7 @@ def test_format_version_1_is_refused_with_the_reexport_command(evolved, tmp_path
             seg["parent"] = parents[0] if parents else None
 
     d = _edited_manifest(art, tmp_path, to_version_1)
-    with pytest.raises(ArtifactError, match="format_version 1.*reads version 3") as e:
+    with pytest.raises(ArtifactError, match="format_version 1.*reads version 4") as e:
         load_artifact(d, verify=False)
     assert f"`mutask export STATE --out {d} --force`" in str(e.value)
 
@@ -537,3 +540,18 @@ def test_verify_only_reports_a_graph_onnxruntime_refuses(evolved, tmp_path, caps
     err = capsys.readouterr().err
     assert f"{g}: ONNX Runtime cannot load this graph" in err and "--force" in err
     assert "Traceback" not in err
+
+
+def test_parity_runs_on_a_bounded_sample(solo, tmp_path):
+    """A test split larger than --parity-samples is checked on that many evenly spaced images;
+    0 checks them all."""
+    s, data, _ = solo
+    n = len(data["solo"].test)
+    art = export_system(s, tmp_path / "sample", data=data, parity_samples=5, show_progress=False)
+    rec = load_artifact(art).manifest.parity.tasks["solo"]
+    assert rec.examples == 5 and f"5 of {n}" in rec.inputs and rec.ok
+    art = export_system(s, tmp_path / "all", data=data, parity_samples=0, show_progress=False)
+    rec = load_artifact(art).manifest.parity.tasks["solo"]
+    assert rec.examples == n and rec.inputs == "test split"
+    rep = verify_artifact(art, data=data, samples=7)
+    assert rep["tasks"]["solo"]["examples"] == 7 and rep["ok"]
