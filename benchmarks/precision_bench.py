@@ -102,7 +102,7 @@ def main(argv=None) -> None:
         "images_per_s": {f"{c} / {pr}": {"median": round(med[(c, pr)], 1), "runs": [round(x, 1) for x in rates[(c, pr)]]} for c, pr in rates},
     }
     lines = [
-        f"Child training throughput on {device}: root {a.root} (random init) at {size} px, batch {a.batch}, {a.steps} steps per run "
+        f"Child training throughput on {device}: root {a.root}{' (random init)' if a.root.startswith('timm:') else ''} at {size} px, batch {a.batch}, {a.steps} steps per run "
         f"(validation included once at the end), {a.repeats} interleaved repeats, medians.",
         "",
         "| child | precision | images/s | vs fp32 |",

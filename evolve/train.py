@@ -58,11 +58,18 @@ def _require(pre) -> None:
         raise TypeError(f"expected the path's Preprocessing (root.preprocessing.at(image_size)), got {pre!r}")
 
 
-def model_input(batch_uint8: np.ndarray, pre: Preprocessing, dev: torch.device | None = None) -> torch.Tensor:
-    """uint8 (N, S, S, 3) -> the model's float32 (N, 3, S, S), by the path's preprocessing."""
+def model_input(batch_uint8: np.ndarray | torch.Tensor, pre: Preprocessing, dev: torch.device | None = None) -> torch.Tensor:
+    """uint8 (N, S, S, 3) -> the model's float32 (N, 3, S, S), by the path's preprocessing.
+    Step 3 of the contract (per channel ``x * scale + offset``, float32, with
+    :meth:`Preprocessing.affine`'s constants) runs where the model runs, so only uint8 pixels
+    travel to a GPU (a quarter of the bytes, and no CPU pass over float pixels); the result
+    equals :meth:`Preprocessing.normalize` bit for bit (a test holds it)."""
     _require(pre)
-    x = torch.from_numpy(pre.normalize(batch_uint8))
-    return x if dev is None else x.to(dev, non_blocking=True)
+    x = torch.as_tensor(batch_uint8)
+    if dev is not None:
+        x = x.to(dev, non_blocking=True)
+    scale, offset = (torch.from_numpy(a).to(x.device).view(1, 3, 1, 1) for a in pre.affine())
+    return (x.permute(0, 3, 1, 2).float() * scale + offset).contiguous()
 
 
 def split_images(split: Split, pre: Preprocessing) -> np.ndarray:
@@ -158,9 +165,9 @@ def accuracy(model: nn.Module, split: Split, pre: Preprocessing, precision: str 
 
 
 class Batches:
-    """The training batches of a run, read and normalised one step ahead on a worker thread
-    while the model trains on the current one; on CUDA in pinned memory, copied without
-    blocking. ``order`` holds each step's row indices (drawn up front, so the order does not
+    """The training batches of a run, read one step ahead on a worker thread while the model
+    trains on the current one (uint8 pixels; on CUDA in pinned memory, copied without blocking),
+    then normalised on the model's device. ``order`` holds each step's row indices (drawn up front, so the order does not
     depend on the thread)."""
 
     def __init__(self, images, labels: np.ndarray, order: list[np.ndarray], pre: Preprocessing, dev: torch.device):
@@ -171,8 +178,7 @@ class Batches:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mutask-batches")
 
     def _load(self, idx: np.ndarray):
-        x = torch.from_numpy(self.pre.normalize(self.images[idx]))
-        y = torch.from_numpy(self.labels[idx])
+        x, y = torch.from_numpy(self.images[idx]), torch.from_numpy(self.labels[idx])  # uint8 pixels
         return (x.pin_memory(), y.pin_memory()) if self.pin else (x, y)
 
     def __iter__(self):
@@ -182,7 +188,7 @@ class Batches:
                 x, y = ahead.result()
                 if step + 1 < len(self.order):
                     ahead = self._pool.submit(self._load, self.order[step + 1])
-                yield x.to(self.dev, non_blocking=True), y.to(self.dev, non_blocking=True)
+                yield model_input(x, self.pre, self.dev), y.to(self.dev, non_blocking=True)
         finally:
             self._pool.shutdown(wait=True, cancel_futures=True)
 

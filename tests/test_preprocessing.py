@@ -304,3 +304,16 @@ def test_version_3_artifact_is_refused_with_the_reexport_command(imagenet_system
     with pytest.raises(ArtifactError, match="format_version 3.*reads version 4") as e:
         load_artifact(d)
     assert f"`mutask export STATE --out {d} --force`" in str(e.value)
+
+
+def test_model_input_equals_the_contracts_normalize_bit_for_bit():
+    """Training normalises on the model's device (torch); the contract's numpy normalize is
+    what evaluation, export parity and the server run: the two give the same float32 bits."""
+    from mutask.evolve.train import model_input
+
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 9, 9, 3), dtype=np.uint8)
+    for pre in (Preprocessing.signed_unit(9), Preprocessing(resize="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD, image_size=9)):
+        want = pre.normalize(pixels)
+        got = model_input(pixels, pre).numpy()
+        assert got.dtype == np.float32 and got.shape == want.shape
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
