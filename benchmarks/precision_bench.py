@@ -103,7 +103,7 @@ def main(argv=None) -> None:
     }
     lines = [
         f"Child training throughput on {device}: root {a.root}{' (random init)' if a.root.startswith('timm:') else ''} at {size} px, batch {a.batch}, {a.steps} steps per run "
-        f"(validation included once at the end), {a.repeats} interleaved repeats, medians.",
+        f"(training steps only: the validation is not counted), {a.repeats} interleaved repeats, medians.",
         "",
         "| child | precision | images/s | vs fp32 |",
         "|---|---|---:|---:|",

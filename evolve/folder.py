@@ -43,7 +43,7 @@ from PIL import Image
 
 from mutask.errors import MutaskError
 from mutask.evolve.data import FolderSplit, TaskData
-from mutask.evolve.imagecache import available_cores
+from mutask.cores import available_cores
 
 log = logging.getLogger("mutask")
 

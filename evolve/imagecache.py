@@ -45,6 +45,7 @@ import PIL
 from PIL import Image
 
 from mutask.cache import cache_dir
+from mutask.cores import available_cores
 from mutask.documents import current_umask, write_document
 from mutask.errors import MutaskError
 from mutask.preprocessing import resize_rgb, to_rgb_array
@@ -57,14 +58,6 @@ RESIZES = ("bilinear", "bicubic")
 IN_PROCESS_BELOW = 64  # fewer files than this are decoded in this process (no worker start-up)
 STALE_SECONDS = 600  # a temporary file untouched this long belongs to a build that was killed
 _BLOCK_PER_WORKER = 32  # rows per worker handed out at a time (bounds the rows in flight)
-
-
-def available_cores() -> int:
-    """The cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def split_directory(source: str, split: str, files: list[tuple[str, int, int]]) -> Path:

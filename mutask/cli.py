@@ -51,11 +51,11 @@ def _torch_threads(n: int | None) -> None:
     """torch's intra-op threads: ``--threads``, default the cores this process may run on."""
     import torch
 
-    from mutask.serving.settings import cpu_count
+    from mutask.cores import available_cores
 
     if n is not None and n < 1:
         raise MutaskError(f"--threads must be at least 1 (got {n}).")
-    torch.set_num_threads(n or cpu_count())
+    torch.set_num_threads(n or available_cores())
 
 
 def _cmd_evolve(a):

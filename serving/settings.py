@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
+from mutask.cores import available_cores as cpu_count  # noqa: F401 (the server's name for it)
 from mutask.errors import MutaskError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -20,14 +21,6 @@ ENGINE_MODES = ("segments", "per_task")
 
 class SettingsError(MutaskError):
     """A ``MUTASK_*`` setting that cannot be used; the message names it and the fix."""
-
-
-def cpu_count() -> int:
-    """Cores this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 def default_threads() -> int:
