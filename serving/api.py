@@ -25,6 +25,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
 FORM_USAGE = "send multipart/form-data with a text field `task` and a file field `image`"
+TASKS_USAGE = "send multipart/form-data with a file field `image` and a text field `tasks` (task ids, comma-separated or repeated; leave it out for every task)"
 BATCH_USAGE = 'send JSON {"task": TASK, "images": [BASE64, ...]}'
 SMALL_BODY = 64 * 1024  # POST /tasks
 FORM_OVERHEAD = 256 * 1024  # a /predict body: the image plus the form around it
@@ -45,6 +46,12 @@ class Prediction(BaseModel):
     label: str = Field(description="The arg-max label")
     index: int = Field(description="The arg-max label's index in the task's labels")
     scores: dict[str, float] = Field(description="Top-5 labels and their softmax probabilities, best first")
+
+
+class TasksPrediction(BaseModel):
+    """One image's answer for each task asked for, in the order asked."""
+
+    predictions: list[Prediction]
 
 
 class BatchPrediction(BaseModel):
@@ -136,13 +143,16 @@ def task_text(raw: str) -> str:
     return raw
 
 
-async def read_form(request, max_image_bytes: int) -> tuple[str, bytes]:
-    """(task, image bytes) of a /predict multipart form; :class:`Rejected` with the reason."""
+async def read_form(request, max_image_bytes: int, many: bool = False) -> tuple:
+    """(task, image bytes) of a /predict multipart form, or with ``many`` (tasks, image bytes)
+    of a /predict_tasks one (tasks: the ids asked for, in order, each once; empty when the
+    form names none, meaning every task); :class:`Rejected` with the reason."""
     from starlette.formparsers import FormParser, MultiPartParser
 
-    body = await read_body(request, max_image_bytes + FORM_OVERHEAD, "/predict (MUTASK_MAX_IMAGE_BYTES)")
+    usage, route = (TASKS_USAGE, "/predict_tasks") if many else (FORM_USAGE, "/predict")
+    body = await read_body(request, max_image_bytes + FORM_OVERHEAD, f"{route} (MUTASK_MAX_IMAGE_BYTES)")
     if not body:
-        raise Rejected(f"empty body: {FORM_USAGE}")
+        raise Rejected(f"empty body: {usage}")
     media = media_type(request)
 
     async def once():
@@ -154,25 +164,35 @@ async def read_form(request, max_image_bytes: int) -> tuple[str, bytes]:
         elif media == "application/x-www-form-urlencoded":  # a form without a file: say which field is missing
             form = await FormParser(request.headers, once()).parse()
         else:
-            raise Rejected(f"Content-Type {media or 'missing'}: {FORM_USAGE}")
+            raise Rejected(f"Content-Type {media or 'missing'}: {usage}")
     except Rejected:
         raise
     except Exception as e:  # MultiPartException, a missing boundary, undecodable headers
-        raise Rejected(f"malformed multipart body ({getattr(e, 'message', None) or e}): {FORM_USAGE}") from None
+        raise Rejected(f"malformed multipart body ({getattr(e, 'message', None) or e}): {usage}") from None
     try:
-        task = form.get("task")
         images = form.getlist("image")
-        if task is None:
-            raise Rejected(f"missing field `task`: {FORM_USAGE}")
-        if isinstance(task, UploadFile):
-            raise Rejected(f"`task` must be a text field, not a file: {FORM_USAGE}")
+        if many:
+            fields = form.getlist("tasks")
+            if any(isinstance(f, UploadFile) for f in fields):
+                raise Rejected(f"`tasks` must be a text field, not a file: {usage}")
+            names = [n.strip() for f in fields for n in task_text(f).split(",")]
+            if fields and not any(names):
+                raise Rejected(f"`tasks` is empty: name at least one task, or leave the field out for every task: {usage}")
+            task = list(dict.fromkeys(n for n in names if n))
+        else:
+            task = form.get("task")
+            if task is None:
+                raise Rejected(f"missing field `task`: {usage}")
+            if isinstance(task, UploadFile):
+                raise Rejected(f"`task` must be a text field, not a file: {usage}")
+            task = task_text(task)
         if not images:
-            raise Rejected(f"missing field `image`: {FORM_USAGE}")
+            raise Rejected(f"missing field `image`: {usage}")
         if len(images) > 1:
-            raise Rejected(f"{len(images)} `image` fields: one image per /predict request (use /predict_batch for more)")
+            raise Rejected(f"{len(images)} `image` fields: one image per {route} request (use /predict_batch for more)")
         if not isinstance(images[0], UploadFile):
-            raise Rejected(f"`image` must be a file upload, not a text field: {FORM_USAGE}")
-        return task_text(task), await images[0].read()
+            raise Rejected(f"`image` must be a file upload, not a text field: {usage}")
+        return task, await images[0].read()
     finally:
         await form.close()
 
@@ -223,6 +243,23 @@ class PredictInput(bentoml.IODescriptor):
         except Rejected as e:
             return cls.model_construct(task=None, image=None, rejected=str(e))
         return cls.model_construct(task=task, image=image, rejected=None)
+
+
+class PredictTasksInput(bentoml.IODescriptor):
+    """POST /predict_tasks: multipart/form-data with one ``image`` file and ``tasks`` (task
+    ids, comma-separated or the field repeated; left out: every task)."""
+
+    tasks: t.Optional[list[str]] = Field(None, description="Task ids (see GET /tasks), comma-separated or repeated; leave out for every task", examples=[["digits", "shapes"]])
+    image: Path = Field(description="The image: PNG, JPEG or any format Pillow reads, any size and mode")
+    rejected: Refusal = None
+
+    @classmethod
+    async def from_http_request(cls, request, serde) -> "PredictTasksInput":
+        try:
+            tasks, image = await read_form(request, _settings().max_image_bytes, many=True)
+        except Rejected as e:
+            return cls.model_construct(tasks=None, image=None, rejected=str(e))
+        return cls.model_construct(tasks=tasks or None, image=image, rejected=None)
 
 
 class BatchInput(bentoml.IODescriptor):

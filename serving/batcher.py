@@ -68,15 +68,36 @@ class MicroBatcher:
 
     async def submit(self, task: str, x: np.ndarray) -> np.ndarray:
         """Logits for ``x`` (n, 3, S, S) of ``task``, batched with concurrent requests."""
+        return (await self.submit_tasks([(task, x)]))[0]
+
+    async def submit_tasks(self, items: list) -> list:
+        """Logits for each (task, x) of ``items``, batched with concurrent requests as one unit:
+        items that pass the same array (one image for several tasks) count its rows once and
+        share them in the engine (see :meth:`Engine.run`)."""
         self._ensure()
-        n = x.shape[0]
-        if n > self.max_batch:  # a large client batch goes through in max_batch chunks
-            parts = await asyncio.gather(*(self.submit(task, x[i : i + self.max_batch]) for i in range(0, n, self.max_batch)))
-            return np.concatenate(parts, axis=0)
+        n = _rows(items)
+        if n > self.max_batch:
+            return await self._split(items)
         fut = self._loop.create_future()
-        self._queue.put_nowait((task, x, fut))
+        self._queue.put_nowait((items, n, fut))
         self._arrived.set()
         return await fut
+
+    async def _split(self, items: list) -> list:
+        """A unit over max_batch rows: one unit per distinct array, and an array of more than
+        max_batch rows (a large client batch) in max_batch chunks; answers in item order."""
+        arrays = {id(x): x for _, x in items}
+        out: list = [None] * len(items)
+        if len(arrays) > 1:
+            groups = {k: [j for j, (_, x) in enumerate(items) if id(x) == k] for k in arrays}
+            parts = await asyncio.gather(*(self.submit_tasks([items[j] for j in idx]) for idx in groups.values()))
+            for idx, res in zip(groups.values(), parts):
+                for j, r in zip(idx, res):
+                    out[j] = r
+            return out
+        x, step = next(iter(arrays.values())), self.max_batch
+        chunks = await asyncio.gather(*(self.submit_tasks([(t, c) for t, _ in items]) for c in (x[i : i + step] for i in range(0, x.shape[0], step))))
+        return [np.concatenate([c[k] for c in chunks], axis=0) for k in range(len(items))]
 
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -85,7 +106,7 @@ class MicroBatcher:
         while True:
             item = carry if carry is not None else await queue.get()
             carry = None
-            batch, rows = [item], item[1].shape[0]
+            batch, rows = [item], item[1]
             deadline = loop.time() + self.max_wait
             while rows < self.max_batch:
                 try:
@@ -100,17 +121,18 @@ class MicroBatcher:
                     except asyncio.TimeoutError:
                         pass
                     continue
-                if rows + nxt[1].shape[0] > self.max_batch:
+                if rows + nxt[1] > self.max_batch:
                     carry = nxt
                     break
                 batch.append(nxt)
-                rows += nxt[1].shape[0]
+                rows += nxt[1]
             live = [b for b in batch if not b[2].done()]
             if not live:
                 continue
+            flat = [item for items, _, _ in live for item in items]
             t0 = time.perf_counter()
             try:
-                outs = await loop.run_in_executor(self._executor, self.engine.run, [(t, x) for t, x, _ in live])
+                outs = await loop.run_in_executor(self._executor, self.engine.run, flat)
             except Exception as e:  # an engine failure fails this batch only
                 log.exception("inference failed for a batch of %d requests", len(live))
                 for _, _, fut in live:
@@ -118,12 +140,14 @@ class MicroBatcher:
                         fut.set_exception(e)
                 continue
             seconds = time.perf_counter() - t0
-            for (_, _, fut), out in zip(live, outs):
+            pos = 0
+            for items, _, fut in live:
                 if not fut.done():
-                    fut.set_result(out)
+                    fut.set_result(outs[pos : pos + len(items)])
+                pos += len(items)
             if self.on_batch is not None:
                 try:
-                    self.on_batch([(t, x.shape[0]) for t, x, _ in live], seconds)
+                    self.on_batch([(t, x.shape[0]) for t, x in flat], seconds)
                 except Exception:
                     log.exception("batch metrics callback failed")
 
@@ -134,3 +158,8 @@ class MicroBatcher:
             except RuntimeError:  # its loop is closed
                 pass
         self._executor.shutdown(wait=False)
+
+
+def _rows(items: list) -> int:
+    """Distinct rows of a unit of items (an array passed by several items counts once)."""
+    return sum(x.shape[0] for x in {id(x): x for _, x in items}.values())

@@ -60,6 +60,33 @@ def _check_port(host: str, port: int) -> None:
             raise ServingError(f"cannot listen on {host}:{port} ({e.strerror or e}): pick another --port") from None
 
 
+_METRICS_DIR: dict = {}
+
+
+def _own_prometheus_dir() -> str:
+    """A Prometheus multiprocess directory for this server alone (removed when it stops).
+
+    BentoML's server takes ``$BENTOML_HOME/prometheus_multiproc_dir`` and empties it at start,
+    so a second server on the machine wiped the first's files, and the first's /metrics then
+    reported the second's counters. BentoML has no setting for it: its serve function looks up
+    ``bentoml.serving.ensure_prometheus_dir`` when it starts, and this points that lookup at a
+    fresh directory (``tests/test_serving_http.py`` checks two servers stay apart)."""
+    import tempfile
+
+    import bentoml.serving
+
+    _METRICS_DIR["path"] = tempfile.mkdtemp(prefix="mutask-prometheus-")
+    ensure = bentoml.serving.ensure_prometheus_dir
+    if not getattr(ensure, "mutask", False):
+        def own_dir(*args, **kwargs):
+            kwargs.pop("directory", None)
+            return ensure(_METRICS_DIR["path"], *args[1:], **kwargs)
+
+        own_dir.mutask = True
+        bentoml.serving.ensure_prometheus_dir = own_dir
+    return _METRICS_DIR["path"]
+
+
 def _cmd_serve(a) -> None:
     from .loader import ENV_ARTIFACT, ENV_MODEL, ServingError, open_artifact
     from .settings import Settings
@@ -93,6 +120,7 @@ def _cmd_serve(a) -> None:
     import mutask
 
     working_dir = str(Path(mutask.__file__).resolve().parent.parent)  # where `import mutask` finds this one
+    metrics_dir = _own_prometheus_dir()
     try:
         bentoml.serve("mutask.serving.service:Mutask", working_dir=working_dir, host=a.host, port=a.port, blocking=True)
     except KeyboardInterrupt:
@@ -102,6 +130,9 @@ def _cmd_serve(a) -> None:
     except Exception as e:  # BentoML failing to start: say so, exit 2
         raise ServingError(f"the server failed to start: {type(e).__name__}: {e}") from None
     finally:
+        import shutil
+
+        shutil.rmtree(metrics_dir, ignore_errors=True)
         try:
             failure = Path(error_file).read_text().strip()
             os.unlink(error_file)

@@ -110,7 +110,9 @@ class Engine:
         one float32 (n, num_labels) logits array per item. When two of its tasks share a
         segment, every segment runs once, on the rows of every item whose chain passes through
         it; otherwise each task's items run through that task's graph once (the same weights,
-        fewer runs). The two ways agree to float rounding (~1e-6), not bit for bit."""
+        fewer runs). The two ways agree to float rounding (~1e-6), not bit for bit. Items that
+        pass the *same array* (one image for several tasks, :meth:`predict_tasks`) share its
+        rows in every segment their tasks share: each such segment runs on them once."""
         with self._lock:
             if self.mode == "segments" and self._share_a_segment({task for task, _ in items}):
                 return self._run_segments(items)
@@ -119,6 +121,11 @@ class Engine:
     def predict(self, task: str, x: np.ndarray) -> np.ndarray:
         """Logits of one task for a float32 (n, 3, S, S) batch (no batching with others)."""
         return self.run([(task, x)])[0]
+
+    def predict_tasks(self, tasks: list, x: np.ndarray) -> list:
+        """Logits of each of ``tasks`` for the same float32 (n, 3, S, S) batch (tasks of one
+        preprocessing): every segment the tasks share runs once on ``x``."""
+        return self.run([(t, x) for t in tasks])
 
     def _share_a_segment(self, tasks: set) -> bool:
         return len(tasks) > 1 and any(len(tasks.intersection(seg.tasks)) > 1 for seg in self.segments.values())
@@ -148,12 +155,19 @@ class Engine:
             idx = through.get(sid)
             if not idx:
                 continue
-            out = self._session_run(sid, _gather([where[i] for i in idx]))
-            pos = 0
+            # items whose rows are the same rows (one image asked for several tasks: the same
+            # array) go through the segment once; they part at the first segment they do not share
+            parts, slot = [], {}
             for i in idx:
-                n = where[i][2] - where[i][1]
-                where[i] = (out, pos, pos + n)
-                pos += n
+                key = (id(where[i][0]), where[i][1], where[i][2])
+                if key not in slot:
+                    slot[key] = len(parts)
+                    parts.append(where[i])
+            out = self._session_run(sid, _gather(parts))
+            starts = np.cumsum([0] + [hi - lo for _, lo, hi in parts])
+            for i in idx:
+                k = slot[(id(where[i][0]), where[i][1], where[i][2])]
+                where[i] = (out, int(starts[k]), int(starts[k + 1]))
         return [np.asarray(a[lo:hi], dtype=np.float32) for a, lo, hi in where]
 
     def _session_run(self, key: str, x: np.ndarray) -> np.ndarray:

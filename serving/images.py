@@ -89,10 +89,17 @@ def to_input(image: Image.Image, pre: Preprocessing) -> np.ndarray:
 def preprocess_bytes(data: bytes, pre: Preprocessing, *, max_bytes: int, max_pixels: int, budget: PixelBudget | None = None) -> np.ndarray:
     """Uploaded bytes to the task's float32 (1, 3, S, S) input; :class:`ImageError` on bad
     input, or when the image does not fit the request's pixel ``budget``."""
+    return preprocess_for(data, [pre], max_bytes=max_bytes, max_pixels=max_pixels, budget=budget)[0]
+
+
+def preprocess_for(data: bytes, pres: list, *, max_bytes: int, max_pixels: int, budget: PixelBudget | None = None) -> list:
+    """Uploaded bytes decoded once, then one float32 (1, 3, S, S) input per preprocessing of
+    ``pres`` (tasks at different image sizes); errors as :func:`preprocess_bytes`."""
     image = open_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
     if budget is not None:
         budget.take(image)
-    return to_input(load_image(image), pre)
+    image = load_image(image)
+    return [to_input(image, pre) for pre in pres]
 
 
 def _image_error(e: Exception) -> ImageError:

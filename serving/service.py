@@ -2,7 +2,8 @@
 
 Run it with ``mutask serve ART`` or ``MUTASK_ARTIFACT=ART bentoml serve mutask.serving.service:Mutask``
 (or ``MUTASK_BENTOML_MODEL=TAG``). Routes: ``POST /predict`` (multipart: ``task``, ``image``),
-``POST /predict_batch`` (JSON, base64 images), ``GET``/``POST /tasks``, and BentoML's
+``POST /predict_tasks`` (multipart: ``image``, ``tasks``: one image for several tasks, every
+segment they share run once), ``POST /predict_batch`` (JSON, base64 images), ``GET``/``POST /tasks``, and BentoML's
 ``/livez``, ``/readyz`` (ready once every task's graphs are loaded and checked), ``/metrics``
 (with the ``mutask_*`` series of :mod:`mutask.serving.metrics`) and the OpenAPI page at ``/``.
 
@@ -34,7 +35,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from . import http, images, metrics
-from .api import BatchInput, BatchPrediction, Prediction, PredictInput, TaskRecord, TasksInput, prediction
+from .api import BatchInput, BatchPrediction, Prediction, PredictInput, PredictTasksInput, TaskRecord, TasksInput, TasksPrediction, prediction
 from .batcher import MicroBatcher
 from .engine import Engine, EngineError
 from .loader import ENV_MODEL, ServingError, artifact_source, open_artifact
@@ -169,8 +170,32 @@ class Mutask:
         t0 = time.perf_counter()
         if (refused := self._admit(task, rejected)) is not None:
             return refused
-        out = await self._infer(task, [image], t0)
-        return out if isinstance(out, JSONResponse) else out[0]
+        out = await self._infer([task], [image], t0)
+        return out if isinstance(out, JSONResponse) else out[0][0]
+
+    @bentoml.api(route="/predict_tasks", input_spec=PredictTasksInput)
+    async def predict_tasks(self, image: bytes | Path, tasks: list[str] | None = None, rejected: str | None = None) -> TasksPrediction:
+        """Classify one image for several tasks (or every task) in one request.
+
+        Send multipart/form-data with `image` (a file, as for /predict) and `tasks`: task ids,
+        comma-separated (`digits,shapes`) or the field repeated; leave `tasks` out for every
+        task the server holds. The image is decoded once, preprocessed once per distinct
+        preprocessing (image size) of those tasks, and every segment the tasks share runs once
+        for it, so k tasks cost far less than k requests. Answers `predictions`: one answer per
+        task, in the order asked (a task named twice answers once), each as /predict answers it.
+        404 when a task is unknown (the answer lists the valid ones), 400 as for /predict.
+        """
+        t0 = time.perf_counter()
+        if rejected is not None:
+            return self._bad_request(rejected)
+        tasks = tasks or list(self.engine.tasks)
+        for task in tasks:
+            if task not in self.engine.tasks:
+                return self._unknown(task)
+        for task in tasks:
+            self.metrics.requests.labels(task=task).inc()
+        out = await self._infer(tasks, [image], t0)
+        return out if isinstance(out, JSONResponse) else TasksPrediction(predictions=[answers[0] for answers in out])
 
     @bentoml.api(route="/predict_batch", input_spec=BatchInput)
     async def predict_batch(self, task: str, images: list[str], rejected: str | None = None) -> BatchPrediction:
@@ -197,8 +222,8 @@ class Mutask:
                 blobs.append(base64.b64decode(s, validate=True))
             except (binascii.Error, ValueError):
                 return self._bad_request(f"images[{i}] is not valid base64", task)
-        out = await self._infer(task, blobs, t0)
-        return out if isinstance(out, JSONResponse) else BatchPrediction(task=task, predictions=out)
+        out = await self._infer([task], blobs, t0)
+        return out if isinstance(out, JSONResponse) else BatchPrediction(task=task, predictions=out[0])
 
     @bentoml.api(route="/tasks", input_spec=TasksInput)
     def tasks(self, rejected: str | None = None) -> dict[str, TaskRecord]:
@@ -230,7 +255,9 @@ class Mutask:
         shown = repr(task) if len(str(task)) <= 64 else repr(str(task)[:64]) + "..."
         return error(404, f"unknown task {shown}; valid tasks: {', '.join(valid)}", valid_tasks=valid)
 
-    def _decode(self, task: str, data: bytes | Path, budget: images.PixelBudget) -> np.ndarray:
+    def _decode(self, pres: list, data: bytes | Path, budget: images.PixelBudget) -> list:
+        """One image (bytes, or a path from a Python caller) decoded once, one input per
+        preprocessing of ``pres``."""
         s = self.settings
         if isinstance(data, Path):
             try:
@@ -240,10 +267,9 @@ class Mutask:
                 data = data.read_bytes()
             except OSError as e:
                 raise images.ImageError(f"the upload could not be read: {e}") from None
-        pre = self.engine.tasks[task].preprocessing
-        return images.preprocess_bytes(data, pre, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels, budget=budget)
+        return images.preprocess_for(data, pres, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels, budget=budget)
 
-    def _decode_small(self, task: str, data) -> np.ndarray | None:
+    def _decode_small(self, pres: list, data) -> list | None:
         """A lone small image decoded here, on the event loop (see INLINE_BYTES); None for
         anything else (the decode pool's work)."""
         if not isinstance(data, bytes) or len(data) > INLINE_BYTES:
@@ -254,33 +280,38 @@ class Mutask:
         image = images.open_image(data, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
         if image.size[0] * image.size[1] > INLINE_PIXELS:
             return None
-        return images.to_input(images.load_image(image), self.engine.tasks[task].preprocessing)
+        image = images.load_image(image)
+        return [images.to_input(image, pre) for pre in pres]
 
-    async def _infer(self, task: str, sources: list, t0: float) -> list[Prediction] | JSONResponse:
-        """Decode ``sources`` (bytes or paths), run them batched with other requests, answer;
-        the request's latency (from ``t0``) is observed when it succeeds."""
+    async def _infer(self, tasks: list[str], sources: list, t0: float) -> list[list[Prediction]] | JSONResponse:
+        """Decode ``sources`` (bytes or paths) once per distinct preprocessing of ``tasks``, run
+        them for every task batched with other requests, answer (one list of predictions per
+        task); the request's latency (from ``t0``) is observed per task when it succeeds."""
         loop = asyncio.get_running_loop()
+        pres = list(dict.fromkeys(self.engine.tasks[t].preprocessing for t in tasks))
         with self.batcher.expect():
             try:
-                x = self._decode_small(task, sources[0]) if len(sources) == 1 else None
-                if x is not None:
-                    xs = [x]
-                else:
+                xs = self._decode_small(pres, sources[0]) if len(sources) == 1 else None
+                if xs is None:
                     budget = images.PixelBudget(self.settings.max_request_pixels)
-                    xs = await asyncio.gather(*(loop.run_in_executor(self._decode_pool, self._decode, task, s, budget) for s in sources))
+                    per_image = await asyncio.gather(*(loop.run_in_executor(self._decode_pool, self._decode, pres, s, budget) for s in sources))
+                    xs = [xi[0] if len(xi) == 1 else np.concatenate(xi, axis=0) for xi in zip(*per_image)]
             except images.ImageError as e:
-                self.metrics.errors.labels(task=task, kind="bad_image").inc()
+                for task in tasks:
+                    self.metrics.errors.labels(task=task, kind="bad_image").inc()
                 which = "" if len(sources) == 1 else " (one of the images)"
-                return error(400, f"bad image{which}: {e}", task=task)
-        x = xs[0] if len(xs) == 1 else np.concatenate(xs, axis=0)
+                return error(400, f"bad image{which}: {e}", **({"task": tasks[0]} if len(tasks) == 1 else {"tasks": tasks}))
+        by_pre = dict(zip(pres, xs))
         try:
-            logits = await self.batcher.submit(task, x)
+            logits = await self.batcher.submit_tasks([(t, by_pre[self.engine.tasks[t].preprocessing]) for t in tasks])
         except Exception:
-            self.metrics.errors.labels(task=task, kind="internal").inc()
+            for task in tasks:
+                self.metrics.errors.labels(task=task, kind="internal").inc()
             raise
-        labels = self.engine.tasks[task].labels
-        answers = [prediction(task, labels, row) for row in logits]
-        self.metrics.latency.labels(task=task).observe(time.perf_counter() - t0)
+        answers = [[prediction(t, self.engine.tasks[t].labels, row) for row in out] for t, out in zip(tasks, logits)]
+        seconds = time.perf_counter() - t0
+        for task in tasks:
+            self.metrics.latency.labels(task=task).observe(seconds)
         return answers
 
     def _on_batch(self, rows, seconds) -> None:

@@ -177,6 +177,36 @@ def test_engine_runs_the_segment_graph_over_one_copy_of_the_weights(serving_arti
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_one_image_for_many_tasks_runs_each_shared_segment_once(serving_artifact):
+    from mutask.export.artifact import load_artifact
+    from mutask.serving.engine import Engine
+
+    art = load_artifact(serving_artifact)
+    engine = Engine(art, device="cpu", threads=1)
+    data = sample_images()["rgb45x61-png"]
+    x = evolve_input(data, engine.tasks["a"].preprocessing)
+    tasks = ["a", "b", "c", "d"]
+    assert len({engine.tasks[t].preprocessing for t in tasks}) == 1
+    before = {k: dict(s) for k, s in engine.stats.items()}
+    outs = engine.predict_tasks(tasks, x)
+    for t, out in zip(tasks, outs):
+        np.testing.assert_allclose(out[0], reference_logits(serving_artifact, t, data), rtol=1e-4, atol=1e-4)
+    # every segment on some task's chain ran once, on one row per distinct way there (the
+    # image's one row, not one per task; d's own patch_embed makes a second row where it joins)
+    ways = {sid: {tuple(art.chain(t)[: art.chain(t).index(sid)]) for t in tasks if sid in art.chain(t)} for sid in engine.segments}
+    assert any(len(w) > 1 for w in ways.values()) and any(len(w) == 1 and len(art.segments[s].tasks) > 1 for s, w in ways.items())
+    for sid in engine.segments:
+        ran = engine.stats[sid]["runs"] - before[sid]["runs"], engine.stats[sid]["rows"] - before[sid]["rows"]
+        assert ran == ((1, len(ways[sid])) if ways[sid] else (0, 0)), (sid, ran)
+    assert sum(engine.stats[sid]["runs"] - before[sid]["runs"] for sid in engine.segments) < sum(len(art.chain(t)) for t in tasks)
+    # mixed with another request of a task it shares segments with, the two stay apart
+    y = np.concatenate([x, x + 0.25])
+    outs2 = engine.run([(t, x) for t in tasks] + [("b", y)])
+    for a, b in zip(outs, outs2):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(outs2[-1], engine.run([("b", y)])[0], rtol=1e-4, atol=1e-4)
+
+
 def test_providers_choice_and_cpu_fallback(serving_artifact, monkeypatch):
     import onnxruntime as ort
 
@@ -290,8 +320,9 @@ def test_predict_answers_the_same_whichever_way_it_is_handled(client, serving_ar
     variants = {"small": png(), "zTXt": png(note=("x" * 60_000, True)), "large": png(note=("y" * (INLINE_BYTES + 1), False))}
     assert len(variants["small"]) < INLINE_BYTES < len(variants["large"])
     svc = bentoml.get_current_service()
-    assert svc._decode_small("b", variants["small"]) is not None
-    assert svc._decode_small("b", variants["zTXt"]) is None and svc._decode_small("b", variants["large"]) is None
+    pre_b = [svc.engine.tasks["b"].preprocessing]
+    assert svc._decode_small(pre_b, variants["small"]) is not None
+    assert svc._decode_small(pre_b, variants["zTXt"]) is None and svc._decode_small(pre_b, variants["large"]) is None
     answers = {}
     for name, data in variants.items():
         r = client.post("/predict", data={"task": "b"}, files={"image": ("x.png", data, "image/png")})
@@ -355,6 +386,37 @@ def test_predict_batch_in_process(client, serving_artifact):
     assert r.status_code == 200, r.text
     preds = r.json()["predictions"]
     assert [p["index"] for p in preds] == [int(reference_logits(serving_artifact, "c", images[n]).argmax()) for n in names]
+
+
+def same_answers(got: list, want: list) -> None:
+    """Answers equal up to float rounding (a task's graph and its segment chain agree to ~1e-6)."""
+    assert [(g["task"], g["label"], g["index"], list(g["scores"])) for g in got] == [(w["task"], w["label"], w["index"], list(w["scores"])) for w in want]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(list(g["scores"].values()), list(w["scores"].values()), rtol=1e-5, atol=1e-6)
+
+
+def test_predict_tasks_in_process(client, serving_artifact):
+    images = sample_images()
+    data = images["rgb45x61-png"]
+    single = {t: client.post("/predict", data={"task": t}, files={"image": ("x.png", data, "image/png")}).json() for t in "abcd"}
+    for form in ({"tasks": "c,a"}, {"tasks": ["c", "a", "c"]}):
+        r = client.post("/predict_tasks", data=form, files={"image": ("x.png", data, "image/png")})
+        assert r.status_code == 200, r.text
+        same_answers(r.json()["predictions"], [single["c"], single["a"]])
+    r = client.post("/predict_tasks", files={"image": ("x.png", data, "image/png")})  # no tasks: every task
+    assert r.status_code == 200
+    same_answers(r.json()["predictions"], [single[t] for t in "abcd"])
+    r = client.post("/predict_tasks", data={"tasks": "a,nope"}, files={"image": ("x.png", data, "image/png")})
+    assert r.status_code == 404 and "nope" in r.json()["error"] and r.json()["valid_tasks"] == list("abcd")
+    for form, files, needle in (
+        ({"tasks": " , "}, {"image": ("x.png", data, "image/png")}, "`tasks` is empty"),
+        ({"tasks": "a"}, None, "missing field `image`"),
+        ({"tasks": "a"}, {"image": ("x.png", b"not an image", "image/png")}, "bad image"),
+        ({"tasks": "a"}, {"image": ("x.png", data, "image/png"), "tasks": ("t.txt", b"a", "text/plain")}, "not a file"),
+    ):
+        r = client.post("/predict_tasks", data=form, files=files) if files else client.post("/predict_tasks", data=form)
+        assert r.status_code == 400 and needle in r.json()["error"], (needle, r.text)
+    assert "/predict_tasks" in client.get("/docs.json").json()["paths"]
 
 
 def test_bad_input_battery_in_process(client):

@@ -141,3 +141,36 @@ def test_bad_input_battery_over_http(server):
         assert metric_value(m, "bentoml_service_request_total", http_response_code="500") == 0
         assert metric_value(m, "mutask_errors_total", kind="bad_image") >= 4
     assert server.proc.poll() is None
+
+
+def test_two_servers_keep_their_own_metrics_and_predict_tasks(server, serving_artifact, tmp_path_factory):
+    """A second server with the same BentoML home (the same machine, the same user) used to
+    wipe the first's Prometheus files; each now counts only its own requests. The second also
+    answers one image for several tasks as the single-task requests do."""
+    png = sample_images()["rgb45x61-png"]
+    env = {"BENTOML_HOME": tmp_path_factory.getbasetemp() / "bentoml-home-http", "PROMETHEUS_MULTIPROC_DIR": tmp_path_factory.mktemp("prometheus-http2")}
+    with httpx.Client(base_url=server.url, timeout=30) as c1:
+        first = c1.get("/metrics").text
+        second_srv = Server(serving_artifact, tmp_path_factory.mktemp("server2") / "server.log", env)
+        try:
+            second_srv.wait_ready()
+            with httpx.Client(base_url=second_srv.url, timeout=30) as c2:
+                for _ in range(3):
+                    assert c1.post("/predict", data={"task": "a"}, files={"image": ("x.png", png)}).status_code == 200
+                for _ in range(5):
+                    assert c2.post("/predict", data={"task": "b"}, files={"image": ("x.png", png)}).status_code == 200
+                one = {t: c2.post("/predict", data={"task": t}, files={"image": ("x.png", png)}).json() for t in ("c", "d")}
+                r = c2.post("/predict_tasks", data={"tasks": "d,c"}, files={"image": ("x.png", png)})
+                assert r.status_code == 200, r.text
+                got = r.json()["predictions"]
+                assert [(g["task"], g["index"]) for g in got] == [("d", one["d"]["index"]), ("c", one["c"]["index"])]
+                for g in got:
+                    np.testing.assert_allclose(list(g["scores"].values()), list(one[g["task"]]["scores"].values()), rtol=1e-5, atol=1e-6)
+                m2 = c2.get("/metrics").text
+            m1 = c1.get("/metrics").text
+        finally:
+            second_srv.stop()
+    delta = {t: metric_value(m1, "mutask_requests_total", task=t) - metric_value(first, "mutask_requests_total", task=t) for t in "abcd"}
+    assert delta == {"a": 3, "b": 0, "c": 0, "d": 0}
+    assert {t: metric_value(m2, "mutask_requests_total", task=t) for t in "abcd"} == {"a": 0, "b": 5, "c": 2, "d": 2}
+    assert metric_value(m1, "mutask_requests_total", task="a") >= 3  # the first's earlier counts survived
