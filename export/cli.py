@@ -59,7 +59,7 @@ def _cmd_export(a) -> None:
     print(f"  {st['total_bytes']:,} bytes = {st['ratio_total_to_unique']:.4f} x the {st['unique_param_bytes']:,} unique parameter bytes "
           f"(graphs {st['graph_bytes']:,}); one model file per task would be {st['naive_bytes']:,}")
     for t, r in man.parity.tasks.items():
-        print(f"  {t}: ONNX vs PyTorch on {r.examples} {r.inputs}: max |diff| {r.onnx_vs_torch_max_abs_diff:.2e}, "
+        print(f"  {t}: ONNX vs PyTorch on {r.examples} images ({r.inputs}): max |diff| {r.onnx_vs_torch_max_abs_diff:.2e}, "
               f"arg-max agreement {r.onnx_vs_torch_argmax_agreement:.4f}; chain {'+'.join(man.tasks[t].segments)} max |diff| {r.chain_vs_graph_max_abs_diff:.2e}")
     if a.bentoml_model:
         print(f"  stored in BentoML's model store as {a.bentoml_model}")

@@ -22,7 +22,7 @@ from mutask.preprocessing import Preprocessing
 
 from .entries import task_preprocessing
 from .manifest import TaskParity
-from .verify import ATOL, DEFAULT_SAMPLES, MIN_ARGMAX_AGREEMENT, chain_outputs, compare, graph_outputs, random_inputs, split_batches
+from .verify import ATOL, DEFAULT_SAMPLES, MIN_ARGMAX_AGREEMENT, chain_outputs, compare, graph_outputs, random_inputs, release_heap, split_batches
 
 log = logging.getLogger("mutask")
 
@@ -48,7 +48,7 @@ def load_task_data(system, tasks: list[str], data: dict | None) -> dict:
     return out
 
 
-def _batches(task_data, pre: Preprocessing, samples: int) -> tuple[list[np.ndarray], str]:
+def _batches(task_data, pre: Preprocessing, samples: int) -> tuple:
     """A bounded sample of the task's test split preprocessed by ``pre``, in batches, or random
     inputs without data."""
     if task_data is not None and len(task_data.test):
@@ -80,6 +80,8 @@ def check_parity(system, paths: dict, modules: dict, chains: dict, task_graphs: 
             ref = np.concatenate([model(torch.from_numpy(x)).numpy() for x in batches])
         got = np.concatenate(graph_outputs(task_graphs[t], batches, "image", "logits"))
         via = np.concatenate(chain_outputs([segment_graphs[sid] for sid in chains[t]], batches))
+        del model, batches
+        release_heap()
         vs_torch, vs_graph = compare(got, ref), compare(via, got)
         parity[t] = TaskParity(
             inputs=source,

@@ -53,14 +53,47 @@ def sample_rows(n: int, samples: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, samples).round().astype(np.int64))
 
 
-def split_batches(split, pre: Preprocessing, samples: int) -> tuple[list[np.ndarray], np.ndarray, str]:
+class Batches:
+    """A sample's input batches of at most :data:`BATCH` images: the sample is held as uint8
+    pixels (a quarter of its float32 size; 38 MB for 256 images at 224 px) and each batch is
+    normalised when it is read. Iterable any number of times."""
+
+    def __init__(self, pixels: np.ndarray, pre: Preprocessing):
+        self.pixels, self.pre = pixels, pre
+
+    def __len__(self) -> int:
+        return (len(self.pixels) + BATCH - 1) // BATCH
+
+    def __iter__(self):
+        for i in range(0, len(self.pixels), BATCH):
+            yield self.pre.normalize(self.pixels[i : i + BATCH])
+
+
+def sample_pixels(split, samples: int, size: int, resize: str) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, their uint8 (len(rows), size, size, 3) pixels) of a bounded sample of ``split``
+    (:func:`sample_rows`): an image folder's read from its disk cache (built first if need be;
+    files that do not decode are not rows), an in-memory split's resized here, row by row, with
+    the same :func:`resize_rgb` as the split's own ``resized`` (the rest is not resized)."""
+    from mutask.preprocessing import resize_rgb
+
+    if hasattr(split, "paths"):  # a FolderSplit: read through its (streaming) cache
+        images = split.resized(size, resize=resize)
+        rows = sample_rows(len(images), samples)
+        return rows, np.asarray(images[rows]).reshape(len(rows), size, size, 3)
+    rows = sample_rows(len(split), samples)
+    if len(rows) == 0:
+        return rows, np.zeros((0, size, size, 3), np.uint8)
+    return rows, np.stack([resize_rgb(np.asarray(split.images[r], dtype=np.uint8), size, resize) for r in rows])
+
+
+def split_batches(split, pre: Preprocessing, samples: int) -> tuple[Batches, np.ndarray, str]:
     """(input batches, their labels, a description) of a bounded sample of ``split``, read
     through the split's own (streaming) images and preprocessed by ``pre``."""
-    images = split.resized(pre.image_size, resize=pre.resize)
-    rows = sample_rows(len(images), samples)
+    rows, pixels = sample_pixels(split, samples, pre.image_size, pre.resize)
+    n = len(split)
     labels = np.asarray(split.labels)[rows]
-    batches = [pre.normalize(images[rows[i : i + BATCH]]) for i in range(0, len(rows), BATCH)]
-    source = "test split" if len(rows) == len(images) else f"test split, {len(rows)} of {len(images)} images evenly spaced"
+    batches = Batches(pixels, pre)
+    source = "test split" if len(rows) == n else f"test split, {len(rows)} of {n} images evenly spaced"
     return batches, labels, source
 
 
@@ -71,6 +104,23 @@ def graph_outputs(path, batches: list[np.ndarray], input_name: str, output_name:
         return [session.run([output_name], {input_name: x})[0] for x in batches]
     finally:
         del session
+        release_heap()
+
+
+def release_heap() -> None:
+    """Give the heap memory freed so far back to the operating system (glibc's ``malloc_trim``;
+    a no-op elsewhere). ONNX Runtime without an arena and torch on the CPU allocate every
+    activation with malloc; glibc keeps what they free in its per-thread arenas, so without
+    this each session of a ViT-S export's parity check left its high-water mark behind and the
+    process grew from session to session."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 def chain_outputs(paths: list, batches: list[np.ndarray], open_session=ort_session) -> list[np.ndarray]:
