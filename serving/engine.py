@@ -41,12 +41,13 @@ class Engine:
     plain session per task graph, each loading its own weights the way ONNX Runtime does by
     default (the benchmarks' baseline); ``share_weights=False`` does the same for the segment
     sessions (another baseline). ``run`` is synchronous and not re-entrant (the batcher calls
-    it from one thread); ``stats`` counts rows, runs and seconds per session.
+    it from one thread); ``stats`` counts rows, ONNX Runtime runs and seconds per session.
     """
 
     def __init__(
         self, artifact, *, device: str = "auto", threads: int = 1, verify: bool = True,
         global_pools: bool = False, mode: str = "segments", share_weights: bool = True,
+        rows_per_run: int = 0, max_rows: int = 32,
     ):
         import onnxruntime as ort
 
@@ -84,13 +85,34 @@ class Engine:
                 raise EngineError(f"{what}: expected one input, the graph has {[i.name for i in session.get_inputs()]}")
             self.sessions[key] = session
         self._input_names = {k: s.get_inputs()[0].name for k, s in self.sessions.items()}
+        self._output_names = {k: s.get_outputs()[0].name for k, s in self.sessions.items()}
+        self._bindings: dict = {}  # session key -> its reused ONNX Runtime IOBinding
         first = next(iter(self.sessions.values()))
         self.active_providers = list(first.get_providers())
         self.device = "cuda" if "CUDAExecutionProvider" in self.active_providers else "cpu"
+        self._state_device = self.device  # where segment outputs stay between segments
         self.load_seconds = time.perf_counter() - t0
         self.stats = {k: {"rows": 0, "runs": 0, "seconds": 0.0} for k in self.sessions}
         if verify:
             self.verify()
+        # how many rows one session run takes: given, measured here (the server), or unbounded
+        if rows_per_run > 0:
+            self.batching = {"rows_per_run": int(rows_per_run), "reason": "set (MUTASK_ROWS_PER_RUN)"}
+        elif mode == "segments":
+            from .calibrate import rows_per_run as measure
+
+            self.batching = measure(self, max_rows)
+        else:
+            self.batching = {"rows_per_run": None, "reason": "one session per task graph, each run takes every row of its task"}
+        self.rows_per_run = self.batching["rows_per_run"]
+        self.costs = None  # the segment engine's cost model: which way a batch goes
+        if mode == "segments" and any(seg.shared for seg in self.segments.values()):
+            from .calibrate import CostModel, run_costs
+
+            per_row = {int(k): v for k, v in self.batching.get("seconds_per_row", {}).items()}
+            self.costs = CostModel(run_costs(self), per_row, self.rows_per_run)
+        for st in self.stats.values():
+            st.update(rows=0, runs=0, seconds=0.0)
         self.ready = True
         log.info(
             "engine (%s): %d tasks, %d sessions on %s (%s), %d ORT threads%s, loaded in %.2f s",
@@ -114,7 +136,7 @@ class Engine:
         pass the *same array* (one image for several tasks, :meth:`predict_tasks`) share its
         rows in every segment their tasks share: each such segment runs on them once."""
         with self._lock:
-            if self.mode == "segments" and self._share_a_segment({task for task, _ in items}):
+            if self.mode == "segments" and self._share_a_segment(items):
                 return self._run_segments(items)
             return self._run_per_task(items)
 
@@ -127,8 +149,40 @@ class Engine:
         preprocessing): every segment the tasks share runs once on ``x``."""
         return self.run([(t, x) for t in tasks])
 
-    def _share_a_segment(self, tasks: set) -> bool:
-        return len(tasks) > 1 and any(len(tasks.intersection(seg.tasks)) > 1 for seg in self.segments.values())
+    def _share_a_segment(self, items: list) -> bool:
+        """Whether the batch goes through the segments: two of its tasks share a segment, and
+        the cost model (from this machine's timings, see calibrate.py) predicts the segment
+        runs, with the rows they merge or share, cost less than each task's graph running
+        its own rows. (Without a model: whenever two tasks share a segment.)"""
+        tasks = {task for task, _ in items}
+        if len(tasks) < 2 or not any(len(tasks.intersection(seg.tasks)) > 1 for seg in self.segments.values()):
+            return False
+        if self.costs is None:
+            return True
+        per_task: dict[str, int] = {}
+        for task, x in items:
+            per_task[task] = per_task.get(task, 0) + x.shape[0]
+        via_graphs = sum(self.costs.seconds(f"task:{t}", n) for t, n in per_task.items())
+        via_segments = sum(self.costs.seconds(sid, n) for sid, n in self._segment_rows(items).items())
+        return via_segments < via_graphs
+
+    def _segment_rows(self, items: list) -> dict[str, int]:
+        """Rows each segment would run for ``items`` (rows several items pass count once), as
+        :meth:`_run_segments` groups them."""
+        where = [(id(x), 0, x.shape[0]) for _, x in items]
+        rows: dict[str, int] = {}
+        for sid in self.order:
+            idx = [i for i, (task, _) in enumerate(items) if sid in self.tasks[task].segments]
+            if not idx:
+                continue
+            slots: dict = {}
+            for i in idx:
+                slots.setdefault(where[i], len(slots))
+            rows[sid] = sum(hi - lo for _, lo, hi in slots)
+            for i in idx:
+                k = slots[where[i]]
+                where[i] = (sid, k, k + where[i][2] - where[i][1])
+        return rows
 
     def _run_per_task(self, items: list) -> list:
         by_task: dict[str, list] = {}
@@ -150,7 +204,8 @@ class Engine:
         for i, (task, _) in enumerate(items):
             for sid in self.tasks[task].segments:
                 through.setdefault(sid, []).append(i)
-        where = [(x, 0, x.shape[0]) for _, x in items]  # each item's rows now: (array, first, end)
+        where = [(x, 0, x.shape[0]) for _, x in items]  # each item's rows now: (value, first, end)
+        host = _Host()
         for sid in self.order:
             idx = through.get(sid)
             if not idx:
@@ -163,21 +218,48 @@ class Engine:
                 if key not in slot:
                     slot[key] = len(parts)
                     parts.append(where[i])
-            out = self._session_run(sid, _gather(parts))
+            out = self._session_run(sid, _gather(parts, host), bound=True)
             starts = np.cumsum([0] + [hi - lo for _, lo, hi in parts])
             for i in idx:
                 k = slot[(id(where[i][0]), where[i][1], where[i][2])]
                 where[i] = (out, int(starts[k]), int(starts[k + 1]))
-        return [np.asarray(a[lo:hi], dtype=np.float32) for a, lo, hi in where]
+        return [np.asarray(host(a)[lo:hi], dtype=np.float32) for a, lo, hi in where]
 
-    def _session_run(self, key: str, x: np.ndarray) -> np.ndarray:
+    def _session_run(self, key: str, x, bound: bool = False):
+        """One session's output for ``x`` (rows first), in runs of at most ``rows_per_run``
+        rows (see calibrate.py). With ``bound`` (the segment chain) through ONNX Runtime's I/O
+        binding: ``x`` may be an ``OrtValue`` (a previous segment's output, passed on as it is)
+        and the output stays an ``OrtValue`` on the engine's device, so on CUDA a hidden state
+        that goes whole to the next segment never visits the host; on CPU the same code runs."""
         t0 = time.perf_counter()
-        out = self.sessions[key].run(None, {self._input_names[key]: x})[0]
+        session, feed, step = self.sessions[key], self._input_names[key], getattr(self, "rows_per_run", None)
+        rows = x.shape[0] if isinstance(x, np.ndarray) else x.shape()[0]
+        run = self._bound_run if bound else (lambda k, v: session.run(None, {feed: v})[0])
+        if step and rows > step:
+            xh = _Host()(x)
+            outs = [run(key, xh[i : i + step]) for i in range(0, rows, step)]
+            out = np.concatenate([_Host()(o) for o in outs], axis=0)
+        else:
+            outs = [out := run(key, x)]
         st = self.stats[key]
         st["seconds"] += time.perf_counter() - t0
-        st["rows"] += x.shape[0]
-        st["runs"] += 1
+        st["rows"] += rows
+        st["runs"] += len(outs)
         return out
+
+    def _bound_run(self, key: str, x):
+        binding = self._bindings.get(key)
+        if binding is None:
+            binding = self._bindings[key] = self.sessions[key].io_binding()
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        if isinstance(x, np.ndarray):
+            binding.bind_cpu_input(self._input_names[key], np.ascontiguousarray(x))
+        else:
+            binding.bind_ortvalue_input(self._input_names[key], x)
+        binding.bind_output(self._output_names[key], self._state_device)
+        self.sessions[key].run_with_iobinding(binding)
+        return binding.get_outputs()[0]
 
     def verify(self) -> None:
         """Run every task once on a constant image, through its graph and (segment engine)
@@ -217,14 +299,35 @@ class Engine:
             "ort_threads": self.threads,
             "ort_global_thread_pool": global_pools_on(),
             "weights_in_memory_bytes": self.weights.nbytes if self.weights is not None else None,
+            "batching": self.batching,
             "segments": {sid: {"parents": list(s.parents), "tasks": list(s.tasks), "shared": s.shared} for sid, s in self.segments.items()},
         }
 
 
-def _gather(parts: list) -> np.ndarray:
-    """One input array from (array, lo, hi) row ranges, in order: a view when the ranges are
-    consecutive rows of one array (e.g. every row of the previous segment), else a copy."""
+class _Host:
+    """Values as host numpy arrays, each ``OrtValue`` copied to the host once per batch."""
+
+    def __init__(self):
+        self._seen: dict = {}
+
+    def __call__(self, value) -> np.ndarray:
+        if isinstance(value, np.ndarray):
+            return value
+        got = self._seen.get(id(value))
+        if got is None:
+            got = self._seen[id(value)] = (value, value.numpy())
+        return got[1]
+
+
+def _gather(parts: list, host: _Host):
+    """One input from (value, lo, hi) row ranges, in order: the value itself when it is one
+    whole value (an ``OrtValue`` stays where it is), a view when the ranges are consecutive
+    rows of one array, else a copy on the host."""
     a0, lo0, hi = parts[0]
+    if len(parts) == 1 and not isinstance(a0, np.ndarray) and (lo0, hi) == (0, a0.shape()[0]):
+        return a0
+    parts = [(host(a), lo, hi) for a, lo, hi in parts]
+    a0 = parts[0][0]
     if all(a is a0 for a, _, _ in parts) and all(parts[k][1] == parts[k - 1][2] for k in range(1, len(parts))):
         return a0[lo0 : parts[-1][2]] if (lo0, parts[-1][2]) != (0, a0.shape[0]) else a0
     return np.concatenate([a[lo:hi] for a, lo, hi in parts], axis=0)

@@ -120,7 +120,10 @@ class Mutask:
         s = self.settings = Settings.from_env()
         http.configure(s, served_paths())
         self.artifact = open_artifact()
-        self.engine = Engine(self.artifact, device=s.device, threads=s.threads, global_pools=s.ort_global_pools, mode=s.engine)
+        self.engine = Engine(
+            self.artifact, device=s.device, threads=s.threads, global_pools=s.ort_global_pools, mode=s.engine,
+            rows_per_run=s.rows_per_run, max_rows=s.max_batch,
+        )
         self.metrics = metrics.get()
         self.metrics.init_tasks(self.engine.tasks)
         self.batcher = MicroBatcher(self.engine, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms, on_batch=self._on_batch)
@@ -135,11 +138,11 @@ class Mutask:
             for tid, t in self.engine.tasks.items()
         }
         logging.getLogger("bentoml.serve").info(
-            "mutask: %d tasks (%s), engine %s on %s (%s), %d ONNX Runtime threads%s, max batch %d, max wait %.1f ms",
+            "mutask: %d tasks (%s), engine %s on %s (%s), %d ONNX Runtime threads%s, max batch %d, max wait %.1f ms; batching: %s",
             len(self.engine.tasks), ", ".join(self.engine.tasks), self.engine.mode, self.engine.device,
             ",".join(self.engine.active_providers), self.engine.threads,
             " in one global pool" if self.engine.describe()["ort_global_thread_pool"] else " per session",
-            s.max_batch, s.max_wait_ms,
+            s.max_batch, s.max_wait_ms, self.engine.batching["reason"],
         )
 
     def __is_ready__(self) -> bool:

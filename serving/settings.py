@@ -43,6 +43,7 @@ class Settings:
     max_body_bytes: int = 64 * 1024 * 1024  # one /predict_batch body
     max_request_pixels: int = 48_000_000  # decoded pixels of all the images of one request together
     engine: str = "segments"  # segments (the server); per_task (the benchmarks' baseline)
+    rows_per_run: int = 0  # rows per session run; 0: measured at start (serving/calibrate.py)
     ort_global_pools: bool = False  # one ONNX Runtime pool for all sessions (it spins; off by default)
     # HTTP limits, enforced below the application (mutask.serving.http)
     max_header_bytes: int = 32 * 1024  # request line + headers of one request
@@ -81,6 +82,8 @@ class Settings:
         ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"MUTASK_{name.upper()} must be positive, got {getattr(self, name)}")
+        if self.rows_per_run < 0:
+            raise SettingsError(f"MUTASK_ROWS_PER_RUN must be positive (or 0 to measure it at start), got {self.rows_per_run}")
         if self.ort_threads < 0:
             raise SettingsError(f"MUTASK_ORT_THREADS must be positive (or 0 for the default), got {self.ort_threads}")
         if self.max_wait_ms < 0:

@@ -100,7 +100,8 @@ def test_engine_runs_the_segment_graph_over_one_copy_of_the_weights(serving_arti
     from mutask.serving.engine import Engine
 
     art = load_artifact(serving_artifact)
-    engine = Engine(art, device="cpu", threads=1)
+    engine = Engine(art, device="cpu", threads=1, rows_per_run=64)  # every row of a segment in one run
+    engine.costs = None  # and no cost model: through the segments whenever tasks share one
     assert engine.ready and engine.device == "cpu"
     # one session per segment; each task's chain covers its path; d joins a's components
     # after its own patch_embed, so a segment has two parents
@@ -205,6 +206,87 @@ def test_one_image_for_many_tasks_runs_each_shared_segment_once(serving_artifact
     for a, b in zip(outs, outs2):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(outs2[-1], engine.run([("b", y)])[0], rtol=1e-4, atol=1e-4)
+
+
+def test_batching_follows_what_a_run_costs_on_this_machine(serving_artifact, monkeypatch):
+    """The engine measures the cost per row of its most expensive shared segment at start and
+    runs sessions in chunks of the cheapest size; where no merged run pays, tasks run apart."""
+    from mutask.export.artifact import load_artifact
+    from mutask.serving import calibrate
+    from mutask.serving.engine import Engine
+
+    art = load_artifact(serving_artifact)
+    measured = Engine(art, device="cpu", threads=1, max_rows=8)
+    b = measured.batching
+    assert b["segment"] in art.segments and art.segments[b["segment"]].shared
+    assert 1 <= b["rows_per_run"] <= 8 and b["rows_per_run"] == measured.rows_per_run
+    assert b["seconds_per_row"]["1"] > 0 and b["reason"] and measured.describe()["batching"] == b
+
+    # a synthetic machine: microseconds(k) = k * (1 + 0.2 k) (rising per row) or 1 + 0.1 k (falling)
+    for cost, expect in ((lambda k: 1e-6 * k * (1 + 0.2 * k), 1), (lambda k: 1e-6 * (1 + 0.1 * k), 8)):
+        monkeypatch.setattr(calibrate, "_fastest", lambda engine, sid, x, repeats, cost=cost: cost(x.shape[0]))
+        assert Engine(art, device="cpu", threads=1, verify=False, max_rows=8).rows_per_run == expect
+    monkeypatch.undo()
+
+    rng = np.random.default_rng(5)
+    items = [(t, rng.uniform(-1, 1, (1 + i % 3, 3, 32, 32)).astype(np.float32)) for i, t in enumerate("abcdab")]
+    free = Engine(art, device="cpu", threads=1, rows_per_run=64)
+    free.costs = None  # no model: segments whenever tasks share one
+    ref = free.run(items)
+    assert sum(free.stats[sid]["runs"] for sid in art.segments) == len(art.segments)  # merged: each segment once
+
+    # the cost model picks the way a batch goes: where segment runs are predicted cheap, the
+    # segments (in runs of at most rows_per_run rows); where task graphs are, the graphs
+    e = Engine(art, device="cpu", threads=1, rows_per_run=2)
+    assert e.batching["reason"].startswith("set") and e.costs is not None
+    assert set(e.costs.one_row) == set(e.sessions) and all(v > 0 for v in e.costs.one_row.values())
+    for cheap, expect in (("segments", set(art.segments)), ("graphs", {f"task:{t}" for t in "abcd"})):
+        e.costs = calibrate.CostModel({k: (1e-6 if k.startswith("task:") == (cheap == "graphs") else 1e-3) for k in e.sessions}, {1: 1.0}, 2)
+        before = {k: s["runs"] for k, s in e.stats.items()}
+        for out, r in zip(e.run(items), ref):
+            np.testing.assert_allclose(out, r, rtol=1e-4, atol=1e-4)
+        runs = {k: s["runs"] - before[k] for k, s in e.stats.items() if s["runs"] > before[k]}
+        assert set(runs) == expect, (cheap, runs)
+        if cheap == "segments":  # merged through the segments, in runs of at most 2 rows
+            assert sum(runs.values()) > len(art.segments)
+    # one image for several tasks shares its rows in their shared segments, which the model
+    # sees: the same costs that send a mixed batch through the graphs send it through segments
+    # (every run's cost is in its rows, none fixed: a task's graph costs what its chain does)
+    e.costs = calibrate.CostModel({k: (1e-3 * len(art.chain(k[5:])) if k.startswith("task:") else 1e-3) for k in e.sessions}, {1: 1.0}, 64)
+    e.costs.overhead = 0.0
+    x = items[0][1]
+    assert not e._share_a_segment([("a", x), ("b", x.copy()), ("c", x.copy())])
+    assert e._share_a_segment([("a", x), ("b", x), ("c", x)])
+
+
+def test_a_segment_chain_passes_hidden_states_on_without_host_copies(serving_artifact, monkeypatch):
+    """Segments run through ONNX Runtime's I/O binding: a hidden state that goes whole to the
+    next segment stays an OrtValue (on CUDA: on the device); only what must be regrouped (rows
+    of several items) and the logits come to the host. The same code runs on CPU."""
+    from mutask.export.artifact import load_artifact
+    from mutask.serving import engine as E
+
+    art = load_artifact(serving_artifact)
+    engine = E.Engine(art, device="cpu", threads=1, rows_per_run=64)
+    engine.costs = None  # mixed batches through the segments
+    copies = []
+    real = E._Host.__call__
+
+    def counting(self, value):
+        if not isinstance(value, np.ndarray):
+            copies.append(value)
+        return real(self, value)
+
+    monkeypatch.setattr(E._Host, "__call__", counting)
+    x = np.random.default_rng(2).uniform(-1, 1, (3, 3, 32, 32)).astype(np.float32)
+    for t in art.tasks:
+        copies.clear()
+        out = engine._run_segments([(t, x)])[0]
+        assert len(art.chain(t)) > 1 and len(copies) == 1, (t, len(copies))  # the logits only
+        np.testing.assert_allclose(out, engine._run_per_task([(t, x)])[0], rtol=1e-4, atol=1e-4)
+    copies.clear()
+    engine.run([("a", x), ("d", x[:1]), ("b", x[1:])])
+    assert copies  # rows of several items regrouped on the host
 
 
 def test_providers_choice_and_cpu_fallback(serving_artifact, monkeypatch):
