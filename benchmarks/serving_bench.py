@@ -52,6 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-seconds", type=float, default=20.0, help="time cap per measurement")
     p.add_argument("--device", choices=["cpu", "auto", "cuda"], default="cpu", help="the servers' and the engine's device (default cpu, like the bare onnxruntime reference)")
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory (default benchmarks/results)")
+    p.add_argument("--name", default="serving", help="results file name (default serving)")
     return p.parse_args(argv)
 
 
@@ -348,7 +349,7 @@ def main(argv=None) -> int:
     engine = measure_engine(art, images, a.repeats, threads, a.device)
     doc = build_doc(a, art, stats, curve, threads, http, engine, time.perf_counter() - t_start)
     md = to_markdown(doc)
-    j, m = write("serving", doc, md, a.out)
+    j, m = write(a.name, doc, md, a.out)
     print(md)
     print(f"\nwrote {j} and {m}")
     return 0
