@@ -34,7 +34,9 @@ def engine_throughput(art, images: dict, batch: int, repeats: int, threads: int,
 
     tasks = list(art.tasks)
     xs = {t: model_input(art, t, images[t]) for t in tasks}
-    items = [(tasks[i % len(tasks)], xs[tasks[i % len(tasks)]]) for i in range(batch)]
+    # one array per request, as the server decodes each request's own (the engine runs rows
+    # that several items pass as the same array once: one image asked for several tasks)
+    items = [(tasks[i % len(tasks)], xs[tasks[i % len(tasks)]].copy()) for i in range(batch)]
     engines = {m: Engine(art, device=device, threads=threads, verify=False, **kw) for m, kw in CONFIGS.items()}
     for e in engines.values():
         e.run(items)  # warm-up

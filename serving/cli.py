@@ -17,10 +17,12 @@ from pathlib import Path
 
 DESCRIPTION = """\
 Serve every task of an exported system (`mutask export`) from one process with BentoML:
-POST /predict (multipart: task, image), POST /predict_batch (JSON, base64 images), GET /tasks,
+POST /predict (multipart: task, image), POST /predict_tasks (multipart: image, tasks: one image
+for several tasks, or every task), POST /predict_batch (JSON, base64 images), GET /tasks,
 /livez, /readyz, /metrics, and the OpenAPI page at /. CPU by default; CUDA through
 onnxruntime-gpu where a GPU is present. Concurrent requests for different tasks are batched
-together through the segments their tasks share.
+together through the segments their tasks share, where that pays on this machine (measured at
+start; the decision is in the log).
 
 The same service runs under `bentoml serve mutask.serving.service:Mutask` with MUTASK_ARTIFACT=ART
 (or MUTASK_BENTOML_MODEL=TAG)."""
