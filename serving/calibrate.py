@@ -132,8 +132,8 @@ class CostModel:
 
 
 def run_costs(engine) -> dict[str, float]:
-    """Seconds of one warm one-row run of every session (the faster of two where a run is
-    short; the sessions were warmed by the engine's check)."""
+    """Seconds of one warm one-row run of every session (after a warm-up run; the faster of
+    two where a run is short)."""
     out = {}
     for key, session in engine.sessions.items():
         if key.startswith("task:"):
@@ -143,9 +143,8 @@ def run_costs(engine) -> dict[str, float]:
             shape = [int(d) for d in engine.segments[key].input_shape[1:]]
         x = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
         feed = engine._input_names[key]
-        t0 = time.perf_counter()
-        session.run(None, {feed: x})
-        first = time.perf_counter() - t0
+        session.run(None, {feed: x})  # warm-up
+        first = _timed(session, feed, x)
         out[key] = first if first > 0.01 else min(first, _timed(session, feed, x))
     return out
 

@@ -120,7 +120,9 @@ class Engine:
             from .calibrate import CostModel, run_costs
 
             per_row = {int(k): v for k, v in self.batching.get("seconds_per_row", {}).items()}
+            t_costs = time.perf_counter()
             self.costs = CostModel(run_costs(self), per_row, self.rows_per_run)
+            self.batching = dict(self.batching, cost_model_seconds=round(time.perf_counter() - t_costs, 3))
         for st in self.stats.values():
             st.update(rows=0, runs=0, seconds=0.0)
         self.ready = True
@@ -264,12 +266,15 @@ class Engine:
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
         if isinstance(x, np.ndarray):
-            binding.bind_cpu_input(self._input_names[key], np.ascontiguousarray(x))
+            x = np.ascontiguousarray(x)  # kept referenced here until the run is done
+            binding.bind_cpu_input(self._input_names[key], x)
         else:
             binding.bind_ortvalue_input(self._input_names[key], x)
         binding.bind_output(self._output_names[key], self._state_device)
         self.sessions[key].run_with_iobinding(binding)
-        return binding.get_outputs()[0]
+        out = binding.get_outputs()[0]
+        binding.clear_binding_inputs()  # the binding holds no reference to this run's input
+        return out
 
     def verify(self) -> None:
         """Run every task once on a constant image, through its graph and (segment engine)

@@ -8,7 +8,8 @@ written to the multiprocess files that BentoML's ``/metrics`` collects). Hence t
 Series (the ``task`` label only ever takes a task id of the artifact, ``_unknown`` or
 ``_invalid``, never raw client input):
 
-* ``mutask_requests_total{task}``: prediction requests per task (a batch request counts once);
+* ``mutask_requests_total{task}``: prediction requests per task (a batch request counts once;
+  a /predict_tasks request once for each task it asks);
 * ``mutask_errors_total{task, kind}``: rejected or failed requests (kind: unknown_task,
   bad_request, bad_image, internal);
 * ``mutask_request_latency_seconds{task}``: request latency histogram (decode to answer);
