@@ -20,6 +20,7 @@ are predicted clearly cheaper (see ``SEGMENTS_MARGIN`` in engine.py).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -124,11 +125,17 @@ class CostModel:
     def seconds(self, key: str, rows: int) -> float:
         if rows <= 0:
             return 0.0
+        runs, scaled = self._runs(rows)
         c, o = self.one_row[key], self.overhead
+        return runs * o + (c - o) * scaled
+
+    @functools.lru_cache(maxsize=1024)
+    def _runs(self, rows: int) -> tuple[int, float]:
+        """(runs, rows weighted by the cost per row at their run's size) for ``rows`` rows."""
         step = self.step or rows
         full, rest = divmod(rows, step)
         chunks = [step] * full + ([rest] if rest else [])
-        return sum(o + (c - o) * self._scaled_rows(n) for n in chunks)
+        return len(chunks), sum(self._scaled_rows(n) for n in chunks)
 
 
 def run_costs(engine) -> dict[str, float]:

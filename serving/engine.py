@@ -97,6 +97,7 @@ class Engine:
         self._input_names = {k: s.get_inputs()[0].name for k, s in self.sessions.items()}
         self._output_names = {k: s.get_outputs()[0].name for k, s in self.sessions.items()}
         self._bindings: dict = {}  # session key -> its reused ONNX Runtime IOBinding
+        self._shared_tasks = {frozenset(seg.tasks) for seg in self.segments.values() if len(seg.tasks) > 1}
         first = next(iter(self.sessions.values()))
         self.active_providers = list(first.get_providers())
         self.device = "cuda" if "CUDAExecutionProvider" in self.active_providers else "cpu"
@@ -167,7 +168,7 @@ class Engine:
         runs, with the rows they merge or share, cost less than each task's graph running
         its own rows. (Without a model: whenever two tasks share a segment.)"""
         tasks = {task for task, _ in items}
-        if len(tasks) < 2 or not any(len(tasks.intersection(seg.tasks)) > 1 for seg in self.segments.values()):
+        if len(tasks) < 2 or not any(len(tasks.intersection(shared)) > 1 for shared in self._shared_tasks):
             return False
         if self.costs is None:
             return True
@@ -181,10 +182,14 @@ class Engine:
     def _segment_rows(self, items: list) -> dict[str, int]:
         """Rows each segment would run for ``items`` (rows several items pass count once), as
         :meth:`_run_segments` groups them."""
+        through: dict[str, list] = {}
+        for i, (task, _) in enumerate(items):
+            for sid in self.tasks[task].segments:
+                through.setdefault(sid, []).append(i)
         where = [(id(x), 0, x.shape[0]) for _, x in items]
         rows: dict[str, int] = {}
         for sid in self.order:
-            idx = [i for i, (task, _) in enumerate(items) if sid in self.tasks[task].segments]
+            idx = through.get(sid)
             if not idx:
                 continue
             slots: dict = {}
