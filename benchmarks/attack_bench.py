@@ -176,15 +176,12 @@ def main(argv=None) -> None:
     png = _png(48, 48)
     tmp = Path(tempfile.mkdtemp(prefix="mutask-attack-"))
     (tmp / "prom").mkdir()
-    srv = ServerProcess(Path(a.artifact).resolve(), log_path=tmp / "server.log", env=child_env({"BENTOML_HOME": tmp / "home", "PROMETHEUS_MULTIPROC_DIR": tmp / "prom"}))
-    try:
-        srv.wait_ready()
+    env = child_env({"BENTOML_HOME": tmp / "home", "PROMETHEUS_MULTIPROC_DIR": tmp / "prom"})
+    with ServerProcess(Path(a.artifact).resolve(), log_path=tmp / "server.log", env=env) as srv:
         doc = {"benchmark": "attacks", "label": a.label, "task": task, "repeats": 1}
         for name, attack in (("huge_headers", huge_headers), ("random_paths", random_paths), ("long_png", long_png), ("idle_connections", idle_connections)):
             doc[name] = attack(srv, png, task)
             print(name, json.dumps(doc[name]), flush=True)
-    finally:
-        srv.stop()
     h, r, l, i = doc["huge_headers"], doc["random_paths"], doc["long_png"], doc["idle_connections"]
     md = "\n".join([
         f"Attacks on `mutask serve` ({a.label}), default settings, one run each.",

@@ -18,6 +18,7 @@ Writes ``NAME.json`` and ``NAME.md`` (default ``multitask``). Imports no torch.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -74,10 +75,8 @@ def http_part(art, art_path: Path, png: bytes, n: int) -> dict:
 
     tmp = Path(tempfile.mkdtemp(prefix="mutask-multitask-bench-"))
     env = child_env({"BENTOML_HOME": tmp / "home", "PROMETHEUS_MULTIPROC_DIR": tmp / "prom"})
-    srv = ServerProcess(art_path, log_path=tmp / "server.log", env=env)
     tasks = list(art.tasks)
-    try:
-        srv.wait_ready()
+    with ServerProcess(art_path, log_path=tmp / "server.log", env=env) as srv:
         log = srv.log()
         decision = next((line.split("batching: ", 1)[1] for line in log.splitlines() if "batching: " in line), None)
         with httpx.Client(base_url=srv.url, timeout=120) as c:
@@ -107,8 +106,7 @@ def http_part(art, art_path: Path, png: bytes, n: int) -> dict:
                 and np.allclose(list(g["scores"].values()), list(answers[g["task"]]["scores"].values()), rtol=1e-4, atol=1e-5)
                 for g in got
             )
-    finally:
-        srv.stop()
+    shutil.rmtree(tmp, ignore_errors=True)
     one = statistics.median([x for v in singles.values() for x in v])
     per_task = {t: statistics.median(v) * 1e3 for t, v in singles.items()}
     m = statistics.median(multis)

@@ -149,8 +149,9 @@ class Engine:
         pass the *same array* (one image for several tasks, :meth:`predict_tasks`) share its
         rows in every segment their tasks share: each such segment runs on them once."""
         with self._lock:
-            if self.mode == "segments" and self._share_a_segment(items):
-                return self._run_segments(items)
+            plan = self._segments_plan(items) if self.mode == "segments" else None
+            if plan is not None:
+                return self._run_segments(items, plan)
             return self._run_per_task(items)
 
     def predict(self, task: str, x: np.ndarray) -> np.ndarray:
@@ -163,43 +164,51 @@ class Engine:
         return self.run([(t, x) for t in tasks])
 
     def _share_a_segment(self, items: list) -> bool:
-        """Whether the batch goes through the segments: two of its tasks share a segment, and
-        the cost model (from this machine's timings, see calibrate.py) predicts the segment
-        runs, with the rows they merge or share, cost less than each task's graph running
-        its own rows. (Without a model: whenever two tasks share a segment.)"""
+        return self._segments_plan(items) is not None
+
+    def _segments_plan(self, items: list) -> list | None:
+        """The batch's plan through the segments (:meth:`_plan`) when it should take them, else
+        None: two of its tasks share a segment, and the cost model (from this machine's
+        timings, see calibrate.py) predicts the plan's segment runs, with the rows they merge or
+        share, cost less than each task's graph running its own rows. (Without a model:
+        whenever two tasks share a segment.)"""
         tasks = {task for task, _ in items}
         if len(tasks) < 2 or not any(len(tasks.intersection(shared)) > 1 for shared in self._shared_tasks):
-            return False
+            return None
+        plan = self._plan(items)
         if self.costs is None:
-            return True
+            return plan
         per_task: dict[str, int] = {}
         for task, x in items:
             per_task[task] = per_task.get(task, 0) + x.shape[0]
         via_graphs = sum(self.costs.seconds(f"task:{t}", n) for t, n in per_task.items())
-        via_segments = sum(self.costs.seconds(sid, n) for sid, n in self._segment_rows(items).items())
-        return via_segments < SEGMENTS_MARGIN * via_graphs
+        via_segments = sum(self.costs.seconds(sid, sum(items[r][1].shape[0] for r in reps)) for sid, _, _, reps in plan)
+        return plan if via_segments < SEGMENTS_MARGIN * via_graphs else None
 
-    def _segment_rows(self, items: list) -> dict[str, int]:
-        """Rows each segment would run for ``items`` (rows several items pass count once), as
-        :meth:`_run_segments` groups them."""
+    def _plan(self, items: list) -> list:
+        """How ``items`` go through the segments: for each segment some item passes, in
+        topological order, (segment id, the items through it, each one's slot in the run, one
+        item per slot). Items share a slot while they carry the same rows: from the same array
+        (one image for several tasks) until their chains part."""
         through: dict[str, list] = {}
         for i, (task, _) in enumerate(items):
             for sid in self.tasks[task].segments:
                 through.setdefault(sid, []).append(i)
-        where = [(id(x), 0, x.shape[0]) for _, x in items]
-        rows: dict[str, int] = {}
+        source: list = [id(x) for _, x in items]  # what each item's rows are now
+        plan = []
         for sid in self.order:
             idx = through.get(sid)
             if not idx:
                 continue
-            slots: dict = {}
-            for i in idx:
-                slots.setdefault(where[i], len(slots))
-            rows[sid] = sum(hi - lo for _, lo, hi in slots)
-            for i in idx:
-                k = slots[where[i]]
-                where[i] = (sid, k, k + where[i][2] - where[i][1])
-        return rows
+            slot_of: dict = {}
+            slots = [slot_of.setdefault(source[i], len(slot_of)) for i in idx]
+            reps: list = []  # the first item of each slot (slots are numbered as they first appear)
+            for i, k in zip(idx, slots):
+                if k == len(reps):
+                    reps.append(i)
+                source[i] = (sid, k)
+            plan.append((sid, idx, slots, reps))
+        return plan
 
     def _run_per_task(self, items: list) -> list:
         by_task: dict[str, list] = {}
@@ -216,29 +225,14 @@ class Engine:
                 pos += n
         return results
 
-    def _run_segments(self, items: list) -> list:
-        through: dict[str, list] = {}  # segment -> the items through it, in item order
-        for i, (task, _) in enumerate(items):
-            for sid in self.tasks[task].segments:
-                through.setdefault(sid, []).append(i)
+    def _run_segments(self, items: list, plan: list | None = None) -> list:
         where = [(x, 0, x.shape[0]) for _, x in items]  # each item's rows now: (value, first, end)
         host = _Host()
-        for sid in self.order:
-            idx = through.get(sid)
-            if not idx:
-                continue
-            # items whose rows are the same rows (one image asked for several tasks: the same
-            # array) go through the segment once; they part at the first segment they do not share
-            parts, slot = [], {}
-            for i in idx:
-                key = (id(where[i][0]), where[i][1], where[i][2])
-                if key not in slot:
-                    slot[key] = len(parts)
-                    parts.append(where[i])
+        for sid, idx, slots, reps in self._plan(items) if plan is None else plan:
+            parts = [where[r] for r in reps]
             out = self._session_run(sid, _gather(parts, host), bound=True)
             starts = np.cumsum([0] + [hi - lo for _, lo, hi in parts])
-            for i in idx:
-                k = slot[(id(where[i][0]), where[i][1], where[i][2])]
+            for i, k in zip(idx, slots):
                 where[i] = (out, int(starts[k]), int(starts[k + 1]))
         return [np.asarray(host(a)[lo:hi], dtype=np.float32) for a, lo, hi in where]
 

@@ -115,6 +115,19 @@ class ServiceProcess:
         workers = [v[0] for v in rss.values() if "_bentoml_impl.worker" in v[1]]
         return {"worker_rss": max(workers) if workers else None, "total_rss": sum(v[0] for v in rss.values()), "processes": len(rss)}
 
+    def __enter__(self) -> "ServiceProcess":
+        """``with ServerProcess(...) as srv:`` a ready server, always stopped after (also when
+        it never gets ready)."""
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM the group (the arbiter stops its workers), then SIGKILL whatever is left."""
         for sig in (signal.SIGTERM, signal.SIGKILL):

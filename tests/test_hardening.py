@@ -32,12 +32,8 @@ LIMITS = {
 @pytest.fixture(scope="module")
 def server(serving_artifact, tmp_path_factory):
     env = {"BENTOML_HOME": tmp_path_factory.mktemp("home"), "PROMETHEUS_MULTIPROC_DIR": tmp_path_factory.mktemp("prom"), **LIMITS}
-    srv = Server(serving_artifact, tmp_path_factory.mktemp("hardening") / "server.log", env)
-    try:
-        srv.wait_ready()
+    with Server(serving_artifact, tmp_path_factory.mktemp("hardening") / "server.log", env) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def served_promptly(server, within_s: float = 2.0) -> None:

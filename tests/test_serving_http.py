@@ -31,12 +31,8 @@ def server(serving_artifact, tmp_path_factory):
         "MUTASK_MAX_IMAGE_BYTES": LIMIT,
         "MUTASK_MAX_IMAGE_PIXELS": 4_000_000,
     }
-    srv = Server(serving_artifact, tmp_path_factory.mktemp("server") / "server.log", env)
-    try:
-        srv.wait_ready()
+    with Server(serving_artifact, tmp_path_factory.mktemp("server") / "server.log", env) as srv:
         yield srv
-    finally:
-        srv.stop()
     assert srv.proc.poll() is not None
 
 
@@ -151,9 +147,7 @@ def test_two_servers_keep_their_own_metrics_and_predict_tasks(server, serving_ar
     env = {"BENTOML_HOME": tmp_path_factory.getbasetemp() / "bentoml-home-http", "PROMETHEUS_MULTIPROC_DIR": tmp_path_factory.mktemp("prometheus-http2")}
     with httpx.Client(base_url=server.url, timeout=30) as c1:
         first = c1.get("/metrics").text
-        second_srv = Server(serving_artifact, tmp_path_factory.mktemp("server2") / "server.log", env)
-        try:
-            second_srv.wait_ready()
+        with Server(serving_artifact, tmp_path_factory.mktemp("server2") / "server.log", env) as second_srv:
             with httpx.Client(base_url=second_srv.url, timeout=30) as c2:
                 for _ in range(3):
                     assert c1.post("/predict", data={"task": "a"}, files={"image": ("x.png", png)}).status_code == 200
@@ -168,8 +162,6 @@ def test_two_servers_keep_their_own_metrics_and_predict_tasks(server, serving_ar
                     np.testing.assert_allclose(list(g["scores"].values()), list(one[g["task"]]["scores"].values()), rtol=1e-5, atol=1e-6)
                 m2 = c2.get("/metrics").text
             m1 = c1.get("/metrics").text
-        finally:
-            second_srv.stop()
     delta = {t: metric_value(m1, "mutask_requests_total", task=t) - metric_value(first, "mutask_requests_total", task=t) for t in "abcd"}
     assert delta == {"a": 3, "b": 0, "c": 0, "d": 0}
     assert {t: metric_value(m2, "mutask_requests_total", task=t) for t in "abcd"} == {"a": 0, "b": 5, "c": 2, "d": 2}
