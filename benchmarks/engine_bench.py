@@ -20,7 +20,8 @@ from mutask.serving.process import child_env
 
 # name -> the Engine keywords that make it (besides device and threads)
 CONFIGS = {
-    "segments": dict(mode="segments", share_weights=True, global_pools=False),
+    "segments": dict(mode="segments", share_weights=True, global_pools=False),  # the server: pre-packed pool on CPU
+    "segments_store": dict(mode="segments", share_weights=True, global_pools=False, prepack=False),  # unpacked store
     "per_task": dict(mode="per_task", share_weights=True, global_pools=False),
     "segments_own_weights": dict(mode="segments", share_weights=False, global_pools=False),
 }
@@ -63,14 +64,16 @@ kw = json.loads(sys.argv[2])
 import onnxruntime as ort
 small = min((art.segment_path(s) for s in art.segments), key=lambda p: p.stat().st_size)
 warm = ort.InferenceSession(str(small), providers=["CPUExecutionProvider"])
-rss0 = psutil.Process().memory_info().rss
+me = psutil.Process()
+m0 = me.memory_full_info()
 engine = Engine(art, verify=True, **kw)
 items = [(t, np.zeros((2, 3, r.image_size, r.image_size), np.float32)) for t, r in art.tasks.items()]
 engine.run(items)
 for item in items:
     engine.run([item])
-print(json.dumps({"rss_delta_bytes": psutil.Process().memory_info().rss - rss0, "sessions": len(engine.sessions),
-                  "weight_store_bytes": engine.weights.nbytes if engine.weights is not None else 0}))
+m1 = me.memory_full_info()
+print(json.dumps({"rss_delta_bytes": m1.rss - m0.rss, "pss_delta_bytes": m1.pss - m0.pss, "sessions": len(engine.sessions),
+                  "weights": engine.weights_mode, "weight_store_bytes": engine.describe()["weights_in_memory_bytes"] or 0}))
 """
 
 

@@ -202,6 +202,7 @@ def build_doc(a, art, stats: dict, curve: list[int], threads: int, http: dict, e
     return {
         "artifact": str(Path(a.artifact).resolve()),
         "tasks": list(art.tasks),
+        "weights": engine["engine_memory"]["segments"].get("weights"),  # how the server's sessions hold them
         "segments": {sid: {"tasks": s.tasks, "parents": s.parents, "components": s.components} for sid, s in art.segments.items()},
         "settings": {"repeats": a.repeats, "requests": a.requests, "concurrency": curve, "max_seconds": a.max_seconds, "device": a.device,
                      "ort_threads_bare_and_engine_only": threads, "ort_threads_server": default_threads()},
@@ -228,8 +229,8 @@ def latency_md(doc: dict) -> list[str]:
         "",
         f"Bare ORT: one session of the task's graph in the benchmark process with ONNX Runtime's defaults (threads spin "
         f"between runs, weights pre-packed), at {threads} and at {server} intra-op thread(s), whichever had the lower "
-        f"p50 (the column 'bare threads'); the server: {server} thread(s) per session, no spinning, weights from its "
-        "shared store (not pre-packed).",
+        f"p50 (the column 'bare threads'); the server: {server} thread(s) per session, no spinning, weights "
+        f"{'pre-packed, from its one pool' if doc.get('weights', 'store') == 'prepacked' else 'from its shared store (not pre-packed)'}.",
         "",
         "| task | HTTP p50 | HTTP p99 | bare ORT p50 | bare ORT p99 | bare threads | HTTP overhead p50 | per-task-graph server: HTTP p50 |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -265,12 +266,14 @@ def engine_md(doc: dict) -> list[str]:
     lines = [
         "## Engine only, no HTTP (images/s, mixed tasks round-robin, one image per request)",
         "",
-        "| requests per batch | segment graph | one session per task | speed-up | segment graph, each session loading its own weights |",
-        "|---:|---:|---:|---:|---:|",
+        "| requests per batch | segment graph (pre-packed pool) | one session per task | speed-up | unpacked weight store | each session loading its own weights |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     for b, e in doc["engine_only"].items():
         tr, pt, own = (e[k]["images_per_s_median"] for k in ("segments", "per_task", "segments_own_weights"))
-        lines.append(f"| {b} | {tr:.0f} | {pt:.0f} | {tr / pt:.2f}x | {own:.0f} ({own / pt:.2f}x) |")
+        store = e.get("segments_store", {}).get("images_per_s_median")
+        store_cell = f"{store:.0f} ({store / pt:.2f}x)" if store else "-"
+        lines.append(f"| {b} | {tr:.0f} | {pt:.0f} | {tr / pt:.2f}x | {store_cell} | {own:.0f} ({own / pt:.2f}x) |")
     return lines
 
 
@@ -293,31 +296,47 @@ def scaling_md(doc: dict) -> list[str]:
 
 def engine_memory_md(doc: dict) -> list[str]:
     em, unique = doc["engine_memory"], doc["memory"]["unique_weight_bytes"]
-    seg = em["segments"]
-    return [
-        "## Memory one engine adds to a fresh process (RSS after loading, verifying and running every task; one measurement each)",
+
+    def mib(rec, key):
+        return f"{rec[key] * MIB:.1f}" if rec.get(key) is not None else "-"
+
+    lines = [
+        "## Memory one engine adds to a fresh process (after loading, verifying and running every task; one measurement each)",
         "",
-        "| engine | sessions | RSS added (MiB) | of which the weight store (MiB) | the rest: sessions' own memory (MiB) |",
+        "| engine | sessions | PSS added (MiB) | RSS added (MiB) | weights it holds (MiB) |",
         "|---|---:|---:|---:|---:|",
-        f"| segment graph + task graphs over one weight store (the server) | {seg['sessions']} | {seg['rss_delta_bytes'] * MIB:.1f} | "
-        f"{seg['weight_store_bytes'] * MIB:.2f} ({seg['weight_store_bytes'] / unique:.3f}x unique weights) | {(seg['rss_delta_bytes'] - seg['weight_store_bytes']) * MIB:.1f} |",
-        f"| one session per task graph, own weights | {em['per_task']['sessions']} | {em['per_task']['rss_delta_bytes'] * MIB:.1f} | - | - |",
-        f"| segment graph + task graphs, each session its own weights | {em['segments_own_weights']['sessions']} | {em['segments_own_weights']['rss_delta_bytes'] * MIB:.1f} | - | - |",
+    ]
+    labels = {
+        "segments": "segment graph + task graphs, one pre-packed weight pool (the server on CPU)",
+        "segments_store": "segment graph + task graphs, one unpacked weight store (the server on CUDA)",
+        "per_task": "one session per task graph, own weights",
+        "segments_own_weights": "segment graph + task graphs, each session its own weights",
+    }
+    for name, label in labels.items():
+        rec = em.get(name)
+        if rec:
+            held = f"{rec['weight_store_bytes'] * MIB:.2f} ({rec['weight_store_bytes'] / unique:.2f}x unique)" if rec.get("weight_store_bytes") else "-"
+            lines.append(f"| {label} | {rec['sessions']} | {mib(rec, 'pss_delta_bytes')} | {mib(rec, 'rss_delta_bytes')} | {held} |")
+    return lines + [
         "",
-        f"Unique weights {unique * MIB:.2f} MiB. The store is the weights file read once; no session copies a weight (a test "
-        "proves it). The rest is what the sessions themselves hold (graph structure, kernels, activations; no per-session "
-        "memory arenas): it grows with the number of graphs, not with the weights. Beyond the engine, the "
-        "worker's RSS below is the fixed runtime (Python, BentoML, ONNX Runtime).",
+        f"Unique weights {unique * MIB:.2f} MiB. PSS is the honest figure: the sessions map the pre-packed pool in many "
+        "pieces, and RSS counts a page once per mapping. The pool holds each distinct weight and each distinct pre-packed "
+        "form once (a test proves it); the store is the weights file read once (a test proves no session copies it). "
+        "Beyond the engine, the worker's memory below is the fixed runtime (Python, BentoML, ONNX Runtime).",
     ]
 
 
 def server_memory_md(doc: dict) -> list[str]:
     mem, s, m = doc["memory"], doc["settings"], doc["machine"]
     unique = mem["unique_weight_bytes"]
-    lines = ["## Memory (worker process RSS)", "", "| server | RSS at rest (MiB) | RSS after load (MiB) | RSS / unique weights |", "|---|---:|---:|---:|"]
+    lines = ["## Memory (worker process)", "", "| server | PSS at rest (MiB) | PSS after load (MiB) | RSS after load (MiB) | PSS / unique weights |", "|---|---:|---:|---:|---:|"]
     for mode, label in (("segments", "segment graph (each weight once)"), ("per_task", "one session per task graph")):
-        r0, r1 = mem["at_rest"][mode]["worker_rss"], mem["after_load"][mode]["worker_rss"]
-        lines.append(f"| {label} | {r0 * MIB:.1f} | {r1 * MIB:.1f} | {r1 / unique:.1f}x |" if r0 and r1 else f"| {label} | - | - | - |")
+        r0, r1 = mem["at_rest"][mode], mem["after_load"][mode]
+        p0, p1 = r0.get("worker_pss"), r1.get("worker_pss")
+        if p0 and p1:
+            lines.append(f"| {label} | {p0 * MIB:.1f} | {p1 * MIB:.1f} | {r1['worker_rss'] * MIB:.1f} | {p1 / unique:.1f}x |")
+        else:
+            lines.append(f"| {label} | - | - | - | - |")
     return lines + [
         "",
         f"Unique weight bytes: {unique * MIB:.2f} MiB; one full model per task would hold {mem['naive_weight_bytes_one_model_per_task'] * MIB:.2f} MiB.",

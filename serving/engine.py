@@ -15,7 +15,8 @@ Where tasks do share segments, a cost model measured at start on this machine
 (:mod:`mutask.serving.calibrate`) decides which of the two ways is cheaper, and every session
 runs in chunks of the number of rows that costs least per row here. Items that pass the same
 array (one image for several tasks) share its rows in every segment their tasks share.
-Every session reads its weights from one :class:`~mutask.serving.weights.WeightStore`.
+Every session reads its weights from one copy: a pool of pre-packed weights made at start
+(:mod:`mutask.serving.prepack`), or a :class:`~mutask.serving.weights.WeightStore`.
 
 The manifest was validated by its schema when the artifact was loaded (chains, parents, a
 topological order), so the engine only builds sessions and runs them. Torch-free.
@@ -26,9 +27,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 
 import numpy as np
 
+from .prepack import PrepackedPool, can_delete_mapped_files
 from .sessions import EngineError, choose_providers, global_pools_on, session_options
 from .weights import SHARED_WEIGHTS_DISABLED_OPTIMIZERS, WeightStore
 
@@ -47,7 +50,9 @@ class Engine:
     """ONNX Runtime sessions for an artifact (an :class:`mutask.export.artifact.Artifact`).
 
     ``mode="segments"`` (the server): one session per segment and one per task graph (for
-    batches with nothing to share), all over one :class:`WeightStore`. ``mode="per_task"``: one
+    batches with nothing to share), all over one copy of the weights: on CPU the pre-packed
+    pool (:mod:`~mutask.serving.prepack`; ``prepack=False``, or where ONNX Runtime cannot, one
+    unpacked :class:`WeightStore`), on CUDA the store. ``mode="per_task"``: one
     plain session per task graph, each loading its own weights the way ONNX Runtime does by
     default (the benchmarks' baseline); ``share_weights=False`` does the same for the segment
     sessions (another baseline). ``run`` is synchronous and not re-entrant (the batcher calls
@@ -57,7 +62,7 @@ class Engine:
     def __init__(
         self, artifact, *, device: str = "auto", threads: int = 1, verify: bool = True,
         global_pools: bool = False, mode: str = "segments", share_weights: bool = True,
-        rows_per_run: int = 0, max_rows: int = 32,
+        rows_per_run: int = 0, max_rows: int = 32, prepack: bool = True,
     ):
         import onnxruntime as ort
 
@@ -73,17 +78,26 @@ class Engine:
         self.ready = False
         self._lock = threading.Lock()
         t0 = time.perf_counter()
-        self.weights = WeightStore(artifact.weights_path) if mode == "segments" and share_weights else None
         self.sessions: dict[str, object] = {}
         self.bindings: dict[str, dict] = {}  # session key -> {initializer: tensor in the store}
         units = [(f"task:{tid}", artifact.graph_path(tid), f"task {tid}'s graph") for tid in self.tasks]
         if mode == "segments":
             units = [(sid, artifact.segment_path(sid), f"segment {sid}") for sid in self.order] + units
+        shared = mode == "segments" and share_weights
+        self.weights, self.pool = None, None
+        if shared and prepack and self.providers == ["CPUExecutionProvider"]:
+            self.pool = self._prepacked_pool(units, global_pools)
+        if shared and self.pool is None:
+            self.weights = WeightStore(artifact.weights_path)
+        self.weights_mode = "prepacked" if self.pool else "store" if self.weights else "own"
         for key, path, what in units:
             so = session_options(self.threads, global_pools)
             disabled = None
             try:
-                if self.weights is not None:
+                if self.pool is not None:
+                    path = self.pool_models[key]
+                    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # done once, in the pool
+                elif self.weights is not None:
                     self.bindings[key] = self.weights.bind(so, path)
                     disabled = SHARED_WEIGHTS_DISABLED_OPTIMIZERS
                 session = ort.InferenceSession(str(path), so, providers=self.providers, disabled_optimizers=disabled)
@@ -94,6 +108,11 @@ class Engine:
             if len(session.get_inputs()) != 1:
                 raise EngineError(f"{what}: expected one input, the graph has {[i.name for i in session.get_inputs()]}")
             self.sessions[key] = session
+        if self.pool is not None:
+            if can_delete_mapped_files():
+                self.pool.close()  # the sessions keep the pool's pages mapped
+            else:
+                weakref.finalize(self, self.pool.close)
         self._input_names = {k: s.get_inputs()[0].name for k, s in self.sessions.items()}
         self._output_names = {k: s.get_outputs()[0].name for k, s in self.sessions.items()}
         self._bindings: dict = {}  # session key -> its reused ONNX Runtime IOBinding
@@ -132,6 +151,21 @@ class Engine:
             self.mode, len(self.tasks), len(self.sessions), self.device, ",".join(self.active_providers), self.threads,
             " (global pool)" if global_pools_on() else "", self.load_seconds,
         )
+
+    def _prepacked_pool(self, units: list, global_pools: bool):
+        """Every unit's graph optimized and pre-packed once, the packs pooled
+        (:mod:`mutask.serving.prepack`); None, with a warning, where this ONNX Runtime cannot
+        (the engine then shares one unpacked copy, :class:`WeightStore`)."""
+        pool = PrepackedPool()
+        try:
+            for key, path, _ in units:
+                pool.add(key, path, session_options(self.threads, global_pools), self.providers)
+            self.pool_models = pool.finish()
+            return pool
+        except Exception as e:
+            pool.close()
+            log.warning("pre-packed weights unavailable (%s): sessions share unpacked weights", e)
+            return None
 
     def is_shared(self, key: str) -> bool:
         """Whether a ``stats`` key (a segment, or a task's own graph) serves more than one task."""
@@ -312,7 +346,8 @@ class Engine:
             "providers": self.active_providers,
             "ort_threads": self.threads,
             "ort_global_thread_pool": global_pools_on(),
-            "weights_in_memory_bytes": self.weights.nbytes if self.weights is not None else None,
+            "weights": self.weights_mode,
+            "weights_in_memory_bytes": self.pool.pool_bytes if self.pool else self.weights.nbytes if self.weights else None,
             "batching": self.batching,
             "segments": {sid: {"parents": list(s.parents), "tasks": list(s.tasks), "shared": s.shared} for sid, s in self.segments.items()},
         }

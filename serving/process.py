@@ -102,18 +102,24 @@ class ServiceProcess:
         raise RuntimeError(f"the server was not ready within {timeout:.0f} s:\n{self.log()}")
 
     def worker_rss(self) -> dict:
-        """RSS of the worker (the process that holds the sessions) and of the whole server."""
+        """RSS and PSS of the worker (the process that holds the sessions) and of the whole
+        server. PSS counts a page mapped n times 1/n each time; RSS counts it every time, which
+        overstates a file the sessions map in many pieces (the pre-packed weight pool)."""
         import psutil
 
         root = psutil.Process(self.proc.pid)
-        rss = {}
+        mem = {}
         for p in [root] + root.children(recursive=True):
             try:
-                rss[p.pid] = (p.memory_info().rss, " ".join(p.cmdline()))
+                info = p.memory_full_info() if hasattr(psutil.Process, "memory_full_info") else p.memory_info()
+                mem[p.pid] = (info.rss, getattr(info, "pss", None), " ".join(p.cmdline()))
             except psutil.Error:
                 pass
-        workers = [v[0] for v in rss.values() if "_bentoml_impl.worker" in v[1]]
-        return {"worker_rss": max(workers) if workers else None, "total_rss": sum(v[0] for v in rss.values()), "processes": len(rss)}
+        workers = [v for v in mem.values() if "_bentoml_impl.worker" in v[2]]
+        worker = max(workers, key=lambda v: v[0]) if workers else (None, None)
+        pss = [v[1] for v in mem.values()]
+        return {"worker_rss": worker[0], "worker_pss": worker[1], "total_rss": sum(v[0] for v in mem.values()),
+                "total_pss": sum(pss) if None not in pss else None, "processes": len(mem)}
 
     def __enter__(self) -> "ServiceProcess":
         """``with ServerProcess(...) as srv:`` a ready server, always stopped after (also when

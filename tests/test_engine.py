@@ -18,9 +18,11 @@ def test_engine_runs_the_segment_graph_over_one_copy_of_the_weights(serving_arti
     from mutask.serving.engine import Engine
 
     art = load_artifact(serving_artifact)
-    engine = Engine(art, device="cpu", threads=1, rows_per_run=64)  # every row of a segment in one run
+    # the unpacked weight store (CUDA's way, and CPU's where ONNX Runtime cannot pre-pack into
+    # a pool; the pool has its own test below); every row of a segment in one run
+    engine = Engine(art, device="cpu", threads=1, rows_per_run=64, prepack=False)
     engine.costs = None  # and no cost model: through the segments whenever tasks share one
-    assert engine.ready and engine.device == "cpu"
+    assert engine.ready and engine.device == "cpu" and engine.weights_mode == "store"
     # one session per segment; each task's chain covers its path; d joins a's components
     # after its own patch_embed, so a segment has two parents
     assert set(engine.segments) == set(art.segments)
@@ -94,6 +96,51 @@ def test_engine_runs_the_segment_graph_over_one_copy_of_the_weights(serving_arti
     assert len(baseline.sessions) == len(art.tasks) and baseline.shared_share() == 0.0
     for out, ref in zip(outs, baseline.run(items)):
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_prepacked_pool_holds_each_packed_weight_once_and_answers_as_own_weights(serving_artifact):
+    """On CPU the engine's sessions run from ONNX Runtime's own optimized, pre-packed models
+    whose weights and packs are pooled in one file, each distinct blob once: the answers are a
+    plain session's (which owns and packs its weights), every session reads the one pool, and
+    the pool's file is gone from disk once mapped (POSIX)."""
+    import os
+
+    import onnx
+
+    from mutask.export.artifact import load_artifact
+    from mutask.serving import prepack
+    from mutask.serving.engine import Engine
+
+    art = load_artifact(serving_artifact)
+    engine = Engine(art, device="cpu", threads=1, rows_per_run=64)
+    assert engine.weights_mode == "prepacked" and engine.weights is None
+    pool = engine.pool
+    assert engine.describe()["weights_in_memory_bytes"] == pool.pool_bytes > 0
+    # every model reads its external initializers (and their packs) from the one pool
+    locations, packed = set(), 0
+    for key, path in engine.pool_models.items():
+        if not path.exists():  # deleted once mapped: read what the sessions were built from
+            break
+        for t in onnx.load(str(path), load_external_data=False).graph.initializer:
+            ext = {e.key: e.value for e in t.external_data}
+            locations.update(v for k, v in ext.items() if k == "location")
+            packed += any(k.startswith("prepacked") for k in ext)
+    if os.name == "posix":
+        assert not pool.dir.exists(), "the pool's directory is deleted once the sessions map it"
+        with open("/proc/self/maps") as maps:
+            assert any(prepack.POOL_FILE in line for line in maps), "the sessions map the pool"
+    else:
+        assert locations == {prepack.POOL_FILE} and packed > 0
+    # pooling: the graphs' data files held the shared components once per graph, the pool once
+    assert pool.placed < pool.references and pool.pool_bytes < pool.blob_bytes
+    baseline = Engine(art, device="cpu", threads=1, mode="per_task")  # own, packed weights
+    images = sample_images()
+    for task in art.tasks:
+        x = np.concatenate([evolve_input(d, engine.tasks[task].preprocessing) for d in images.values()])
+        want = baseline.predict(task, x)
+        for got in (engine.predict(task, x), engine._run_segments([(task, x)])[0]):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+            assert (got.argmax(1) == want.argmax(1)).all()
 
 
 def test_one_image_for_many_tasks_runs_each_shared_segment_once(serving_artifact):
