@@ -1,7 +1,8 @@
 """Root models: a timm VisionTransformer cut into components.
 
 ``--root`` is either a directory that ``mutask pretrain`` wrote (``config.json`` +
-``model.safetensors``) or ``timm:NAME`` for any timm VisionTransformer with a class token,
+``model.safetensors``), a real pretrained root's short name (``efficientnet-lite0``: see
+:mod:`.realroot`), or ``timm:NAME`` for any timm VisionTransformer with a class token,
 absolute position embedding and token pooling (``--pretrained`` uses timm's own loading).
 
 A root carries its own preprocessing (:class:`mutask.preprocessing.Preprocessing`): the
@@ -188,6 +189,10 @@ def load_root(spec_or_arg: str | dict, pretrained: bool = False) -> Root:
             return load_root(spec["dir"])
         return Root(spec, build_vit(spec), f"timm:{spec['timm_model']}")
     arg = str(spec_or_arg)
+    from .realroot import REAL_ROOTS, load_real_root
+
+    if arg in REAL_ROOTS:  # until conv roots are supported, Root refuses the EfficientNet with its reason
+        return Root(*load_real_root(arg), arg)
     if arg.startswith("timm:"):
         name = arg[5:]
         import timm

@@ -21,16 +21,21 @@ Bad input exits with code 2 and a message that names the fix."""
 
 
 def _cmd_tasks(a):
-    from mutask.evolve.tasks import describe_tasks, PRETRAIN_TASK, load_task
+    from mutask.evolve.tasks import describe_optional_tasks, describe_tasks, PRETRAIN_TASK, load_task
 
-    rows = describe_tasks(seed=a.seed)
+    rows = [dict(r, available=True) for r in describe_tasks(seed=a.seed)]
+    optional = describe_optional_tasks(seed=a.seed)
     if a.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows + optional, indent=2))
         return
     print(f"{'task':<14} {'classes':>7} {'train':>6} {'val':>5} {'test':>5} {'size':>5}  description")
-    for r in rows:
+    for r in rows + optional:
         sp = r["splits"]
         print(f"{r['name']:<14} {r['num_classes']:>7} {sp['train']:>6} {sp['validation']:>5} {sp['test']:>5} {r['image_size']:>5}  {r.get('description', '')}")
+    print("\noptional (not in the default suite; name them with --task): " + ", ".join(r["name"] for r in optional))
+    for r in optional:
+        if not r["available"]:
+            print(f"  {r['name']}: unavailable here. {r['install']}.")
     src = load_task(PRETRAIN_TASK, seed=a.seed)
     print(f"\npretraining source (not in the suite): {PRETRAIN_TASK}, {src.num_classes} classes, {len(src.train)} train images")
 
@@ -108,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    t = sub.add_parser("tasks", help="list the embedded task suite", description="List the embedded task suite (built on demand into the cache, deterministic for --seed).")
+    t = sub.add_parser("tasks", help="list the embedded task suite", description="List the embedded task suite (built on demand into the cache, deterministic for --seed), and the optional tasks: fashion (Fashion-MNIST) where Debian's dataset-fashion-mnist is installed, else how to install it.")
     t.add_argument("--json", action="store_true", help="print JSON: name, classes, split sizes, image size per task")
     t.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
     t.set_defaults(func=_cmd_tasks)

@@ -1,5 +1,6 @@
 """The embedded task suite: shapes, determinism, caching, the pretraining source, the resolver."""
 
+import gzip
 import logging
 import time
 import unicodedata
@@ -9,7 +10,8 @@ import pytest
 
 from mutask.evolve import suite
 from mutask.evolve.suite import cache as suite_cache
-from mutask.evolve.tasks import EMBEDDED_TASKS, PRETRAIN_TASK, describe_tasks, load_task
+from mutask.evolve.suite.fashion import fashion_available, unavailable_reason
+from mutask.evolve.tasks import EMBEDDED_TASKS, PRETRAIN_TASK, describe_optional_tasks, describe_tasks, load_task
 from mutask.errors import MutaskError
 
 ALL = EMBEDDED_TASKS + (PRETRAIN_TASK,)
@@ -143,3 +145,46 @@ def test_unknown_task_error(tmp_path, monkeypatch):
         load_task(str(tmp_path / "missing"))
     with pytest.raises(MutaskError, match="seed"):
         load_task("shapes", seed=-1)
+
+
+needs_fashion = pytest.mark.skipif(not fashion_available(), reason=f"the fashion task's data is absent: {unavailable_reason()}")
+
+
+@needs_fashion
+def test_fashion_task(tmp_path, monkeypatch):
+    monkeypatch.setenv("MUTASK_CACHE", str(tmp_path))
+    task = load_task("fashion", seed=0)
+    assert task.name == "fashion" and task.source == "embedded" and task.image_size == 32 and task.num_classes == 10
+    assert task.class_names[0] == "t-shirt/top" and task.class_names[9] == "ankle boot"
+    for split, per_class in zip(("train", "validation", "test"), (150, 25, 40)):
+        s = task.split(split)
+        assert s.images.shape == (10 * per_class, 32, 32, 3) and s.images.dtype == np.uint8
+        assert np.bincount(s.labels, minlength=10).tolist() == [per_class] * 10
+        assert not s.images[:, :2].any() and not s.images[:, :, -2:].any()  # 28x28 padded with black, not resampled
+        assert (s.images[..., 0] == s.images[..., 2]).all() and s.images.std() > 20
+    # train and validation are disjoint draws from Fashion-MNIST's training split
+    flat = lambda x: {a.tobytes() for a in x[:, 2:-2, 2:-2, 0]}  # noqa: E731
+    assert not flat(task.train.images) & flat(task.validation.images)
+    again = suite.generate_task("fashion", seed=0)
+    np.testing.assert_array_equal(again.test.images, task.test.images)
+    assert not np.array_equal(suite.generate_task("fashion", seed=1).train.labels, task.train.labels)
+    assert [r["name"] for r in describe_optional_tasks()] == ["fashion"] and describe_optional_tasks()[0]["available"]
+
+
+def test_fashion_unavailable_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("MUTASK_FASHION_MNIST", str(tmp_path / "nowhere"))
+    with pytest.raises(MutaskError, match="apt-get install dataset-fashion-mnist"):
+        load_task("fashion")
+    (row,) = describe_optional_tasks()
+    assert row["name"] == "fashion" and row["available"] is False and "apt-get install dataset-fashion-mnist" in row["install"]
+    assert row["splits"] == {"train": 1500, "validation": 250, "test": 400} and row["num_classes"] == 10
+    assert "fashion" not in EMBEDDED_TASKS  # not in the default visiting order: the demo's suite stays the same
+
+
+def test_fashion_damaged_files_are_a_clear_error(tmp_path, monkeypatch):
+    for f in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (tmp_path / f).write_bytes(gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x05abc"))  # 5 promised, 3 held
+    monkeypatch.setenv("MUTASK_FASHION_MNIST", str(tmp_path))
+    monkeypatch.setenv("MUTASK_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(MutaskError, match="unreadable"):
+        load_task("fashion")

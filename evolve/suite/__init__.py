@@ -2,18 +2,21 @@
 
 In the spirit of the muNet paper's character benchmark and VTAB's structured tasks, every task
 is generated (or, for ``digits``, derived from data that ships with scikit-learn) without any
-download, deterministically for a seed, so the same seed gives byte-identical arrays.
+download, deterministically for a seed, so the same seed gives byte-identical arrays. The
+optional ``fashion`` is derived from Fashion-MNIST where Debian's ``dataset-fashion-mnist``
+installed it.
 
 Modules: :mod:`.render` (pixel helpers every task shares), :mod:`.glyphs` (font-rendered
 characters: ``latin``, ``greek``, ``font_style``, ``symbols``), :mod:`.shapes` (``shapes``,
-``orientation``, ``counting``), :mod:`.textures` (``textures``), :mod:`.registry` (the task
+``orientation``, ``counting``), :mod:`.textures` (``textures``), :mod:`.fashion` (``fashion``,
+from Fashion-MNIST's files), :mod:`.registry` (the task
 table, visiting order and :func:`generate_task`) and :mod:`.cache` (the ``.npz`` cache and
 :func:`load_embedded`).
 """
 
 from .cache import cache_path, load_embedded
 from .glyphs import FONT_STYLE_CLASSES, FONT_STYLE_GLYPHS, GREEK, LATIN, SYMBOLS
-from .registry import ALL_NAMES, PRETRAIN, SUITE_ORDER, TASKS, SuiteTask, generate_task, symbol_class_names, task_rng
+from .registry import ALL_NAMES, OPTIONAL, PRETRAIN, SUITE_ORDER, TASKS, SuiteTask, generate_task, symbol_class_names, task_rng
 from .render import IMAGE_SIZE
 
 __all__ = [
@@ -23,6 +26,7 @@ __all__ = [
     "GREEK",
     "IMAGE_SIZE",
     "LATIN",
+    "OPTIONAL",
     "PRETRAIN",
     "SUITE_ORDER",
     "SYMBOLS",

@@ -2,7 +2,9 @@
 visiting order, and :func:`generate_task`, which builds a task from scratch for a seed.
 
 Every task is deterministic for a seed: its generator is a numpy ``Generator`` seeded from
-``(seed, crc32(task name))``. ``digits`` is derived from scikit-learn's 8x8 UCI digits.
+``(seed, crc32(task name))``. ``digits`` is derived from scikit-learn's 8x8 UCI digits;
+``fashion`` (an optional task, not in the default visiting order) from Fashion-MNIST where
+Debian's ``dataset-fashion-mnist`` installed it (:mod:`.fashion`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from PIL import Image
 
 from mutask.evolve.data import Split, TaskData
 
+from .fashion import CLASSES as FASHION_CLASSES, PER_CLASS as FASHION_PER_CLASS, build_fashion, fashion_available, unavailable_reason
 from .glyphs import (
     FONT_STYLE_CLASSES,
     GREEK,
@@ -41,13 +44,18 @@ from .textures import TEXTURE_CLASSES, generate_textures
 
 @dataclass(frozen=True)
 class SuiteTask:
-    """One embedded task: how to name its classes, what it is, its split sizes and its generator."""
+    """One embedded task: how to name its classes, what it is, its split sizes and its generator
+    (rendered tasks: images for given labels), or ``build`` (tasks derived from data: every
+    split's images and labels for a seed), and whether it can be built here."""
 
     name: str
     class_names: Callable[[], list[str]]
     description: str
     per_class: tuple[int, int, int] | None  # train/validation/test images per class (None: digits)
     generate: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None
+    build: Callable[[int], tuple[list[np.ndarray], list[np.ndarray]]] | None = None
+    available: Callable[[], bool] = lambda: True
+    unavailable_reason: Callable[[], str] = lambda: ""
 
 
 def task_rng(name: str, seed: int) -> np.random.Generator:
@@ -71,6 +79,18 @@ TASKS = {
         "Real handwritten digits 0-9 (scikit-learn's 8x8 UCI digits), upscaled to 32x32.",
         None,
         None,
+        build=lambda seed: _digits(seed),
+    ),
+    "fashion": SuiteTask(
+        "fashion",
+        lambda: list(FASHION_CLASSES),
+        "Real product photos (Fashion-MNIST: 10 kinds of clothing, shoes and bags, grayscale 28x28 padded to 32x32), "
+        "from Debian's dataset-fashion-mnist.",
+        FASHION_PER_CLASS,
+        None,
+        build=lambda seed: build_fashion(task_rng("fashion", seed)),
+        available=fashion_available,
+        unavailable_reason=unavailable_reason,
     ),
     "latin": SuiteTask(
         "latin",
@@ -132,8 +152,9 @@ TASKS = {
 }
 
 SUITE_ORDER = ("digits", "latin", "greek", "font_style", "shapes", "orientation", "counting", "textures")
+OPTIONAL = ("fashion",)  # embedded where their data is installed; not in the default visiting order
 PRETRAIN = "symbols"
-ALL_NAMES = SUITE_ORDER + (PRETRAIN,)
+ALL_NAMES = SUITE_ORDER + OPTIONAL + (PRETRAIN,)
 
 
 def _balanced_labels(num_classes: int, per_class: tuple[int, int, int], rng: np.random.Generator):
@@ -179,8 +200,8 @@ def generate_task(name: str, seed: int = 0) -> TaskData:
     """Build an embedded task from scratch (no cache)."""
     task = TASKS[name]
     names = task.class_names()
-    if task.generate is None:
-        xs, ys = _digits(seed)
+    if task.build is not None:
+        xs, ys = task.build(seed)
     else:
         rng = task_rng(name, seed)
         ys = _balanced_labels(len(names), task.per_class, rng)
