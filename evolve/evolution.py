@@ -21,6 +21,9 @@ another (this runs on CPUs), with parents sampled at the generation's start as i
 parallel reference; optimizer momentum is not carried from parent to child (mu2Net does);
 pos_embed is always sourced from the parent (or root) and resized bilinearly when the image
 size differs, rather than looked up by shape among ancestors.
+
+The root kind (:class:`~.root.Root`: a ViT or a CNN) names a path's components, makes heads
+and adapters and fits clones to an image size; the loop itself knows no architecture.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import time
 from . import hparams as H
 from .config import BUDGETS, EvolveConfig  # noqa: F401 (re-exported)
 from .data import TaskData
-from .model import Adapter, Component, TaskPath, PathModel, new_head, resample_pos_embed
+from .model import Component, TaskPath, PathModel, block_index
 from .progress import Progress, Visit
 from .state import System
 from .strategies import parse_strategy
@@ -218,41 +221,37 @@ class Evolution:
         if mutate:
             hp = H.mutate_mu(hp, rng, self.cfg.mutation_prob)
             keys = H.TRAIN_KEYS + (("num_blocks",) if structural else ())
-            hp = H.mutate(hp, keys, hp["mu"], rng, max_blocks=root.depth)
+            hp = H.mutate(hp, keys, hp["mu"], rng, depths=root.depths)
         hp.update(data_keys)
         if not structural:
             hp["num_blocks"] = root.depth
         mu = hp["mu"] if mutate else 0.0
 
-        names = ["patch_embed", "cls_token", "pos_embed"]
         parent_ids = {s.store[c].name: c for c in parent.components}
         root_ids = {s.store[c].name: c for c in s.root_path.components}
         adapter_width = self.strategy.adapter_width
-        for i in range(hp["num_blocks"]):
-            if f"adapters.{i}" in parent_ids or adapter_width:
-                names.append(f"adapters.{i}")
-            elif structural and mutate and rng.random() < mu:
-                names.append(f"adapters.{i}")
-            names.append(f"blocks.{i}")
-        names += ["norm", "head"]
 
-        grid_tokens = 1 + (hp["image_size"] // root.patch_size) ** 2
+        def with_adapter(i: int) -> bool:
+            if f"adapters.{i}" in parent_ids or adapter_width:
+                return True
+            return bool(structural and mutate and rng.random() < mu)
+
+        names = root.path_names(hp["num_blocks"], with_adapter)
         fresh: dict[str, Component] = {}
         ids: list[str] = []
         for name in names:
             src = parent_ids.get(name) or root_ids.get(name)
-            if name == "head":
+            if name == root.head_name:
                 if parent.task == task and src is not None:
                     comp = s.store.clone(src)
                 else:
-                    comp = Component(s.store.new_id(), "head", new_head(root.embed_dim, self.data[task].num_classes))
+                    comp = Component(s.store.new_id(), name, root.new_head(self.data[task].num_classes))
             elif src is None:  # a new adapter
                 width = adapter_width or hp["adapter_width"]
-                comp = Component(s.store.new_id(), name, Adapter(root.embed_dim, width, eps=root.norm_eps))
-            elif self.strategy.must_clone(name, s.store[src], mu, rng):
+                comp = Component(s.store.new_id(), name, root.new_adapter(block_index(name), width))
+            elif self.strategy.must_clone(name, s.store[src], mu, rng, root):
                 comp = s.store.clone(src)
-                if name == "pos_embed" and comp.module.embed.shape[1] != grid_tokens:
-                    comp.module.embed.data = resample_pos_embed(comp.module.embed.data, grid_tokens)
+                root.fit_clone(name, comp.module, hp["image_size"])
             else:
                 ids.append(src)
                 continue

@@ -62,24 +62,22 @@ def snap(key: str, value):
     return min(values, key=lambda v: abs(v - value))
 
 
-def step(key: str, value, rng: random.Random, *, lo=None, hi=None):
-    """Move ``value`` one step up or down (at random) its ordered list; clamped at the ends."""
-    if key == "num_blocks":
-        return max(lo, min(hi, value + rng.choice((-1, 1))))
-    values = LISTS[key]
-    i = values.index(snap(key, value))
+def step(key: str, value, rng: random.Random, *, values: list | None = None):
+    """Move ``value`` one step up or down (at random) its ordered list (``values`` for a key
+    without a fixed list: ``num_blocks``, the root's depths); clamped at the ends."""
+    if values is None:
+        values, value = LISTS[key], snap(key, value)
+    i = values.index(value) if value in values else min(range(len(values)), key=lambda j: abs(values[j] - value))
     return values[max(0, min(len(values) - 1, i + rng.choice((-1, 1))))]
 
 
-def mutate(hp: dict, keys, mu: float, rng: random.Random, *, max_blocks: int | None = None) -> dict:
-    """Each key in ``keys`` moves one step with probability ``mu``."""
+def mutate(hp: dict, keys, mu: float, rng: random.Random, *, depths: list[int] | None = None) -> dict:
+    """Each key in ``keys`` moves one step with probability ``mu``; ``num_blocks`` along
+    ``depths`` (the root's: 1 .. depth for a ViT, fewer where a CNN's shapes allow fewer)."""
     out = dict(hp)
     for key in keys:
         if rng.random() < mu:
-            if key == "num_blocks":
-                out[key] = step(key, out[key], rng, lo=1, hi=max_blocks)
-            else:
-                out[key] = step(key, out[key], rng)
+            out[key] = step(key, out[key], rng, values=depths if key == "num_blocks" else None)
     return out
 
 

@@ -1,4 +1,7 @@
-"""The multitask model core: components, the component store, paths, and a path's ViT forward.
+"""The multitask model core: components, the component store, paths, and a path's forward.
+
+The step modules below are a ViT's (:mod:`.vit_root`); a CNN root's are in :mod:`.conv_root`.
+Every root kind's path is the same thing: its components' steps in order, head last.
 
 A *component* is one top-level parameter block of a timm VisionTransformer, named after
 timm's module names (``patch_embed``, ``cls_token``, ``pos_embed``, ``blocks.i``, ``norm``,
@@ -258,17 +261,30 @@ class TaskPath:
         return int(self.hparams["image_size"])
 
 
+HEAD_NAMES = ("head", "classifier", "fc")  # a task's head, by root kind: ViT, EfficientNet, ResNet
+
+
 class PathModel(nn.Module):
-    """A path's ViT: its components' steps in order, ``forward_features`` / ``forward_head``
+    """A path's model: its components' steps in order, ``forward_features`` / ``forward_head``
     split as in timm. Components whose parameters are all frozen and that precede the first
-    trainable component run without autograd, so no backward goes through a frozen prefix."""
+    trainable component run without autograd, so no backward goes through a frozen prefix.
+    In training mode, frozen components stay in eval mode: a frozen BatchNorm normalises with
+    its running statistics and never updates them (they belong to other tasks or the root)."""
 
     def __init__(self, names: list[str], modules: list[nn.Module]):
         super().__init__()
-        if not names or names[-1] != "head":
+        if not names or names[-1] not in HEAD_NAMES:
             raise ValueError("a path ends with its head")
         self.names = list(names)
         self.steps = nn.ModuleList(modules)
+
+    def train(self, mode: bool = True) -> "PathModel":
+        super().train(mode)
+        if mode:
+            for m in self.steps:
+                if not any(p.requires_grad for p in m.parameters()):
+                    m.eval()
+        return self
 
     @classmethod
     def from_store(cls, store: ComponentStore, path: TaskPath, overrides: dict | None = None) -> "PathModel":

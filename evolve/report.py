@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .model import block_index, component_kind
 from .state import System
 
 
@@ -64,14 +63,6 @@ def _count(n: int) -> str:
     return f"{n / 1e3:.0f}k" if n >= 10_000 else f"{n / 1e3:.1f}k" if n >= 1000 else str(n)
 
 
-def _layer_order(name: str) -> float:
-    kind = component_kind(name)
-    fixed = {"patch_embed": 0, "cls_token": 1, "pos_embed": 2, "norm": 1000, "head": 1001}
-    if kind in fixed:
-        return fixed[kind]
-    return 3 + 2 * block_index(name) + (0 if kind == "adapters" else 1)
-
-
 def draw_system(system: System, out_png) -> Path:
     """One column per task, one row per layer; each component is a box spanning the tasks
     that share it (grey: frozen root components; colours: components trained for a task)."""
@@ -83,7 +74,7 @@ def draw_system(system: System, out_png) -> Path:
 
     s = system
     tasks = list(s.best)
-    layers = sorted({s.store[c].name for t in tasks for c in s.best_path(t).components}, key=_layer_order)
+    layers = sorted({s.store[c].name for t in tasks for c in s.best_path(t).components}, key=s.root.order)
     cmap = plt.get_cmap("tab20")
     owner_colour = {t: cmap(i % 20) for i, t in enumerate(tasks)}
     fig_w, fig_h = 1.2 + 1.3 * max(1, len(tasks)), 0.9 + 0.42 * len(layers)

@@ -7,8 +7,9 @@ root's patch size: the typical size is the median min(H, W) of the task's traini
 to muNet's image-size list (16, 32, ..., 384; the suite's images are 32 x 32). Small images are
 not upsampled to a large root's size (compute and cache grow with the square of the size and the
 pixels add nothing), large ones are not trained above the size the root was trained at, and two
-patches per side keep a grid of tokens. ``--image-size N`` sets every new task's start instead:
-a multiple of the root's patch size, at most 384 (the list's maximum).
+patches per side keep a grid of tokens (a CNN root starts at 32 px at least). ``--image-size N``
+sets every new task's start instead: for a ViT a multiple of the root's patch size, for a CNN
+16 or more; at most 384 (the list's maximum).
 """
 
 from __future__ import annotations
@@ -39,29 +40,29 @@ def _task_record(spec: str, data, seed: int) -> dict:
     }
 
 
-def check_image_size(size: int | None, patch_size: int | None = None) -> None:
+def check_image_size(size: int | None, root=None) -> None:
     """Raise :class:`MutaskError` when ``--image-size`` cannot work: not positive, over the
-    image-size list's maximum, or (once the root is known) not a multiple of its patch size."""
+    image-size list's maximum, or (once the root is known) not one its paths can take (a ViT:
+    a multiple of its patch size; a CNN: at least 16)."""
     if size is None:
         return
     top = max(H.LISTS["image_size"])
-    step = patch_size or 1
-    if patch_size:
-        valid = f"a multiple of the root's patch size {patch_size} from {patch_size} to {top - top % step}"
+    if root is not None:
+        step, lo, valid = root.image_size_rule(top)
     else:
-        valid = f"a positive multiple of the root's patch size, at most {top}"
-    if size < 1 or size > top or size % step:
+        step, lo, valid = 1, 1, f"a positive multiple of the root's patch size, at most {top}"
+    if size < lo or size > top or size % step:
         raise MutaskError(f"--image-size {size} cannot work: use {valid} (or leave it out to start each task at its images' size).")
 
 
 def start_image_size(typical: int, root, requested: int | None = None) -> int:
     """The image size a new task's paths start at (see the module docstring): ``requested``
-    (``--image-size``) when given, else max(2 x patch size, min(root size, ``typical`` snapped
-    to the image-size list))."""
+    (``--image-size``) when given, else max(the root's smallest start (a ViT: 2 x patch size;
+    a CNN: 32), min(root size, ``typical`` snapped to the image-size list))."""
     if requested is not None:
-        check_image_size(requested, root.patch_size)
+        check_image_size(requested, root)
         return int(requested)
-    return int(max(2 * root.patch_size, min(root.image_size, H.snap("image_size", int(typical)))))
+    return int(max(root.min_start_size, min(root.image_size, H.snap("image_size", int(typical)))))
 
 
 def resolve_tasks(specs: list[str], seed: int, show_progress: bool | None = None) -> tuple[list[str], dict, dict]:

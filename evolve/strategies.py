@@ -8,8 +8,9 @@ strategy         a visit's seeds             structure mutates   a child clones 
 ``munet``        every other task's best     yes (adapters,      each component with probability mu
                  path, and the root          depth)
 ``finetune``     the root                    no                  everything
-``freeze:K``     the root                    no                  blocks K and up (embeddings and the
-                                                                 bottom K blocks stay shared, frozen)
+``freeze:K``     the root                    no                  blocks K and up and the tail (the stem:
+                                                                 embeddings or conv stem, and the bottom
+                                                                 K blocks stay shared, frozen)
 ``adapters:W``   the root                    no                  nothing: an adapter of width W before
                                                                  every block is trained instead
 ===============  ==========================  ==================  ========================================
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 from mutask.errors import MutaskError
 
-from .model import Component, block_index, component_kind
+from .model import Component
 
 
 class Strategy:
@@ -40,15 +41,16 @@ class Strategy:
         """The paths a visit may try unmutated first, given the other tasks' best path ids."""
         return list(other_best) + ["root"] if self.transfer else ["root"]
 
-    def must_clone(self, name: str, component: Component, mu: float, rng: random.Random) -> bool:
+    def must_clone(self, name: str, component: Component, mu: float, rng: random.Random, root) -> bool:
         """Whether a child takes its own trainable copy of ``component`` (called ``name`` in
-        the path) rather than sharing it frozen. The final norm and components nothing locks
-        yet are always cloned; the rest is the strategy's :meth:`clones_shared`."""
-        if name == "norm" or component.trainable:
+        the path of a ``root``) rather than sharing it frozen. The final norm
+        (``root.always_cloned``) and components nothing locks yet are always cloned; the rest
+        is the strategy's :meth:`clones_shared`."""
+        if name in root.always_cloned or component.trainable:
             return True
-        return self.clones_shared(name, mu, rng)
+        return self.clones_shared(name, mu, rng, root)
 
-    def clones_shared(self, name: str, mu: float, rng: random.Random) -> bool:
+    def clones_shared(self, name: str, mu: float, rng: random.Random, root) -> bool:
         """Whether a child clones the locked or root component ``name``."""
         raise NotImplementedError
 
@@ -59,7 +61,7 @@ class MuNet(Strategy):
     transfer = True
     mutates_structure = True
 
-    def clones_shared(self, name: str, mu: float, rng: random.Random) -> bool:
+    def clones_shared(self, name: str, mu: float, rng: random.Random, root) -> bool:
         return rng.random() < mu
 
     def __str__(self) -> str:
@@ -69,7 +71,7 @@ class MuNet(Strategy):
 class FineTune(Strategy):
     """Fine-tune everything: every component is cloned."""
 
-    def clones_shared(self, name: str, mu: float, rng: random.Random) -> bool:
+    def clones_shared(self, name: str, mu: float, rng: random.Random, root) -> bool:
         return True
 
     def __str__(self) -> str:
@@ -78,12 +80,14 @@ class FineTune(Strategy):
 
 @dataclass(frozen=True)
 class Freeze(Strategy):
-    """Share the embeddings and the bottom ``blocks`` blocks frozen; clone the rest."""
+    """Share the stem (a ViT's embeddings, a CNN's stem) and the bottom ``blocks`` blocks
+    frozen; clone the rest (the blocks above, and the tail)."""
 
     blocks: int
 
-    def clones_shared(self, name: str, mu: float, rng: random.Random) -> bool:
-        return component_kind(name) == "blocks" and block_index(name) >= self.blocks
+    def clones_shared(self, name: str, mu: float, rng: random.Random, root) -> bool:
+        pos = root.block_position(name)
+        return (pos is not None and pos >= self.blocks) or name in root.tail
 
     def __str__(self) -> str:
         return f"freeze:{self.blocks}"
@@ -99,7 +103,7 @@ class Adapters(Strategy):
     def adapter_width(self) -> int:
         return self.width
 
-    def clones_shared(self, name: str, mu: float, rng: random.Random) -> bool:
+    def clones_shared(self, name: str, mu: float, rng: random.Random, root) -> bool:
         return False
 
     def __str__(self) -> str:

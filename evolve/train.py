@@ -239,7 +239,8 @@ def train(
     validation. ``pre`` is the path's preprocessing (the root's at ``hp["image_size"]``).
     ``seed`` fixes batch order and augmentation, so children of one generation see the same
     data. ``precision`` (:data:`PRECISIONS`) sets autocast for training and validation; fp16
-    scales the loss. The model's trainable parameters end at their best evaluation."""
+    scales the loss. The model's trainable parameters end at their best evaluation, and so do
+    the buffers of the modules that own them (a cloned BatchNorm's running statistics)."""
     import time
 
     if pre.image_size != int(hp["image_size"]):
@@ -253,7 +254,9 @@ def train(
     opt = torch.optim.SGD(params, lr=float(hp["lr"]), momentum=float(hp["momentum"]), nesterov=bool(hp["nesterov"]) and float(hp["momentum"]) > 0)
     sched = lr_scheduler(opt, steps, hp)
     eval_at = sorted({max(1, round(steps * (k + 1) / validations)) for k in range(max(1, validations))})
-    best = (-1.0, 0, None)
+    owned = {id(p) for p in params}
+    buffers = [b for m in model.modules() if any(id(p) in owned for p in m.parameters(recurse=False)) for b in m.buffers(recurse=False)]
+    best = (-1.0, 0, None, None)
     curve = []
     model.train()
     t0 = time.perf_counter()
@@ -278,12 +281,12 @@ def train(
             evaluating += time.perf_counter() - t_eval
             curve.append((step, acc))
             if acc > best[0]:
-                best = (acc, step, [p.detach().clone() for p in params])
+                best = (acc, step, [p.detach().clone() for p in params], [b.detach().clone() for b in buffers])
         if progress is not None:
             progress(step, steps, loss.item())
     elapsed = time.perf_counter() - t0 - evaluating  # training steps only
     model.eval()
     with torch.no_grad():
-        for p, v in zip(params, best[2]):
+        for p, v in zip(list(params) + buffers, best[2] + best[3]):
             p.copy_(v)
     return TrainResult(best[0], best[1], steps, seen / max(elapsed, 1e-9), curve)

@@ -1,8 +1,9 @@
 """The artifact's ONNX graphs: one per segment, and one per task composed from its segment chain.
 
 Exporter: ``torch.onnx.export(dynamo=True, optimize=False)`` (torch.export + onnxscript), then
-onnxscript's optimizer with constant folding forbidden on any node that reads a parameter. The
-graphs therefore read the *original* parameter tensors (a transposed weight or a resampled
+onnxscript's optimizer with constant folding forbidden on any node that reads a parameter, and
+without its rules that fuse a BatchNormalization into the convolution before it. The graphs
+therefore read the *original* parameter tensors (a transposed weight or a resampled
 position embedding is computed in the graph, not stored), which is what lets every graph point
 into the one deduplicated weights file: each initializer that is a component tensor becomes
 ONNX external data (offset and length into ``weights.safetensors``), small constants stay
@@ -83,6 +84,25 @@ def _quiet_loggers(names=("onnxscript", "onnx_ir", "torch.onnx", "torch.export",
             logging.getLogger(n).setLevel(level)
 
 
+@contextlib.contextmanager
+def _no_weight_rewrites():
+    """onnxscript's default rewrite rules without those that compute new weights from old ones
+    (fusing a BatchNormalization into the Conv or Gemm before it): a fused weight is a derived
+    copy, not a component tensor, and could not point into the weights file. The rules are
+    read from ``onnxscript.rewriter`` when the optimizer runs, so they are swapped there for
+    the call."""
+    from onnxscript import rewriter
+    from onnxscript.rewriter.rules.common import _fuse_batchnorm
+
+    fusing = set(_fuse_batchnorm.rules)
+    saved = rewriter._DEFAULT_REWRITE_RULES
+    rewriter._DEFAULT_REWRITE_RULES = tuple(r for r in saved if r not in fusing)
+    try:
+        yield
+    finally:
+        rewriter._DEFAULT_REWRITE_RULES = saved
+
+
 def _to_onnx(module: torch.nn.Module, example: torch.Tensor, input_name: str, output_name: str):
     """One graph: dynamo export without optimization, then onnxscript's optimizer with no
     constant folding through parameters (so the graph reads the original tensors)."""
@@ -107,7 +127,7 @@ def _to_onnx(module: torch.nn.Module, example: torch.Tensor, input_name: str, ou
                 return False
         return None
 
-    with warnings.catch_warnings(), _quiet_loggers():
+    with warnings.catch_warnings(), _quiet_loggers(), _no_weight_rewrites():
         warnings.simplefilter("ignore")
         optimize_ir(model, should_fold=should_fold)
     for v, name in ((model.graph.inputs[0], input_name), (model.graph.outputs[0], output_name)):

@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evolve", help="evolve a multitask system (muNet)", description="Evolve a multitask system from a root with muNet: per task, which layers to share frozen, clone and train, where to add adapters, how deep to go and which hyperparameters to use. Saves STATE at every generation boundary.")
     e.add_argument("--task", action="append", metavar="NAME_OR_DIR", help="an embedded task, an ImageFolder DIR, or NAME=DIR; repeat per task (visited in this order)")
-    e.add_argument("--root", help="root: a `mutask pretrain` directory or timm:NAME (default: the cached default root, pretrained on first use)")
+    e.add_argument("--root", help="root: a `mutask pretrain` directory or timm:NAME: a plain ViT (timm:vit_tiny_patch16_224), an EfficientNet-family CNN (timm:efficientnet_lite0, timm:mobilenetv2_100) or a ResNet (timm:resnet18); other networks are refused with the reason (default: the cached default root, pretrained on first use)")
     e.add_argument("--pretrained", action="store_true", help="with --root timm:NAME, load timm's pretrained weights (needs network or timm's cache)")
     e.add_argument("--out", required=True, help="STATE directory to write")
     e.add_argument("--budget", choices=["tiny", "quick", "full"], default="quick", help=f"tiny: seconds (tests); quick: the demo; full: the benchmark (default quick). {_budgets()}")
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--mutation-prob", type=float, help="fixed mutation probability mu (default: auto-tuned per path, mu2Net)")
     e.add_argument("--precision", choices=_precisions(), help="training and evaluation precision: auto (default: bf16 autocast on a CUDA GPU, fp16 with loss scaling where it has no bf16; fp32 on the CPU), fp32, bf16, fp16")
     e.add_argument("--strategy", help="munet (default), or a baseline through the same engine: finetune, freeze:K, adapters:W")
-    e.add_argument("--image-size", type=int, metavar="N", help="every new task's starting image size, a multiple of the root's patch size up to 384 (default: per task, min(the root's size, the median min(H, W) of its images), at least 2 patches); muNet's mutations move it")
+    e.add_argument("--image-size", type=int, metavar="N", help="every new task's starting image size up to 384: for a ViT root a multiple of its patch size, for a CNN root at least 16 (default: per task, min(the root's size, the median min(H, W) of its images), at least 2 patches for a ViT, 32 px for a CNN); muNet's mutations move it")
     e.add_argument("--seed", type=int, help="evolution seed (default 0)")
     e.add_argument("--from", dest="from_state", help="extend this existing STATE with the --task tasks (its tasks stay frozen)")
     e.add_argument("--resume", action="store_true", help="continue the interrupted run saved in --out")

@@ -212,15 +212,15 @@ def test_strategies():
 
 def test_start_image_size_rule(tiny_root):
     """min(root size, typical size snapped to the list), at least 2 patches; --image-size wins."""
-    from types import SimpleNamespace
-
+    from mutask.evolve.root import Root, build_model
     from mutask.evolve.run import start_image_size
 
     assert (tiny_root.image_size, tiny_root.patch_size) == (32, 8)
     assert start_image_size(16, tiny_root) == 16  # small images are not upsampled to the root's size
     assert start_image_size(368, tiny_root) == 32  # large ones start at the root's size
     assert start_image_size(23, tiny_root) == 16  # snapped to the list (16, 32, ...)
-    vit_b = SimpleNamespace(image_size=224, patch_size=16)
+    spec = {"timm_model": "VisionTransformer", "kwargs": dict(img_size=224, patch_size=16, embed_dim=48, depth=1, num_heads=3)}
+    vit_b = Root(spec, build_model(spec), "a ViT-B's sizes")  # (a small ViT at ViT-B/16's image and patch size)
     assert start_image_size(16, vit_b) == 32  # two patches at least
     assert start_image_size(100, vit_b) == 96 and start_image_size(384, vit_b) == 224
     assert start_image_size(384, vit_b, requested=48) == 48 and start_image_size(16, vit_b, requested=384) == 384

@@ -116,7 +116,7 @@ def test_rebuild_components_from_tensors(root):
         assert torch.equal(PathModel.from_store(store, path)(x), PathModel.from_store(rebuilt, path)(x))
 
 
-def test_timm_root_by_name_matches_timm_and_rejects_non_vits():
+def test_timm_root_by_name_matches_timm_and_rejects_unsupported_networks():
     from mutask.evolve.root import load_root
     from mutask.errors import MutaskError
 
@@ -129,7 +129,7 @@ def test_timm_root_by_name_matches_timm_and_rejects_non_vits():
     with torch.no_grad():
         torch.testing.assert_close(PathModel.from_store(store, path)(x), root.template(x), atol=1e-5, rtol=0)
     with pytest.raises(MutaskError, match="not supported"):
-        load_root("timm:resnet18")
+        load_root("timm:convnext_atto")  # (resnet18 is a conv root now: tests/test_conv_root.py)
     avg = {"timm_model": "VisionTransformer", "kwargs": dict(TINY["kwargs"], global_pool="avg")}
     with pytest.raises(MutaskError, match="pools with 'avg'"):
         Root(avg, build_vit(avg), "avg-pool")
