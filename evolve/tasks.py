@@ -21,6 +21,7 @@ import re
 from mutask.evolve.data import TaskData
 from mutask.evolve.folder import load_folder
 from mutask.evolve.suite import ALL_NAMES, IMAGE_SIZE, OPTIONAL, PRETRAIN, SUITE_ORDER, TASKS, load_embedded
+from mutask.evolve.suite.cache import cache_path
 from mutask.errors import MutaskError
 
 EMBEDDED_TASKS: tuple[str, ...] = SUITE_ORDER
@@ -73,7 +74,7 @@ def describe_optional_tasks(seed: int = 0) -> list[dict]:
     rows = []
     for name in OPTIONAL_TASKS:
         task = TASKS[name]
-        if task.available():
+        if task.available() or cache_path(name, seed).exists():  # its data, or the task built from it before
             rows.append(dict(load_task(name, seed).info(), available=True))
             continue
         per_class = dict(zip(("train", "validation", "test"), task.per_class))

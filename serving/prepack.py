@@ -15,7 +15,8 @@ by a segment and by two task graphs is stored once), and each optimized model is
 pool. Sessions load the pooled models with optimizations off (they are done): ONNX Runtime maps
 their initializers and packs from the file instead of packing again, so every session runs at
 the speed of a session that owns and packs its weights, and every weight is in memory once, as
-pages of the pool file shared by every session (and by every worker process of the server).
+pages of the pool file shared by every session of the process (each server worker process
+makes its own pool).
 
 The pool is made for this machine (packing depends on the CPU's instruction set) in a temporary
 directory at every start and deleted once the sessions have mapped it (POSIX keeps a deleted

@@ -173,6 +173,7 @@ def test_fashion_task(tmp_path, monkeypatch):
 
 def test_fashion_unavailable_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setenv("MUTASK_FASHION_MNIST", str(tmp_path / "nowhere"))
+    monkeypatch.setenv("MUTASK_CACHE", str(tmp_path / "cache"))  # not built before either
     with pytest.raises(MutaskError, match="apt-get install dataset-fashion-mnist"):
         load_task("fashion")
     (row,) = describe_optional_tasks()

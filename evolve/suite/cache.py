@@ -78,14 +78,14 @@ def load_embedded(name: str, seed: int = 0) -> TaskData:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise MutaskError(f"Task seed {seed!r} is not a non-negative integer: pass a seed such as 0.")
     seed = int(seed)
-    if not TASKS[name].available():
-        raise MutaskError(f"Task {name!r} is unavailable here: {TASKS[name].unavailable_reason()}.")
     path = cache_path(name, seed)
-    if path.exists():
+    if path.exists():  # built before (an optional task's data need not be here any more)
         try:
             return load(name, path)
         except Exception as exc:  # corrupt, truncated or stale: rebuild
             log.warning("Cached task file %s is unreadable (%s); rebuilding it.", path, exc)
+    if not TASKS[name].available():
+        raise MutaskError(f"Task {name!r} is unavailable here: {TASKS[name].unavailable_reason()}.")
     task = generate_task(name, seed)
     try:
         save(task, path)
