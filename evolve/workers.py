@@ -61,13 +61,16 @@ def _on_cpu(module: torch.nn.Module) -> torch.nn.Module:
 
 def train_child(job: dict, frozen: dict) -> tuple:
     """Train one child on this worker; returns (fresh tensors by component id, TrainResult,
-    seconds). ``frozen``: component id -> module, shared by the generation's children."""
+    seconds training, seconds loading the task's data). ``frozen``: component id -> module,
+    shared by the generation's children."""
     from .model import PathModel
     from .train import device, train
 
     torch.set_num_threads(job["threads"])
     dev = device()
+    t_data = time.perf_counter()
     data = _task_data(job["spec"], job["data_seed"])
+    data_seconds = time.perf_counter() - t_data
     fresh = job["fresh"]
     modules = [fresh[cid] if cid in fresh else frozen[cid] for cid in job["components"]]
     model = PathModel(job["names"], modules).to(dev)
@@ -76,7 +79,7 @@ def train_child(job: dict, frozen: dict) -> tuple:
     result = train(model, params, data.train, data.validation, job["hparams"], **job["settings"])
     seconds = time.perf_counter() - t0
     tensors = {cid: {k: v.detach().cpu() for k, v in m.state_dict().items()} for cid, m in fresh.items()}
-    return tensors, result, seconds
+    return tensors, result, seconds, data_seconds
 
 
 class RayPool:
@@ -100,6 +103,7 @@ class RayPool:
         self.threads = threads or (1 if address is not None else max(1, available_cores() // workers))
         self.started = False
         self.gpus = 0
+        self.timings: list[dict] = []  # per child: seconds in flight, training, loading data; per generation: the put
 
     def __enter__(self) -> "RayPool":
         if not ray.is_initialized():
@@ -131,7 +135,9 @@ class RayPool:
         s = evo.sys
         record = s.tasks[task]
         frozen_ids = {cid for child, fresh in children for cid in child.components if cid not in fresh}
+        t_put = time.perf_counter()
         frozen = ray.put({cid: _on_cpu(s.store[cid].module) for cid in sorted(frozen_ids)})  # once per generation
+        put_seconds = time.perf_counter() - t_put
         remote = ray.remote(train_child).options(  # proctitle ray::mutask_child while it trains
             num_cpus=self.threads, num_gpus=1 if self.gpus else 0, max_retries=RETRIES, retry_exceptions=False, name="mutask_child",
         )
@@ -144,18 +150,21 @@ class RayPool:
                 fresh={cid: _on_cpu(c.module) for cid, c in fresh.items()}, hparams=dict(child.hparams), settings=settings,
             ))
         limit = self.workers or len(jobs)
-        pending, results, queue = {}, [None] * len(jobs), list(range(len(jobs)))
+        pending, results, queue, submitted = {}, [None] * len(jobs), list(range(len(jobs))), {}
         while queue or pending:
             while queue and len(pending) < limit:
                 i = queue.pop(0)
+                submitted[i] = time.perf_counter()
                 pending[remote.remote(jobs[i], frozen)] = i
             done, _ = ray.wait(list(pending), num_returns=1)
             i = pending.pop(done[0])
             results[i] = ray.get(done[0])
+            self.timings.append(dict(task=task, child=i, in_flight_s=time.perf_counter() - submitted[i], train_s=results[i][2],
+                                     data_s=results[i][3], put_s=put_seconds if i == 0 else 0.0))
             if on_done is not None:
                 on_done()
         records = []
-        for (child, fresh), (tensors, result, seconds) in zip(children, results):
+        for (child, fresh), (tensors, result, seconds, _) in zip(children, results):
             for cid, comp in fresh.items():
                 comp.module.load_state_dict(tensors[cid])
             records.append(evo.judge_child(task, child, fresh, result, seconds))
