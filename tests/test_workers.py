@@ -47,6 +47,7 @@ def evolve(out, pool=None):
 
     torch.set_num_threads(1)  # equal threads per child: float reductions differ with the thread count
     s = System.new(make_root(), seed=0)
+    torch.manual_seed(1000 + (pool or 0))  # torch's global RNG differs per run (as in a --resume'd process): nothing may draw from it
     s.config["evolve"] = asdict(EvolveConfig(**CONFIG))
     s.config["order"] = TASKS
     data = {t: load_task(t, seed=0) for t in TASKS}
