@@ -168,7 +168,8 @@ def main(argv=None) -> dict:
         f"against {proj['generation_s_sequential']:.2f} s one after another: {proj['speed_up']:.2f}x, overhead "
         f"{100 * proj['overhead_fraction']:.1f} % of a child. It assumes this machine's training time per child; where a GPU "
         f"trains a child faster, the overhead's share grows: it stays under 5 % while a child trains at least "
-        f"{proj['train_s_for_overhead_under_5pct']:.2f} s.",
+        f"{proj['train_s_for_overhead_under_5pct']:.2f} s. Not in it: Ray's start and each worker's first child "
+        "(the rows above), once per run.",
     ])
     write(a.name, doc, md, a.results)
     print(md)

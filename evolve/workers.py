@@ -114,7 +114,7 @@ class RayPool:
                 if self.temp_dir:
                     kwargs["_temp_dir"] = str(self.temp_dir)
             try:
-                ray.init(address=self.address, **kwargs)
+                ray.init(address=self.address or "local", **kwargs)  # local: a new instance, not one `ray start` left running
             except ConnectionError as e:
                 raise MutaskError(f"cannot join the Ray cluster at --ray-address {self.address!r}: {e}. Start it with `ray start --head` (or check the address).") from e
             self.started = True

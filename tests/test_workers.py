@@ -118,12 +118,12 @@ def test_a_worker_killed_mid_child_is_retried_to_the_same_state(reference, tmp_p
     assert_same(saved(tmp_path / "st"), reference)
 
 
-def test_evolve_command_with_workers(local_ray, tmp_path, capsys):
+def test_evolve_command_with_workers(local_ray, tmp_path, capsys, monkeypatch):
     from mutask.cli import main
+    from mutask.evolve import root
 
-    root = tmp_path / "root"
-    assert main(["pretrain", "--out", str(root), "--budget", "tiny", "-q", "--threads", "1"]) == 0
-    args = ["evolve", "--task", "digits", "--root", str(root), "--budget", "tiny", "-q", "--workers", "2", "--threads", "1"]
+    monkeypatch.setattr(root, "load_root", lambda spec, pretrained=False: make_root())  # no pretraining here
+    args = ["evolve", "--task", "digits", "--root", "tiny", "--budget", "tiny", "-q", "--workers", "2", "--threads", "1"]
     assert main(args + ["--out", str(tmp_path / "st")]) == 0
     assert main(args + ["--out", str(tmp_path / "st"), "--workers", "0"]) == 2  # checked before anything starts
     assert "--workers must be at least 1" in capsys.readouterr().err
@@ -147,7 +147,8 @@ def test_plain_evolve_does_not_import_ray(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-def test_pool_arguments_are_checked():
+def test_pool_arguments_are_checked(monkeypatch):
+    from mutask.evolve import workers
     from mutask.evolve.workers import RayPool
 
     with pytest.raises(MutaskError, match="--workers must be at least 1"):
@@ -155,3 +156,6 @@ def test_pool_arguments_are_checked():
     with pytest.raises(MutaskError, match="--workers N"):
         RayPool(None, None)
     assert RayPool(2, threads=None).threads >= 1 and RayPool(None, "auto").threads == 1
+    monkeypatch.setattr(workers, "ray", None)  # as where Ray is not installed
+    with pytest.raises(MutaskError, match=r"pip install 'mutask\[ray\]'"):
+        RayPool(2)
