@@ -118,6 +118,13 @@ def main(argv=None) -> dict:
     from mutask.evolve.tasks import EMBEDDED_TASKS
 
     tasks = list(EMBEDDED_TASKS[: a.tasks])
+    from mutask.evolve.run import resolve_tasks
+
+    resolve_tasks(tasks, 0, show_progress=False)  # the suite's cache built before any run is timed
+    if not a.root:
+        from mutask.evolve.pretrain import default_root
+
+        default_root()  # pretrained now on first use, not inside the first timed run
     cores = available_cores()
     per_worker = max(1, cores // a.workers)
     walls = {"sequential": [], "workers": []}
