@@ -136,8 +136,11 @@ def main(argv=None) -> dict:
         over = overhead(tasks[0], a.budget, a.root, cores, tmp)
     med = {k: median(v) for k, v in walls.items()}
     proj = projection(over)
+    import ray
+
     doc = {
         "benchmark": "ray_workers",
+        "ray": ray.__version__,
         "budget": a.budget,
         "tasks": tasks,
         "repeats": a.repeats,
@@ -152,7 +155,7 @@ def main(argv=None) -> dict:
     }
     md = "\n".join([
         f"`mutask evolve` on {len(tasks)} embedded tasks ({', '.join(tasks)}), budget {a.budget}, each run a separate process, "
-        f"{a.repeats} interleaved repeats, medians; {cores} cores.",
+        f"{a.repeats} interleaved repeats, medians; {cores} cores, Ray {ray.__version__}.",
         "",
         "| run | torch threads | wall s (median) | runs | speed-up |",
         "|---|---:|---:|---|---:|",
