@@ -16,9 +16,18 @@ the bottom K blocks frozen, clone the rest), ``adapters:W`` (the root frozen, an
 width W before every block). They see only the root as a seed: no transfer between tasks.
 The policies live in :mod:`.strategies`; the visit in flight is a :class:`~.progress.Visit`.
 
-Deviations from the reference, on purpose: children of a generation are trained one after
-another (this runs on CPUs), with parents sampled at the generation's start as in the
-parallel reference; optimizer momentum is not carried from parent to child (mu2Net does);
+A generation is made, trained, then judged: the driver samples its parents and makes every
+child first (all of the evolution RNG's draws), then the children train, one after another in
+this process or in parallel on Ray workers (:mod:`.workers`, ``--workers`` / ``--ray-address``),
+then they are accepted in child order. A child's training depends only on its path, its
+components, its hyperparameters and the generation's batch seed, and a new adapter's initial
+weights on a seed derived from the batch seed and the child's index (:func:`init_seed`), so a
+run gives the same STATE whether its children train in this process or on any number of
+workers (for equal threads per child: float reductions can differ with the thread count).
+
+Deviations from the reference, on purpose: on one machine without ``--workers`` children of
+a generation are trained one after another (this runs on CPUs), with parents sampled at the
+generation's start as in the parallel reference; optimizer momentum is not carried from parent to child (mu2Net does);
 pos_embed is always sourced from the parent (or root) and resized bilinearly when the image
 size differs, rather than looked up by shape among ancestors.
 
@@ -30,6 +39,9 @@ from __future__ import annotations
 
 import logging
 import time
+
+import numpy as np
+import torch
 
 from . import hparams as H
 from .config import BUDGETS, EvolveConfig  # noqa: F401 (re-exported)
@@ -45,8 +57,11 @@ log = logging.getLogger("mutask")
 class Evolution:
     """Runs the loop over a :class:`System`, saving it to ``out`` at every generation boundary."""
 
-    def __init__(self, system: System, data: dict[str, TaskData], out, *, show_progress: bool = True):
+    def __init__(self, system: System, data: dict[str, TaskData], out, *, show_progress: bool = True, pool=None):
+        """``pool``: a :class:`.workers.RayPool` that trains each generation's children on Ray
+        workers; None trains them here, one after another."""
         self.sys = system
+        self.pool = pool
         self.data = data
         self.out = out
         self.cfg = EvolveConfig(**system.config["evolve"])
@@ -130,9 +145,15 @@ class Evolution:
             else:
                 plan.append((self.sample_parent(v), True))
             v.child_counts[plan[-1][0].id] = v.child_counts.get(plan[-1][0].id, 0) + 1
-        for parent, mutate in plan:
-            child, fresh = self.make_child(task, parent, mutate, data_keys)
-            record = self.train_child(task, child, fresh, batch_seed)
+        children = [self.make_child(task, parent, mutate, data_keys, init_seed(batch_seed, i)) for i, (parent, mutate) in enumerate(plan)]
+        if self.pool is None:
+            records = []
+            for child, fresh in children:
+                records.append(self.train_child(task, child, fresh, batch_seed))
+                bar.update(1)
+        else:
+            records = self.pool.train_generation(self, task, children, batch_seed, on_done=lambda: bar.update(1))
+        for (parent, mutate), (child, fresh), record in zip(plan, children, records):
             accept = parent.task != task or child.metrics["score"] > parent.metrics["score"]
             if accept:
                 for comp in fresh.values():
@@ -141,15 +162,14 @@ class Evolution:
                 v.population.append(child.id)
             record.update(round=round_ + 1, generation=v.generation, parent=parent.id, seed=not mutate, accepted=accept)
             s.history.append(record)
-            best = max((s.paths[p] for p in v.population), key=lambda p: p.metrics["score"], default=None)
-            bar.update(1)
-            if best is not None:
-                bar.set_postfix(
-                    gen=v.generation + 1,
-                    best_acc=f"{best.metrics['val_accuracy']:.3f}",
-                    score=f"{best.metrics['score']:.3f}",
-                    params=f"{best.metrics['params'] / 1e3:.0f}k",
-                )
+        best = max((s.paths[p] for p in v.population), key=lambda p: p.metrics["score"], default=None)
+        if best is not None:
+            bar.set_postfix(
+                gen=v.generation + 1,
+                best_acc=f"{best.metrics['val_accuracy']:.3f}",
+                score=f"{best.metrics['score']:.3f}",
+                params=f"{best.metrics['params'] / 1e3:.0f}k",
+            )
 
     def end_visit(self, task: str, v: Visit) -> None:
         """Keep the task's best path, lock its components, drop the rest, test the best."""
@@ -213,8 +233,9 @@ class Evolution:
     def mu_of(self, hp: dict) -> float:
         return self.cfg.mutation_prob if self.cfg.mutation_prob is not None else float(hp.get("mu", H.DEFAULTS["mu"]))
 
-    def make_child(self, task: str, parent: TaskPath, mutate: bool, data_keys: dict) -> tuple[TaskPath, dict]:
-        """A child path of ``parent`` for ``task`` and its fresh (trainable) components."""
+    def make_child(self, task: str, parent: TaskPath, mutate: bool, data_keys: dict, seed: int = 0) -> tuple[TaskPath, dict]:
+        """A child path of ``parent`` for ``task`` and its fresh (trainable) components. ``seed``
+        initialises its new adapters (torch's global RNG is left as it was)."""
         s, rng, root = self.sys, self.sys.rng, self.sys.root
         hp = dict(self.default_hparams(task), **parent.hparams) if parent.id != "root" else self.default_hparams(task)
         structural = self.strategy.mutates_structure
@@ -239,6 +260,7 @@ class Evolution:
         names = root.path_names(hp["num_blocks"], with_adapter)
         fresh: dict[str, Component] = {}
         ids: list[str] = []
+        i_adapter = 0
         for name in names:
             src = parent_ids.get(name) or root_ids.get(name)
             if name == root.head_name:
@@ -248,7 +270,10 @@ class Evolution:
                     comp = Component(s.store.new_id(), name, root.new_head(self.data[task].num_classes))
             elif src is None:  # a new adapter
                 width = adapter_width or hp["adapter_width"]
-                comp = Component(s.store.new_id(), name, root.new_adapter(block_index(name), width))
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed + i_adapter)
+                    comp = Component(s.store.new_id(), name, root.new_adapter(block_index(name), width))
+                i_adapter += 1
             elif self.strategy.must_clone(name, s.store[src], mu, rng, root):
                 comp = s.store.clone(src)
                 root.fit_clone(name, comp.module, hp["image_size"])
@@ -261,15 +286,27 @@ class Evolution:
         return TaskPath(s.new_path_id(), task, ids, hp, parent=parent.id), fresh
 
     def train_child(self, task: str, child: TaskPath, fresh: dict, batch_seed: int) -> dict:
+        """Train ``child`` here (its fresh components in place); returns its history record."""
         s = self.sys
         data = self.data[task]
         model = PathModel.from_store(s.store, child, fresh).to(self.dev)
         params = [p for c in fresh.values() for p in c.module.parameters()]
         t0 = time.perf_counter()
         result = train(
-            model, params, data.train, data.validation, child.hparams, pre=s.root.preprocessing.at(child.image_size), precision=self.cfg.precision,
+            model, params, data.train, data.validation, child.hparams, **self.train_settings(child, batch_seed),
+        )
+        return self.judge_child(task, child, fresh, result, time.perf_counter() - t0)
+
+    def train_settings(self, child: TaskPath, batch_seed: int) -> dict:
+        """:func:`.train.train`'s keyword arguments for ``child`` (here and on Ray workers)."""
+        return dict(
+            pre=self.sys.root.preprocessing.at(child.image_size), precision=self.cfg.precision,
             steps=self.cfg.steps, batch_size=self.cfg.batch_size, validations=self.cfg.validations, seed=batch_seed,
         )
+
+    def judge_child(self, task: str, child: TaskPath, fresh: dict, result, seconds: float) -> dict:
+        """Set ``child.metrics`` from its :class:`.train.TrainResult`; returns its history record."""
+        s = self.sys
         accounted = s.accounted_params(child.components, task, fresh)
         child.metrics = {
             "val_accuracy": result.val_accuracy,
@@ -289,5 +326,10 @@ class Evolution:
             "new_params": child.metrics["new_params"],
             "hparams": child.hparams,
             "components": [s.store[c].name if c in s.store else fresh[c].name for c in child.components],
-            "train_seconds": round(time.perf_counter() - t0, 2),
+            "train_seconds": round(seconds, 2),
         }
+
+
+def init_seed(batch_seed: int, index: int) -> int:
+    """The seed of child ``index``'s new adapters in a generation with ``batch_seed``."""
+    return int(np.random.SeedSequence([batch_seed, index]).generate_state(1, np.uint32)[0]) << 8

@@ -100,11 +100,45 @@ def evolve(
     show_progress: bool = True,
     data_seed: int = 0,
     image_size: int | None = None,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    threads: int | None = None,
     **overrides,
 ) -> System:
     """Start (``tasks`` on ``root``), extend (``from_state``) or ``resume`` a system in ``out``.
     ``image_size``: every new task's starting image size (default: per task, see the module
-    docstring)."""
+    docstring). ``workers`` / ``ray_address``: train each generation's children on that many
+    local Ray workers / on the Ray cluster at that address, ``threads`` torch threads each
+    (:class:`.workers.RayPool`); neither: here, one after another, and Ray is not imported."""
+    if workers is None and ray_address is None:
+        return _evolve(tasks, out, None, root=root, pretrained=pretrained, budget=budget, from_state=from_state, resume=resume,
+                       show_progress=show_progress, data_seed=data_seed, image_size=image_size, **overrides)
+    from .workers import RayPool
+
+    pool = RayPool(workers, ray_address, threads)  # checks its arguments before Ray starts
+    _check_out(out, resume)
+    with pool:
+        return _evolve(tasks, out, pool, root=root, pretrained=pretrained, budget=budget, from_state=from_state, resume=resume,
+                       show_progress=show_progress, data_seed=data_seed, image_size=image_size, **overrides)
+
+
+def _check_out(out, resume: bool) -> None:
+    """Refuse an --out that cannot take a new STATE (or, with ``resume``, has none), before anything starts."""
+    out = Path(out)
+    if resume:
+        if not (out / STATE_FILE).exists():
+            System.load(out)  # raises the STATE's own clear error
+        return
+    if out.exists() and not out.is_dir():
+        raise MutaskError(f"--out {str(out)!r} is a file, not a directory. Choose a new --out for the STATE.")
+    if only_save_leftovers(out):
+        return
+    if out.exists() and any(out.iterdir()):
+        hint = " It holds a STATE: add --resume to continue it, or --from it with a new --out to extend it." if (out / STATE_FILE).exists() else ""
+        raise MutaskError(f"--out {str(out)!r} exists and is not empty; mutask never writes over it.{hint} Choose a new --out.")
+
+
+def _evolve(tasks, out, pool, *, root, pretrained, budget, from_state, resume, show_progress, data_seed, image_size, **overrides) -> System:
     from .tasks import load_task
 
     out = Path(out)
@@ -118,17 +152,13 @@ def evolve(
             log.warning("%s is complete: nothing to resume", out)
             return system
         data = {t: load_task(system.tasks[t]["spec"], seed=system.tasks[t]["seed"], show_progress=progress) for t in order}
-        return Evolution(system, data, out, show_progress=show_progress).run(order)
+        return Evolution(system, data, out, show_progress=show_progress, pool=pool).run(order)
 
-    if out.exists() and not out.is_dir():
-        raise MutaskError(f"--out {str(out)!r} is a file, not a directory. Choose a new --out for the STATE.")
+    _check_out(out, resume=False)
     if only_save_leftovers(out):
         log.warning("%s holds only temporary files of a first save that never finished: removing them and starting again", out)
         for leftover in save_leftovers(out):
             leftover.unlink()
-    if out.exists() and any(out.iterdir()):
-        hint = " It holds a STATE: add --resume to continue it, or --from it with a new --out to extend it." if (out / STATE_FILE).exists() else ""
-        raise MutaskError(f"--out {str(out)!r} exists and is not empty; mutask never writes over it.{hint} Choose a new --out.")
     cfg = EvolveConfig.from_budget(budget, **overrides)
     check_image_size(image_size)
     names, data, records = resolve_tasks(tasks, data_seed, show_progress=progress)
@@ -158,4 +188,4 @@ def evolve(
     system.config["order"] = names
     system.config.setdefault("runs", []).append({"tasks": names, "budget": budget, "from": str(from_state) if from_state else None})
     log.info("evolving %d task(s) %s on root %s (%d params), budget %s", len(names), names, system.root.source, system.root_params, budget)
-    return Evolution(system, data, out, show_progress=show_progress).run(names)
+    return Evolution(system, data, out, show_progress=show_progress, pool=pool).run(names)

@@ -74,7 +74,8 @@ def _cmd_evolve(a):
     )
     system = evolve(
         a.task or [], a.out, root=a.root, pretrained=a.pretrained, budget=a.budget,
-        from_state=a.from_state, resume=a.resume, show_progress=not a.quiet, image_size=a.image_size, **overrides,
+        from_state=a.from_state, resume=a.resume, show_progress=not a.quiet, image_size=a.image_size,
+        workers=a.workers, ray_address=a.ray_address, threads=a.threads, **overrides,
     )
     from mutask.evolve.report import format_table, report
 
@@ -146,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, help="evolution seed (default 0)")
     e.add_argument("--from", dest="from_state", help="extend this existing STATE with the --task tasks (its tasks stay frozen)")
     e.add_argument("--resume", action="store_true", help="continue the interrupted run saved in --out")
-    e.add_argument("--threads", type=int, help="torch threads (default: the cores this process may use)")
+    e.add_argument("--threads", type=int, help="torch threads (default: the cores this process may use); with --workers or --ray-address, each worker's (default: cores / N; 1 on a cluster)")
+    e.add_argument("--workers", type=int, metavar="N", help="train each generation's children on N Ray workers on this machine (needs mutask[ray]); one GPU each where there are GPUs. Same STATE as without it, for equal threads per child")
+    e.add_argument("--ray-address", metavar="ADDR", help="train children on the Ray cluster at ADDR (auto, or HOST:PORT); with --workers N, at most N at a time. Folder tasks must be at the same path on every node")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=_cmd_evolve)
 

@@ -77,6 +77,30 @@ def test_children_only_train_their_own_clones(tiny_root, tmp_path):
     assert child["new_params"] == child["params"]
 
 
+def test_new_adapters_start_from_the_childs_seed_not_torchs_global_rng(tiny_root, tmp_path):
+    from mutask.evolve.evolution import init_seed
+    from mutask.evolve.hparams import DATA_KEYS
+
+    data = {"a": synthetic_task("a", 4, 1)}
+    s = new_system(tiny_root, ["a"], data, mutation_prob=1.0)
+    evo = Evolution(s, data, tmp_path / "st", show_progress=False)
+    hp = evo.default_hparams("a")
+    keys = {k: hp[k] for k in DATA_KEYS}
+
+    def adapters(seed, global_seed):
+        torch.manual_seed(global_seed)
+        s.rng.seed(7)  # the same mutations each time
+        _, fresh = evo.make_child("a", s.root_path, True, keys, seed)
+        out = [c.module.down.weight.clone() for c in fresh.values() if c.name.startswith("adapters.")]
+        assert out  # mu = 1: an adapter before every block
+        return out
+
+    same = adapters(init_seed(5, 0), 1), adapters(init_seed(5, 0), 2)
+    assert all(torch.equal(x, y) for x, y in zip(*same))
+    other = adapters(init_seed(5, 1), 1)
+    assert not torch.equal(same[0][0], other[0])
+
+
 def test_extension_keeps_existing_tasks_bit_identical(tiny_root, tmp_path):
     data = {"a": synthetic_task("a", 4, 1), "b": synthetic_task("b", 3, 2), "c": synthetic_task("c", 5, 3)}
     s = new_system(tiny_root, ["a", "b"], data)
