@@ -1,7 +1,7 @@
 """Quality: muNet against fine-tuning baselines on the embedded suite, same compute per task.
 
     python -m mutask.benchmarks.quality_bench run --root ROOT --config munet-s1.0 --out RUNS/munet-s1.0 [budget flags]
-    python -m mutask.benchmarks.quality_bench table RUNS/*     # writes results/quality.json + quality.md
+    python -m mutask.benchmarks.quality_bench table RUNS/*     # writes results/quality.json + quality.md (--name)
 
 Every configuration goes through the same engine (``mutask evolve``) with the same rounds,
 children per visit and steps per child, so each task gets the same number of training steps:
@@ -59,6 +59,7 @@ def table(a) -> dict:
             "params_per_task": doc["params_per_task"],
             "system_params": doc["system_params"],
             "root_params": doc["root_params"],
+            "root": s.root.source,
             "config": {k: cfg[k] for k in ("strategy", "scale_factor", "rounds", "children", "generation_size", "steps", "validations", "batch_size", "budget")},
             "children_trained": doc["children_trained"],
         }
@@ -78,13 +79,14 @@ def table(a) -> dict:
     lines.append(f"| {PAPER['label']} | " + " | ".join("" for _ in tasks) + f" | | | {PAPER['accuracy_gain']} | {PAPER['params_per_task']} |")
     any_cfg = next(iter(rows.values()))["config"] if rows else {}
     md = (
+        f"Root: {', '.join(sorted({r['root'] for r in rows.values()}))}. "
         "Test accuracy per task (one run per config, seed 0), parameters per task = accounted params "
         "averaged over tasks. Same compute per task for every config: "
         f"{any_cfg.get('rounds')} rounds x {any_cfg.get('children')} children x {any_cfg.get('steps')} steps "
         f"(batch {any_cfg.get('batch_size')}).\n\n" + "\n".join(lines)
     )
     doc = {"benchmark": "quality", "runs": rows, "paper_reference": PAPER, "repeats": 1, "machine": a.machine or machine()}
-    write("quality", doc, md, a.results)
+    write(a.name, doc, md, a.results)
     print(md)
     return doc
 
@@ -104,6 +106,7 @@ def main(argv=None):
     t = sub.add_parser("table")
     t.add_argument("runs", nargs="+")
     t.add_argument("--results")
+    t.add_argument("--name", default="quality", help="results file name (default quality; e.g. quality-real for the real root)")
     t.add_argument("--machine-json", dest="machine_json", help="machine info recorded where the runs ran")
     a = ap.parse_args(argv)
     if a.cmd == "run":
