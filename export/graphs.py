@@ -90,12 +90,19 @@ def _no_weight_rewrites():
     (fusing a BatchNormalization into the Conv or Gemm before it): a fused weight is a derived
     copy, not a component tensor, and could not point into the weights file. The rules are
     read from ``onnxscript.rewriter`` when the optimizer runs, so they are swapped there for
-    the call."""
+    the call. Both names are onnxscript internals (seen in 0.7, no public switch); where a release
+    lacks them nothing is swapped, and a fused weight then stops the export with the error of
+    :func:`_externalize` that names it, not a wrong artifact."""
     from onnxscript import rewriter
-    from onnxscript.rewriter.rules.common import _fuse_batchnorm
 
-    fusing = set(_fuse_batchnorm.rules)
-    saved = rewriter._DEFAULT_REWRITE_RULES
+    try:
+        from onnxscript.rewriter.rules.common import _fuse_batchnorm
+
+        fusing = set(_fuse_batchnorm.rules)
+        saved = rewriter._DEFAULT_REWRITE_RULES
+    except (ImportError, AttributeError):
+        yield
+        return
     rewriter._DEFAULT_REWRITE_RULES = tuple(r for r in saved if r not in fusing)
     try:
         yield
