@@ -12,16 +12,18 @@ few runs each, the fastest kept; a time budget of a few seconds, so /readyz is b
 and picks the number of rows with the lowest cost per row (the largest one within 3 % of it).
 The engine then runs every session in chunks of at most that many rows.
 
-:class:`CostModel` then predicts, from every session's warm one-row run and that cost per row,
-what a batch costs through its tasks' graphs and through the segments they share (rows that
-several tasks pass for one image counted once); the engine takes the segments only when they
-are predicted clearly cheaper (see ``SEGMENTS_MARGIN`` in engine.py).
+:class:`CostModel` then predicts, from every session's warm one-row run through the engine and
+that cost per row, what a batch costs through its tasks' graphs and through the segments they
+share (rows that several tasks pass for one image counted once); the engine takes the segments
+only when they are predicted clearly cheaper (see ``SEGMENTS_MARGIN`` in engine.py). Where the
+prediction is close, :class:`Ways` lets the clock check it on the first batches of that shape.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import statistics
 import time
 
 import numpy as np
@@ -29,6 +31,12 @@ import numpy as np
 log = logging.getLogger("mutask.serving")
 
 TOLERANCE = 1.03  # a larger run within 3 % of the best cost per row is preferred (fewer runs)
+SHAPES_KEPT = 4096  # batch shapes whose way is remembered (all forgotten at once past this)
+TRIAL_RUNS = 3  # batches each way before the clock settles a shape the model sent through the segments
+# where the model predicts the segments at under half the graphs' cost (one image asked for
+# several tasks of a large model: the shared blocks run once instead of k times), the clock does
+# not check it: the model has been off by up to 2x, and a trial would run k-fold work 3 times
+MODEL_TRUSTED_BELOW = 0.5
 
 
 def probe_segment(engine) -> str | None:
@@ -40,7 +48,7 @@ def probe_segment(engine) -> str | None:
     cost = {}
     for sid in shared:
         x = _rows(engine, sid, 1)
-        engine.sessions[sid].run(None, {engine._input_names[sid]: x})  # warm-up
+        _fastest(engine, sid, x, 1)  # warm-up
         cost[sid] = _fastest(engine, sid, x, 1)
     return max(cost, key=cost.get)
 
@@ -54,7 +62,7 @@ def rows_per_run(engine, max_rows: int, budget_s: float = 3.0) -> dict:
     if sid is None:
         return {"rows_per_run": max_rows, "reason": "no shared segment: nothing to batch across tasks", "seconds_per_row": {}}
     x = _rows(engine, sid, 1)
-    engine.sessions[sid].run(None, {engine._input_names[sid]: x})  # warm-up
+    _fastest(engine, sid, x, 1)  # warm-up
     per_row: dict[int, float] = {}
     k = 1
     while k <= max_rows:
@@ -91,13 +99,15 @@ def _rows(engine, sid: str, k: int) -> np.ndarray:
 
 
 def _fastest(engine, sid: str, x: np.ndarray, repeats: int) -> float:
-    """The fastest of ``repeats`` runs, or of as many as fit in 20 ms when runs are short
-    (a run of microseconds varies by tens of percent; at most 50)."""
-    session, feed = engine.sessions[sid], engine._input_names[sid]
+    """The fastest of ``repeats`` runs of a segment through the engine (its I/O binding, the
+    output brought to the host), or of as many as fit in 20 ms when runs are short (a run of
+    microseconds varies by tens of percent; at most 50)."""
+    from .engine import _Host
+
     best, n, start = float("inf"), 0, time.perf_counter()
     while n < repeats or (time.perf_counter() - start < 0.02 and n < 50):
         t0 = time.perf_counter()
-        session.run(None, {feed: x})
+        _Host()(engine._session_run(sid, x, bound=True))
         best = min(best, time.perf_counter() - t0)
         n += 1
     return best
@@ -106,7 +116,7 @@ def _fastest(engine, sid: str, x: np.ndarray, repeats: int) -> float:
 class CostModel:
     """Predicted seconds of a session run, to choose between a batch's two ways through the
     engine (its tasks' graphs, or the segments they share): each session's warm one-row run
-    (:func:`run_costs`), its part beyond the per-run overhead (the cheapest session's run)
+    through the engine (:func:`run_costs`), its part beyond the per-run overhead (the cheapest session's run)
     growing with the rows as the probe segment's cost per row does, in runs of at most
     ``rows_per_run`` rows. A model, not a measurement: it only has to rank the two ways."""
 
@@ -138,25 +148,74 @@ class CostModel:
         return len(chunks), sum(self._scaled_rows(n) for n in chunks)
 
 
+class Ways:
+    """The way each batch *shape* (each item's task, rows, and which earlier item passes the
+    same array) goes through the engine: its plan through the segments, or None for the task
+    graphs. Shapes recur (a server sees the same task mixes over and over), so the cost model
+    is asked once per shape. Where it picks the segments by a narrow margin (a predicted cost
+    of at least ``MODEL_TRUSTED_BELOW`` of the graphs'), the clock checks it: the shape's
+    next batches take the two ways in turn (``TRIAL_RUNS`` each, segments first) and the
+    faster by its median stays. A model built from one-row runs misses what a chain of small
+    sessions costs together (on the demo system such chains cost 1.3-2x its prediction), and
+    this keeps a batch from staying on a way that is slower on this machine."""
+
+    def __init__(self):
+        self.plans: dict = {}  # shape -> plan or None
+        self.trials: dict = {}  # shape on trial -> {"segments": [seconds], "graphs": [seconds]}
+        self.settled = {"segments": 0, "graphs": 0}  # shapes the clock settled, by the way that won
+
+    def get(self, shape) -> tuple[bool, list | None]:
+        return (True, self.plans[shape]) if shape in self.plans else (False, None)
+
+    def put(self, shape, plan, on_trial: bool) -> None:
+        if len(self.plans) >= SHAPES_KEPT:
+            self.plans.clear()
+            self.trials.clear()
+        self.plans[shape] = plan
+        if on_trial:
+            self.trials[shape] = {"segments": [], "graphs": []}
+
+    def trial_way(self, shape) -> str | None:
+        """The way this batch of a shape on trial takes (None: the shape is settled)."""
+        trial = self.trials.get(shape)
+        return None if trial is None else min(trial, key=lambda w: len(trial[w]))
+
+    def timed(self, shape, way: str, seconds: float) -> None:
+        trial = self.trials[shape]
+        trial[way].append(seconds)
+        if all(len(v) >= TRIAL_RUNS for v in trial.values()):
+            faster = statistics.median(trial["segments"]) < statistics.median(trial["graphs"])
+            if not faster:
+                self.plans[shape] = None
+            self.settled["segments" if faster else "graphs"] += 1
+            del self.trials[shape]
+
+
 def run_costs(engine) -> dict[str, float]:
-    """Seconds of one warm one-row run of every session (after a warm-up run; the faster of
-    two where a run is short)."""
+    """Seconds of one warm one-row run of every session, through the engine's own way of
+    running it (a segment through its I/O binding, its output brought to the host as the next
+    segment's input is; a task's graph as the per-task way runs it): on a small model the
+    engine's work around a run is a large part of it (on the demo system a one-block segment
+    cost 189 us run bare and 218 us so, a pos_embed segment 18 and 34). After a warm-up run,
+    the fastest of three where a run is short."""
+    from .engine import _Host
+
     out = {}
-    for key, session in engine.sessions.items():
+    for key in engine.sessions:
         if key.startswith("task:"):
             size = engine.tasks[key[len("task:"):]].image_size
             shape = [3, size, size]
         else:
             shape = [int(d) for d in engine.segments[key].input_shape[1:]]
         x = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
-        feed = engine._input_names[key]
-        session.run(None, {feed: x})  # warm-up
-        first = _timed(session, feed, x)
-        out[key] = first if first > 0.01 else min(first, _timed(session, feed, x))
+        bound = not key.startswith("task:")
+
+        def once(key=key, x=x, bound=bound) -> float:
+            t0 = time.perf_counter()
+            _Host()(engine._session_run(key, x, bound=bound))
+            return time.perf_counter() - t0
+
+        once()  # warm-up
+        first = once()
+        out[key] = first if first > 0.01 else min(first, once(), once())
     return out
-
-
-def _timed(session, feed: str, x: np.ndarray) -> float:
-    t0 = time.perf_counter()
-    session.run(None, {feed: x})
-    return time.perf_counter() - t0

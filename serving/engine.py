@@ -12,7 +12,8 @@ rows come from its own previous segment), then returns each item's logits. A bat
 two tasks share a segment (a lone request, say) has nothing to share: each task's items run
 through that task's own graph, once, over the same weights, instead of a chain of segments.
 Where tasks do share segments, a cost model measured at start on this machine
-(:mod:`mutask.serving.calibrate`) decides which of the two ways is cheaper, and every session
+(:mod:`mutask.serving.calibrate`) decides which of the two ways is cheaper (where it is close,
+the first batches of that shape try both and the faster stays), and every session
 runs in chunks of the number of rows that costs least per row here. Items that pass the same
 array (one image for several tasks) share its rows in every segment their tasks share.
 Every session reads its weights from one copy: a pool of pre-packed weights made at start
@@ -31,6 +32,8 @@ import weakref
 
 import numpy as np
 
+from .calibrate import MODEL_TRUSTED_BELOW, CostModel, Ways, run_costs
+from .calibrate import rows_per_run as measure_rows_per_run
 from .prepack import PrepackedPool, can_delete_mapped_files
 from .sessions import EngineError, choose_providers, global_pools_on, session_options
 from .weights import SHARED_WEIGHTS_DISABLED_OPTIMIZERS, WeightStore
@@ -129,16 +132,12 @@ class Engine:
         if rows_per_run > 0:
             self.batching = {"rows_per_run": int(rows_per_run), "reason": "set (MUTASK_ROWS_PER_RUN)"}
         elif mode == "segments":
-            from .calibrate import rows_per_run as measure
-
-            self.batching = measure(self, max_rows)
+            self.batching = measure_rows_per_run(self, max_rows)
         else:
             self.batching = {"rows_per_run": None, "reason": "one session per task graph, each run takes every row of its task"}
         self.rows_per_run = self.batching["rows_per_run"]
         self.costs = None  # the segment engine's cost model: which way a batch goes
         if mode == "segments" and any(seg.shared for seg in self.segments.values()):
-            from .calibrate import CostModel, run_costs
-
             per_row = {int(k): v for k, v in self.batching.get("seconds_per_row", {}).items()}
             t_costs = time.perf_counter()
             self.costs = CostModel(run_costs(self), per_row, self.rows_per_run)
@@ -167,6 +166,17 @@ class Engine:
             log.warning("pre-packed weights unavailable (%s): sessions share unpacked weights", e)
             return None
 
+    @property
+    def costs(self):
+        """The cost model that decides a mixed batch's way (None: the segments whenever two of
+        its tasks share one); setting it forgets the decisions taken with the old one."""
+        return self._costs
+
+    @costs.setter
+    def costs(self, model) -> None:
+        self._costs = model
+        self.ways = Ways()  # each batch shape's way, decided with this model
+
     def is_shared(self, key: str) -> bool:
         """Whether a ``stats`` key (a segment, or a task's own graph) serves more than one task."""
         seg = self.segments.get(key)
@@ -183,10 +193,16 @@ class Engine:
         pass the *same array* (one image for several tasks, :meth:`predict_tasks`) share its
         rows in every segment their tasks share: each such segment runs on them once."""
         with self._lock:
-            plan = self._segments_plan(items) if self.mode == "segments" else None
-            if plan is not None:
-                return self._run_segments(items, plan)
-            return self._run_per_task(items)
+            if self.mode != "segments":
+                return self._run_per_task(items)
+            shape, plan = self._decision(items)
+            way = self.ways.trial_way(shape) if plan is not None else None
+            if way is None:
+                return self._run_segments(items, plan) if plan is not None else self._run_per_task(items)
+            t0 = time.perf_counter()
+            out = self._run_segments(items, plan) if way == "segments" else self._run_per_task(items)
+            self.ways.timed(shape, way, time.perf_counter() - t0)
+            return out
 
     def predict(self, task: str, x: np.ndarray) -> np.ndarray:
         """Logits of one task for a float32 (n, 3, S, S) batch (no batching with others)."""
@@ -204,20 +220,37 @@ class Engine:
         """The batch's plan through the segments (:meth:`_plan`) when it should take them, else
         None: two of its tasks share a segment, and the cost model (from this machine's
         timings, see calibrate.py) predicts the plan's segment runs, with the rows they merge or
-        share, cost less than each task's graph running its own rows. (Without a model:
-        whenever two tasks share a segment.)"""
-        tasks = {task for task, _ in items}
-        if len(tasks) < 2 or not any(len(tasks.intersection(shared)) > 1 for shared in self._shared_tasks):
-            return None
+        share, cost less than each task's graph running its own rows, and (once tried) the
+        clock agreed. (Without a model: whenever two tasks share a segment.)"""
+        return self._decision(items)[1]
+
+    def _decision(self, items: list) -> tuple:
+        """(the batch's shape, its plan or None), decided once per shape (:class:`calibrate.Ways`:
+        deciding costs ~0.1 ms on the demo system; where the model picks the segments, the
+        clock then checks it, see :meth:`run`)."""
+        first: dict = {}
+        shape = tuple((task, x.shape[0], first.setdefault(id(x), i)) for i, (task, x) in enumerate(items))
+        known, plan = self.ways.get(shape)
+        if not known:
+            tasks = {task for task, _ in items}
+            plan, ratio = self._decide(items, tasks) if len(tasks) > 1 else (None, None)
+            self.ways.put(shape, plan, on_trial=plan is not None and ratio is not None and ratio >= MODEL_TRUSTED_BELOW)
+        return shape, plan
+
+    def _decide(self, items: list, tasks: set) -> tuple[list | None, float | None]:
+        """(the plan through the segments or None, the model's segments/graphs cost ratio)."""
+        if not any(len(tasks.intersection(shared)) > 1 for shared in self._shared_tasks):
+            return None, None
         plan = self._plan(items)
         if self.costs is None:
-            return plan
+            return plan, None
         per_task: dict[str, int] = {}
         for task, x in items:
             per_task[task] = per_task.get(task, 0) + x.shape[0]
         via_graphs = sum(self.costs.seconds(f"task:{t}", n) for t, n in per_task.items())
         via_segments = sum(self.costs.seconds(sid, sum(items[r][1].shape[0] for r in reps)) for sid, _, _, reps in plan)
-        return plan if via_segments < SEGMENTS_MARGIN * via_graphs else None
+        ratio = via_segments / via_graphs if via_graphs > 0 else 0.0
+        return (plan if ratio < SEGMENTS_MARGIN else None), ratio
 
     def _plan(self, items: list) -> list:
         """How ``items`` go through the segments: for each segment some item passes, in
@@ -349,6 +382,7 @@ class Engine:
             "weights": self.weights_mode,
             "weights_in_memory_bytes": self.pool.pool_bytes if self.pool else self.weights.nbytes if self.weights else None,
             "batching": self.batching,
+            "settled_by_clock": dict(self.ways.settled),
             "segments": {sid: {"parents": list(s.parents), "tasks": list(s.tasks), "shared": s.shared} for sid, s in self.segments.items()},
         }
 

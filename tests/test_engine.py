@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
+import time
+
 import numpy as np
 
 from tests.test_serving_helpers import evolve_input, reference_logits, sample_images, serving_artifact
@@ -149,6 +151,9 @@ def test_one_image_for_many_tasks_runs_each_shared_segment_once(serving_artifact
 
     art = load_artifact(serving_artifact)
     engine = Engine(art, device="cpu", threads=1)
+    # through the segments (which way pays for this tiny model is this machine's call, tested
+    # in test_batching_follows_what_a_run_costs_on_this_machine; here: what the segments do)
+    engine.costs = None
     data = sample_images()["rgb45x61-png"]
     x = evolve_input(data, engine.tasks["a"].preprocessing)
     tasks = ["a", "b", "c", "d"]
@@ -222,6 +227,51 @@ def test_batching_follows_what_a_run_costs_on_this_machine(serving_artifact, mon
     x = items[0][1]
     assert not e._share_a_segment([("a", x), ("b", x.copy()), ("c", x.copy())])
     assert e._share_a_segment([("a", x), ("b", x), ("c", x)])
+    # the decision is remembered per batch shape (each item's task and rows, and which items
+    # pass one array): another batch of that shape takes the same plan without deciding again
+    y = x.copy()
+    assert e._segments_plan([("a", y), ("b", y), ("c", y)]) is e._segments_plan([("a", x), ("b", x), ("c", x)])
+    assert len(e.ways.plans) == 2
+
+
+def test_the_clock_settles_the_way_a_batch_shape_takes(serving_artifact, monkeypatch):
+    """Where the cost model sends a batch shape through the segments, the shape's next batches
+    take both ways in turn and the one that was faster here stays for that shape."""
+    from mutask.export.artifact import load_artifact
+    from mutask.serving import calibrate
+    from mutask.serving import engine as E
+    from mutask.serving.engine import Engine
+
+    art = load_artifact(serving_artifact)
+    rng = np.random.default_rng(6)
+    x = rng.uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32)
+    items = [("a", x), ("b", x.copy())]  # a and b share segments
+    e = Engine(art, device="cpu", threads=1, rows_per_run=64)
+    cheap_segments = calibrate.CostModel({k: (1e-3 if k.startswith("task:") else 1e-6) for k in e.sessions}, {1: 1.0}, 64)
+    e.costs = cheap_segments  # segments predicted at a tiny part of the graphs' cost: no trial
+    e.run(items)
+    assert e._segments_plan(items) is not None and not e.ways.trials
+    monkeypatch.setattr(E, "MODEL_TRUSTED_BELOW", 0.0)  # now every pick of the segments is checked
+    for slow, stays in (("_run_segments", "graphs"), ("_run_per_task", "segments")):
+        e = Engine(art, device="cpu", threads=1, rows_per_run=64)
+        e.costs = cheap_segments
+        real = getattr(e, slow)
+
+        def slowed(*args, real=real):
+            time.sleep(0.02)  # this way is slower on "this machine"
+            return real(*args)
+
+        monkeypatch.setattr(e, slow, slowed)
+        ways = []
+        for _ in range(2 * calibrate.TRIAL_RUNS + 3):
+            before = {k: s["runs"] for k, s in e.stats.items()}
+            e.run([(t, v.copy()) for t, v in items])  # new arrays, the same shape
+            ways.append("segments" if any(e.stats[sid]["runs"] > before[sid] for sid in art.segments) else "graphs")
+        trial = ways[: 2 * calibrate.TRIAL_RUNS]
+        assert trial.count("segments") == trial.count("graphs") == calibrate.TRIAL_RUNS and trial[0] == "segments"
+        assert ways[2 * calibrate.TRIAL_RUNS :] == [stays] * 3, (slow, ways)
+        assert e.ways.settled[stays] == 1 and not e.ways.trials
+        assert (e._segments_plan(items) is not None) == (stays == "segments")
 
 
 def test_a_segment_chain_passes_hidden_states_on_without_host_copies(serving_artifact, monkeypatch):
