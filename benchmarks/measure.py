@@ -94,7 +94,7 @@ def http_latency(client, task: str, png: bytes, n: int, max_seconds: float, warm
 async def _closed_loop(url: str, jobs: list, concurrency: int, n: int, max_seconds: float) -> dict:
     import httpx
 
-    state = {"next": 0, "done": 0, "errors": 0, "wrong": 0}
+    state = {"next": 0, "done": 0, "errors": 0, "wrong": 0, "transport_errors": 0}
     t_end = time.monotonic() + max_seconds
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as c:
@@ -106,7 +106,12 @@ async def _closed_loop(url: str, jobs: list, concurrency: int, n: int, max_secon
             while state["next"] < n and time.monotonic() < t_end:
                 task, png, expected = jobs[state["next"] % len(jobs)]
                 state["next"] += 1
-                r = await _post(c, task, png)
+                try:
+                    r = await _post(c, task, png)
+                except httpx.TransportError:  # a reset or closed connection: counted, the client goes on
+                    state["errors"] += 1
+                    state["transport_errors"] += 1
+                    continue
                 if r.status_code != 200:
                     state["errors"] += 1
                     continue
@@ -117,12 +122,13 @@ async def _closed_loop(url: str, jobs: list, concurrency: int, n: int, max_secon
         t0 = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
-    return {"requests": state["done"], "errors": state["errors"], "wrong": state["wrong"], "seconds": wall,
+    return {"requests": state["done"], "errors": state["errors"], "transport_errors": state["transport_errors"], "wrong": state["wrong"], "seconds": wall,
             "rps": state["done"] / wall if wall else 0.0}
 
 
 def closed_loop(url: str, jobs: list, concurrency: int, n: int, max_seconds: float) -> dict:
     """``concurrency`` clients POST ``jobs`` (``(task, png, expected index or None)``, taken
     in order, round-robin) to ``url``/predict until ``n`` were sent or ``max_seconds`` passed.
-    Requests answered 200, errors, wrong answers, seconds and requests/s."""
+    Requests answered 200, errors (of which transport errors: a connection reset or closed
+    under the request), wrong answers, seconds and requests/s."""
     return asyncio.run(_closed_loop(url, jobs, concurrency, n, max_seconds))

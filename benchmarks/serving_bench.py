@@ -115,15 +115,18 @@ def scrape(url: str) -> dict:
     }
 
 
-def throughput(url: str, images: dict, concurrency: int, n: int, max_seconds: float) -> dict:
-    """One throughput point (tasks round-robin), with the shared-segment share of compute and
-    the mean engine batch over exactly that point (counters read before and after)."""
-    before = scrape(url)
+def throughput(server: ServerProcess, images: dict, concurrency: int, n: int, max_seconds: float) -> dict:
+    """One throughput point (tasks round-robin), with the shared-segment share of compute, the
+    mean engine batch and the server's CPU milliseconds per request over exactly that point
+    (counters read before and after)."""
+    url = server.url
+    before, cpu0 = scrape(url), server.cpu_seconds()
     res = closed_loop(url, [(t, png, None) for t, png in images.items()], concurrency, n, max_seconds)
-    after = scrape(url)
+    cpu1, after = server.cpu_seconds(), scrape(url)
     d = {k: after[k] - before[k] for k in after}
     res["shared_compute_share"] = d["seg_shared"] / d["seg_all"] if d["seg_all"] > 0 else None
     res["mean_engine_batch"] = d["rows"] / d["batches"] if d["batches"] > 0 else None
+    res["server_cpu_ms_per_request"] = 1e3 * (cpu1 - cpu0) / res["requests"] if res["requests"] else None
     return res
 
 
@@ -134,27 +137,40 @@ def throughput_curve(servers: dict, images: dict, curve: list[int], repeats: int
     for r in range(repeats):
         for c in curve:
             for m in (MODES if r % 2 == 0 else MODES[::-1]):
-                res = throughput(servers[m].url, images, c, max(requests, 4 * c), max_seconds)
+                res = throughput(servers[m], images, c, max(requests, 4 * c), max_seconds)
                 runs[m][c].append(res)
-                print(f"  repeat {r + 1} {m:<8} c={c:<3} {res['rps']:8.1f} req/s  batch {res['mean_engine_batch'] or 0:.2f}", flush=True)
+                print(f"  repeat {r + 1} {m:<8} c={c:<3} {res['rps']:8.1f} req/s  batch {res['mean_engine_batch'] or 0:.2f}  "
+                      f"server CPU {res['server_cpu_ms_per_request'] or 0:.2f} ms/request", flush=True)
     return runs
 
 
 def summarize_curve(runs: dict, curve: list[int]) -> dict:
-    """Medians over the repeats of each point: requests/s, mean engine batch, shared share; errors summed."""
+    """Medians over the repeats of each point: requests/s, mean engine batch, shared share,
+    server CPU per request; errors summed. ``paired``: each repeat's ratio of the two servers
+    (measured back to back), their median and range: the machine's drift cancels within a pair."""
     def med(xs, key):
         vals = [x[key] for x in xs if x.get(key) is not None]
         return statistics.median(vals) if vals else None
 
-    return {
-        str(c): {
+    out = {}
+    for c in curve:
+        point = {
             m: {"rps_median": med(runs[m][c], "rps"), "rps_all": [x["rps"] for x in runs[m][c]],
                 "mean_engine_batch": med(runs[m][c], "mean_engine_batch"), "errors": sum(x["errors"] for x in runs[m][c]),
-                "shared_compute_share": med(runs[m][c], "shared_compute_share")}
+                "transport_errors": sum(x.get("transport_errors", 0) for x in runs[m][c]),
+                "shared_compute_share": med(runs[m][c], "shared_compute_share"),
+                "server_cpu_ms_per_request": med(runs[m][c], "server_cpu_ms_per_request"),
+                "seconds": sum(x["seconds"] for x in runs[m][c]), "requests": sum(x["requests"] for x in runs[m][c])}
             for m in runs
         }
-        for c in curve
-    }
+        if set(MODES) <= set(runs):
+            ratios = [a["rps"] / b["rps"] for a, b in zip(runs["segments"][c], runs["per_task"][c]) if b["rps"]]
+            cpu = [a["server_cpu_ms_per_request"] / b["server_cpu_ms_per_request"]
+                   for a, b in zip(runs["segments"][c], runs["per_task"][c]) if a.get("server_cpu_ms_per_request") and b.get("server_cpu_ms_per_request")]
+            point["paired"] = {"rps_ratios": ratios, "rps_ratio_median": statistics.median(ratios) if ratios else None,
+                               "cpu_ratios": cpu, "cpu_ratio_median": statistics.median(cpu) if cpu else None}
+        out[str(c)] = point
+    return out
 
 
 def measure_servers(a, art, images: dict, curve: list[int], threads: int) -> dict:
@@ -174,6 +190,10 @@ def measure_servers(a, art, images: dict, curve: list[int], threads: int) -> dic
             print("throughput ...", flush=True)
             runs = throughput_curve(servers, images, curve, a.repeats, a.requests, a.max_seconds)
             memory_after = {m: s.worker_rss() for m, s in servers.items()}
+        except BaseException:
+            for m, s in servers.items():  # what the servers said before the temporary directory goes
+                print(f"--- server {m}: exit code {s.proc.poll()}, log tail:\n{s.log()[-3000:]}", file=sys.stderr)
+            raise
         finally:
             for s in servers.values():
                 s.stop()
@@ -244,22 +264,56 @@ def latency_md(doc: dict) -> list[str]:
     return lines
 
 
+def median_interval(values: list[float], level: float = 0.95, resamples: int = 10_000) -> tuple[float, float]:
+    """A percentile-bootstrap interval for the median of ``values`` (a fixed seed: the record
+    renders the same from its JSON)."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    idx = np.random.default_rng(0).integers(0, len(v), (resamples, len(v)))
+    meds = np.median(v[idx], axis=1)
+    return float(np.quantile(meds, (1 - level) / 2)), float(np.quantile(meds, 1 - (1 - level) / 2))
+
+
 def throughput_md(doc: dict) -> list[str]:
+    s = doc["settings"]
     lines = [
-        f"## Mixed-task throughput (requests/s, median of {doc['settings']['repeats']}; tasks round-robin)",
+        f"## Mixed-task throughput (requests/s, median of {s['repeats']}; tasks round-robin; "
+        f"{s['requests']} requests per server and repeat at least)",
         "",
-        "| concurrency | segment graph | one session per task | speed-up | segment-graph mean batch | per-task mean batch | shared-segment share of compute |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| concurrency | segment graph | one session per task | speed-up (ratio of medians) | speed-up (median of paired repeats, 95 % interval) | paired range | "
+        "server CPU ms/request: segment graph | per task | segment-graph mean batch | per-task mean batch | shared-segment share of compute | errors: segment graph / per task |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c, point in doc["throughput"].items():
         tr, pt = point["segments"], point["per_task"]
         sp = tr["rps_median"] / pt["rps_median"] if tr["rps_median"] and pt["rps_median"] else float("nan")
         share = tr["shared_compute_share"]
+        paired = point.get("paired") or {}
+        ratios = paired.get("rps_ratios") or []
+        pm = f"{paired['rps_ratio_median']:.3f}x" if paired.get("rps_ratio_median") else "-"
+        if len(ratios) >= 3:
+            lo, hi = median_interval(ratios)
+            pm += f" ({lo:.2f}-{hi:.2f})"
+        rng = f"{min(ratios):.2f}-{max(ratios):.2f}x" if ratios else "-"
+
+        def cpu(rec):
+            v = rec.get("server_cpu_ms_per_request")
+            return "-" if v is None else f"{v:.2f}"
+
         lines.append(
-            f"| {c} | {tr['rps_median']:.1f} | {pt['rps_median']:.1f} | {sp:.2f}x | {tr['mean_engine_batch'] or 0:.2f} | "
-            f"{pt['mean_engine_batch'] or 0:.2f} | {'-' if share is None else f'{share:.1%}'} |"
+            f"| {c} | {tr['rps_median']:.1f} | {pt['rps_median']:.1f} | {sp:.3f}x | {pm} | {rng} | {cpu(tr)} | {cpu(pt)} | "
+            f"{tr['mean_engine_batch'] or 0:.2f} | {pt['mean_engine_batch'] or 0:.2f} | {'-' if share is None else f'{share:.1%}'} | "
+            f"{tr['errors']} / {pt['errors']} |"
         )
-    return lines
+    return lines + [
+        "",
+        "Each repeat measures the two servers back to back (their order alternating), so a repeat's ratio is "
+        "measured under the same machine load (the interval: a bootstrap of the paired ratios' median, 10,000 "
+        "resamples); 'server CPU' is the CPU time of the server's whole process "
+        "tree over the point divided by its requests (what the server does per request, which the client's "
+        "share of the cores does not blur).",
+    ]
 
 
 def engine_md(doc: dict) -> list[str]:
