@@ -10,9 +10,10 @@ session per task graph, each batching its own task's requests: the baseline), an
 1. per-task HTTP latency at batch 1 (sequential requests; p50, p99) on ``segments`` against a bare
    onnxruntime run of the same per-task graph in this process (the same preprocessed input);
 2. mixed-task throughput (requests/s; tasks round-robin) at each concurrency of the curve,
-   ``segments`` vs ``per_task``, repeats interleaved, medians; plus the share of compute time spent
-   in shared segments (from the server's ``mutask_segment_seconds_total``) and the mean
-   engine batch size;
+   ``segments`` vs ``per_task`` back to back in every repeat (the order alternating), medians and
+   the median of the paired ratios with a bootstrap interval; plus the share of compute time
+   spent in shared segments (from the server's ``mutask_segment_seconds_total``), the mean
+   engine batch size and each server's CPU time per request;
 3. resident memory (RSS, psutil) of each server's worker process, against the artifact's
    unique weight bytes and against each other;
 4. the engine alone, without HTTP (:mod:`mutask.benchmarks.engine_bench`).
@@ -311,8 +312,8 @@ def throughput_md(doc: dict) -> list[str]:
         "Each repeat measures the two servers back to back (their order alternating), so a repeat's ratio is "
         "measured under the same machine load (the interval: a bootstrap of the paired ratios' median, 10,000 "
         "resamples); 'server CPU' is the CPU time of the server's whole process "
-        "tree over the point divided by its requests (what the server does per request, which the client's "
-        "share of the cores does not blur).",
+        "tree over the point divided by its requests (what the server does per request: steadier than requests/s, "
+        "though contention for the cores still raises it).",
     ]
 
 

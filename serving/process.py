@@ -123,8 +123,8 @@ class ServiceProcess:
 
     def cpu_seconds(self) -> float:
         """CPU seconds (user + system) the whole server has used so far: the arbiter and its
-        workers. Differences over a measurement give the server's work per request, which the
-        client's share of a small machine's cores does not blur as it blurs requests/s."""
+        workers. Differences over a measurement give the server's work per request, which a
+        client sharing a small machine's cores blurs less than it blurs requests/s."""
         import psutil
 
         root = psutil.Process(self.proc.pid)
