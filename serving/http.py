@@ -4,7 +4,7 @@ a request reaches the application.
 BentoML runs uvicorn with the httptools parser, which buffers any amount of header bytes,
 keeps a connection that never finishes its headers (or its body) open forever, and accepts
 connections until the process runs out of file descriptors; BentoML exposes no setting for
-any of that. :class:`GuardedHttpToolsProtocol` is uvicorn's own httptools protocol with four
+any of that. :class:`GuardedHttpToolsProtocol` is uvicorn's own httptools protocol with these
 limits added, answered the way uvicorn answers a malformed request (a short response, then
 the connection closed), never reaching the application or its metrics:
 
@@ -14,10 +14,13 @@ the connection closed), never reaching the application or its metrics:
   new connection that sends nothing for that long): 408 Request Timeout;
 * a body that does not arrive within ``body_timeout_s`` of its headers: the connection is
   closed (the application sees a disconnect);
-* more than ``max_connections`` open connections: the oldest connection that is still waiting
-  for its request's headers is answered 408 and closed to make room (so a flood of idle
-  connections cannot lock clients out); when every connection is busy with a request, the new
-  one is answered 503 and closed, at once;
+* more than ``max_connections`` open connections: the oldest idle connection (waiting for its
+  request's headers: answered 408; or between requests on a kept-alive connection: closed) is
+  closed to make room (so a flood of idle connections cannot lock clients out); when every
+  connection is busy with a request, the new one is answered 503 and closed, at once;
+* an idle connection between requests is kept ``keep_alive_s`` (uvicorn's 5 s is the idle
+  expiry of httpx's own pool too: a request sent just as the server closed its connection came
+  back to the client as a reset; longer than the clients', the client closes first);
 * a path the service does not serve: 404, so that BentoML's request metrics, which label
   every request by its raw path, only ever see the service's own paths (a scan of random
   URLs would otherwise add series to ``/metrics`` without bound).
@@ -47,6 +50,7 @@ class Limits:
     header_timeout_s = 10.0
     body_timeout_s = 60.0
     max_connections = 1000
+    keep_alive_s = 75.0
     paths: frozenset | None = None  # the paths served (None: any)
 
 
@@ -58,6 +62,7 @@ def configure(settings, paths=None) -> None:
     Limits.header_timeout_s = settings.header_timeout_s
     Limits.body_timeout_s = settings.body_timeout_s
     Limits.max_connections = settings.max_connections
+    Limits.keep_alive_s = settings.keep_alive_s
     Limits.paths = frozenset(paths) if paths is not None else None
 
 
@@ -92,16 +97,28 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.transport = transport  # for connection_lost
             self._refuse(503, f"the server has {Limits.max_connections} connections busy with requests (MUTASK_MAX_CONNECTIONS); retry later")
             return
+        self.timeout_keep_alive = Limits.keep_alive_s  # uvicorn arms it after each response
         super().connection_made(transport)
         self._arm(Limits.header_timeout_s)
 
+    def _between_requests(self) -> bool:
+        """Kept alive after a response, its next request not begun."""
+        return not self._awaiting_headers and self.cycle is not None and self.cycle.response_complete
+
     def _evict_idle(self) -> bool:
-        """Close the oldest connection still waiting for request headers; False if none is."""
-        idle = [c for c in self.connections if isinstance(c, GuardedHttpToolsProtocol) and c._awaiting_headers and not c._refused]
+        """Close the oldest idle connection (waiting for request headers: answered 408; between
+        requests: closed, as its keep-alive expiring would); False if none is idle."""
+        idle = [c for c in self.connections if isinstance(c, GuardedHttpToolsProtocol) and not c._refused
+                and (c._awaiting_headers or c._between_requests())]
         if not idle:
             return False
         oldest = min(idle, key=lambda c: c._opened)
-        oldest._refuse(408, f"closed to make room: the server holds {Limits.max_connections} connections (MUTASK_MAX_CONNECTIONS)")
+        if oldest._awaiting_headers:
+            oldest._refuse(408, f"closed to make room: the server holds {Limits.max_connections} connections (MUTASK_MAX_CONNECTIONS)")
+        else:
+            oldest._refused = True
+            oldest._disarm()
+            oldest.transport.close()
         self.connections.discard(oldest)
         return True
 

@@ -51,6 +51,10 @@ class Settings:
     header_timeout_s: float = 10.0  # a request's headers (or a new connection's first request) must arrive within
     body_timeout_s: float = 60.0  # a request's body must arrive within, from its headers
     max_connections: int = 1000  # open connections; more are answered 503 and closed
+    # an idle connection between requests stays open this long: longer than clients keep theirs
+    # (httpx 5 s, aiohttp 15 s), so the client closes first; uvicorn's 5 s raced httpx's 5 s, and a
+    # request sent as the server closed its connection came back as a reset (seen under load)
+    keep_alive_s: float = 75.0
 
     @property
     def threads(self) -> int:
@@ -78,7 +82,7 @@ class Settings:
             raise SettingsError(f"MUTASK_ENGINE={self.engine!r}: segments (the server) or per_task (a benchmark baseline)")
         for name in (
             "max_batch", "max_image_bytes", "max_image_pixels", "max_batch_images", "max_body_bytes", "max_request_pixels",
-            "max_header_bytes", "max_headers", "header_timeout_s", "body_timeout_s", "max_connections",
+            "max_header_bytes", "max_headers", "header_timeout_s", "body_timeout_s", "max_connections", "keep_alive_s",
         ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"MUTASK_{name.upper()} must be positive, got {getattr(self, name)}")

@@ -24,6 +24,7 @@ LIMITS = {
     "MUTASK_HEADER_TIMEOUT_S": 1.5,
     "MUTASK_BODY_TIMEOUT_S": 2.5,
     "MUTASK_MAX_CONNECTIONS": 40,
+    "MUTASK_KEEP_ALIVE_S": 1.0,
     "MUTASK_MAX_IMAGE_PIXELS": 4_000_000,
     "MUTASK_MAX_REQUEST_PIXELS": 6_000_000,
 }
@@ -204,6 +205,59 @@ def test_connections_over_the_cap(server):
             s.close()
     time.sleep(0.3)
     served_promptly(server)
+
+
+def test_a_kept_alive_connection_stays_open_for_keep_alive_s(server):
+    """After a response the connection stays open for MUTASK_KEEP_ALIVE_S (here 1 s; the default
+    75 s outlives clients' own idle expiry, so they close first), then the server closes it."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+        s.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer, last = b"", time.monotonic()
+        while chunk := s.recv(65536):  # the response, then b"" when the server closes
+            answer, last = answer + chunk, time.monotonic()
+        waited = time.monotonic() - last
+    assert status(answer) == 200 and answer.count(b"HTTP/1.1 ") == 1
+    assert 0.8 <= waited < 3.0, waited  # uvicorn's own default would have kept it 5 s
+
+
+def test_an_idle_kept_alive_connection_makes_room_before_a_busy_one():
+    """Over the connection cap, a connection between requests counts as idle: the oldest idle
+    one is closed (a kept-alive one silently, as its expiry would), never one mid-request."""
+    from types import SimpleNamespace
+
+    from mutask.serving.http import GuardedHttpToolsProtocol
+
+    class Transport:
+        def __init__(self):
+            self.closed, self.written = False, b""
+
+        def write(self, data):
+            self.written += data
+
+        def close(self):
+            self.closed = True
+
+        def is_closing(self):
+            return self.closed
+
+    def conn(opened, awaiting, response_complete):
+        c = GuardedHttpToolsProtocol.__new__(GuardedHttpToolsProtocol)
+        c._opened, c._awaiting_headers, c._refused, c._timer = opened, awaiting, False, None
+        c.cycle = None if response_complete is None else SimpleNamespace(response_complete=response_complete)
+        c.transport = Transport()
+        return c
+
+    busy = conn(0.0, False, False)  # oldest, but its response is not done
+    kept_alive = conn(1.0, False, True)
+    waiting = conn(2.0, True, None)
+    new = conn(3.0, True, None)
+    new.connections = {busy, kept_alive, waiting}
+    assert new._evict_idle()
+    assert kept_alive.transport.closed and kept_alive.transport.written == b"" and kept_alive not in new.connections
+    assert not busy.transport.closed and not waiting.transport.closed
+    assert new._evict_idle()  # then the one waiting for its headers: answered 408
+    assert waiting.transport.closed and status(waiting.transport.written) == 408
+    assert not new._evict_idle() and not busy.transport.closed  # only busy ones left
 
 
 # ---- 5. never a 500 on client input ------------------------------------------------------------
