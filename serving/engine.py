@@ -41,9 +41,10 @@ from .weights import SHARED_WEIGHTS_DISABLED_OPTIMIZERS, WeightStore
 __all__ = ["Engine", "EngineError"]
 
 # A batch goes through the segments only when the cost model predicts them this much cheaper
-# than the task graphs: the model leaves out the engine's own work per run (binding, gathering
-# rows), which more, smaller segment runs pay more often (on the demo system, mixed batches of
-# 8 ran at 0.86x through segments the model had ranked slightly cheaper).
+# than the task graphs: the model, built from each session's one-row run, still leaves out what
+# gathering rows and cold caches between many small runs cost (on the demo system chains of
+# segments took 1.2-2x what it predicted), and a close call is then checked by the clock
+# (calibrate.Ways).
 SEGMENTS_MARGIN = 0.85
 
 log = logging.getLogger("mutask.serving")
