@@ -102,15 +102,22 @@ def _fastest(engine, sid: str, x: np.ndarray, repeats: int) -> float:
     """The fastest of ``repeats`` runs of a segment through the engine (its I/O binding, the
     output brought to the host), or of as many as fit in 20 ms when runs are short (a run of
     microseconds varies by tens of percent; at most 50)."""
-    from .engine import _Host
-
     best, n, start = float("inf"), 0, time.perf_counter()
     while n < repeats or (time.perf_counter() - start < 0.02 and n < 50):
-        t0 = time.perf_counter()
-        _Host()(engine._session_run(sid, x, bound=True))
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, _engine_run_seconds(engine, sid, x))
         n += 1
     return best
+
+
+def _engine_run_seconds(engine, key: str, x: np.ndarray) -> float:
+    """Seconds of one run of session ``key`` the way the engine runs it: a segment through its
+    I/O binding, its output brought to the host (as the next segment's input is); a task's
+    graph as the per-task way runs it."""
+    from .engine import _Host
+
+    t0 = time.perf_counter()
+    _Host()(engine._session_run(key, x, bound=not key.startswith("task:")))
+    return time.perf_counter() - t0
 
 
 class CostModel:
@@ -192,14 +199,10 @@ class Ways:
 
 
 def run_costs(engine) -> dict[str, float]:
-    """Seconds of one warm one-row run of every session, through the engine's own way of
-    running it (a segment through its I/O binding, its output brought to the host as the next
-    segment's input is; a task's graph as the per-task way runs it): on a small model the
-    engine's work around a run is a large part of it (on the demo system a one-block segment
-    cost 189 us run bare and 218 us so, a pos_embed segment 18 and 34). After a warm-up run,
-    the fastest of three where a run is short."""
-    from .engine import _Host
-
+    """Seconds of one warm one-row run of every session through the engine
+    (:func:`_engine_run_seconds`): on a small model the engine's work around a run is a large
+    part of it (on the demo system a one-block segment cost 189 us run bare and 218 us so, a
+    pos_embed segment 18 and 34). After a warm-up run, the fastest of three where a run is short."""
     out = {}
     for key in engine.sessions:
         if key.startswith("task:"):
@@ -208,14 +211,7 @@ def run_costs(engine) -> dict[str, float]:
         else:
             shape = [int(d) for d in engine.segments[key].input_shape[1:]]
         x = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
-        bound = not key.startswith("task:")
-
-        def once(key=key, x=x, bound=bound) -> float:
-            t0 = time.perf_counter()
-            _Host()(engine._session_run(key, x, bound=bound))
-            return time.perf_counter() - t0
-
-        once()  # warm-up
-        first = once()
-        out[key] = first if first > 0.01 else min(first, once(), once())
+        _engine_run_seconds(engine, key, x)  # warm-up
+        first = _engine_run_seconds(engine, key, x)
+        out[key] = first if first > 0.01 else min(first, _engine_run_seconds(engine, key, x), _engine_run_seconds(engine, key, x))
     return out
