@@ -33,7 +33,7 @@ from pathlib import Path
 import httpx
 
 from mutask.benchmarks.common import RESULTS, write
-from mutask.serving.process import ServerProcess, child_env
+from mutask.server_process import ServerProcess, child_env
 
 HUGE_HEADER = 150 << 20
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from mutask.benchmarks.common import RESULTS, serving_machine, write
 from mutask.benchmarks.measure import closed_loop, http_latency, model_input, noise_pngs, plain_session, run_times, summary_ms
-from mutask.serving.process import ServerProcess, ServiceProcess, child_env, free_port
+from mutask.server_process import ServerProcess, ServiceProcess, child_env, free_port
 from mutask.serving.settings import default_threads
 
 SERVERS = ("mutask", "minimal")

@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from mutask.benchmarks.measure import model_input
-from mutask.serving.process import child_env
+from mutask.server_process import child_env
 
 # name -> the Engine keywords that make it (besides device and threads)
 CONFIGS = {

@@ -19,7 +19,7 @@ import numpy as np
 
 from mutask.benchmarks.common import median, write
 from mutask.benchmarks.measure import model_input, plain_session
-from mutask.serving.process import png_bytes, running_server
+from mutask.server_process import png_bytes, running_server
 
 
 def reference_answers(art_path, samples_per_task: int = 32, seed: int = 0) -> list[tuple[str, bytes, int]]:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from mutask.benchmarks.common import RESULTS, serving_machine, write
 from mutask.benchmarks.measure import model_input, noise_pngs
-from mutask.serving.process import ServerProcess, child_env
+from mutask.server_process import ServerProcess, child_env
 from mutask.serving.settings import default_threads
 
 

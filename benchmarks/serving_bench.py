@@ -37,7 +37,7 @@ from pathlib import Path
 from mutask.benchmarks import engine_bench
 from mutask.benchmarks.common import RESULTS, serving_machine, write
 from mutask.benchmarks.measure import closed_loop, http_latency as latency_series, model_input, noise_pngs, plain_session, run_times, summary_ms
-from mutask.serving.process import ServerProcess, child_env, metric_value
+from mutask.server_process import ServerProcess, child_env, metric_value
 from mutask.serving.settings import cpu_count, default_threads
 
 MODES = ("segments", "per_task")

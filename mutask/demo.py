@@ -61,7 +61,7 @@ def _cmd_demo(a) -> None:
 def run_demo(out: Path, *, budget: str = "quick", tasks=None, requests_per_task=None, concurrency: int = 8, show_progress: bool = True, root=None) -> dict:
     from mutask.errors import MutaskError
 
-    from mutask.serving.process import png_bytes, predict_all, running_server
+    from mutask.server_process import png_bytes, predict_all, running_server
     from mutask.evolve.tasks import EMBEDDED_TASKS, load_task
 
     t_start = time.perf_counter()

@@ -165,7 +165,7 @@ def reference_logits(artifact: Path, task: str, data: bytes) -> np.ndarray:
 # ---- a real server ------------------------------------------------------------------------
 
 
-from mutask.serving.process import free_port  # noqa: E402,F401  (re-exported for the tests)
+from mutask.server_process import free_port  # noqa: E402,F401  (re-exported for the tests)
 
 
 def subprocess_env(extra: dict | None = None) -> dict:
@@ -180,8 +180,8 @@ def subprocess_env(extra: dict | None = None) -> dict:
 
 
 def Server(artifact: Path, log_path: Path, env: dict | None = None):
-    """``mutask serve ART`` as a subprocess (mutask.serving.process.ServerProcess) with the test environment."""
-    from mutask.serving.process import ServerProcess
+    """``mutask serve ART`` as a subprocess (mutask.server_process.ServerProcess) with the test environment."""
+    from mutask.server_process import ServerProcess
 
     return ServerProcess(artifact, log_path=log_path, env=subprocess_env(env))
 

@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from mutask.serving.process import metric_value
+from mutask.server_process import metric_value
 from tests.test_serving_helpers import Server, check_battery, reference_logits, sample_images, serving_artifact
 
 __all__ = ["serving_artifact"]  # the session fixture, imported for pytest
