@@ -5,8 +5,9 @@ segment chain against its task graph, on a bounded, evenly spaced sample of the 
 split (``samples`` images, read through the split's streaming images; preprocessed by the task's
 :class:`mutask.preprocessing.Preprocessing`, the one its manifest entry records: the root's at
 the path's image size), or on random inputs when its data cannot be loaded (recorded as
-such). Both must agree within :data:`export.verify.ATOL` with arg-max agreement of at least
-:data:`export.verify.MIN_ARGMAX_AGREEMENT`.
+such). Both must agree as :func:`export.chain.agreement` rules (within :data:`export.chain.ATOL`,
+arg-max agreement of at least :data:`export.chain.MIN_ARGMAX_AGREEMENT`); the chain check is
+:func:`export.chain.chain_vs_graph`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from mutask.preprocessing import Preprocessing
 
 from .entries import task_preprocessing
 from .manifest import TaskParity
-from .verify import ATOL, DEFAULT_SAMPLES, MIN_ARGMAX_AGREEMENT, chain_outputs, compare, graph_outputs, random_inputs, release_heap, split_batches
+from .chain import ATOL, MIN_ARGMAX_AGREEMENT, agreement, chain_vs_graph, release_heap
+from .verify import DEFAULT_SAMPLES, random_inputs, split_batches
 
 log = logging.getLogger("mutask")
 
@@ -78,21 +80,20 @@ def check_parity(system, paths: dict, modules: dict, chains: dict, task_graphs: 
         model = PathModel([system.store[c].name for c in p.components], [modules[c] for c in p.components]).eval()
         with torch.no_grad():
             ref = np.concatenate([model(torch.from_numpy(x)).numpy() for x in batches])
-        got = np.concatenate(graph_outputs(task_graphs[t], batches, "image", "logits"))
-        via = np.concatenate(chain_outputs([segment_graphs[sid] for sid in chains[t]], batches))
+        got, vs_graph = chain_vs_graph(task_graphs[t], [segment_graphs[sid] for sid in chains[t]], batches)
         del model, batches
         release_heap()
-        vs_torch, vs_graph = compare(got, ref), compare(via, got)
+        vs_torch = agreement(got, ref)
         parity[t] = TaskParity(
             inputs=source,
             examples=int(len(ref)),
-            onnx_vs_torch_max_abs_diff=vs_torch["max_abs_diff"],
-            onnx_vs_torch_argmax_agreement=vs_torch["argmax_agreement"],
-            onnx_vs_torch_ok=vs_torch["ok"],
-            chain_vs_graph_max_abs_diff=vs_graph["max_abs_diff"],
-            chain_vs_graph_argmax_agreement=vs_graph["argmax_agreement"],
-            chain_vs_graph_ok=vs_graph["ok"],
-            ok=bool(vs_torch["ok"] and vs_graph["ok"]),
+            onnx_vs_torch_max_abs_diff=vs_torch.max_abs_diff,
+            onnx_vs_torch_argmax_agreement=vs_torch.argmax_agreement,
+            onnx_vs_torch_ok=vs_torch.ok,
+            chain_vs_graph_max_abs_diff=vs_graph.max_abs_diff,
+            chain_vs_graph_argmax_agreement=vs_graph.argmax_agreement,
+            chain_vs_graph_ok=vs_graph.ok,
+            ok=vs_torch.ok and vs_graph.ok,
         )
     failures = [t for t in tasks if not parity[t].ok]
     if failures:
