@@ -32,16 +32,17 @@ class Agreement:
     ok: bool
 
 
-def agreement(got: np.ndarray, ref: np.ndarray) -> Agreement:
+def agreement(got: np.ndarray, ref: np.ndarray, atol: float = ATOL, min_argmax: float = MIN_ARGMAX_AGREEMENT) -> Agreement:
     """``got`` against ``ref`` (rows of logits): max |difference|, share of rows with the same
-    arg-max, and ``ok`` when both are within :data:`ATOL` and :data:`MIN_ARGMAX_AGREEMENT`
-    (never for different shapes or non-finite values)."""
+    arg-max, and ``ok`` when both are within the bounds (the artifact's: :data:`ATOL`,
+    :data:`MIN_ARGMAX_AGREEMENT`; a caller on another device may pass its own). Never ``ok``
+    for different shapes or non-finite values."""
     got, ref = np.asarray(got), np.asarray(ref)
     if got.shape != ref.shape or got.ndim != 2:
         return Agreement(float("inf"), 0.0, False)
     diff = float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max()) if got.size else 0.0
     agree = float((got.argmax(1) == ref.argmax(1)).mean()) if len(got) else 1.0
-    return Agreement(diff, agree, bool(diff <= ATOL and agree >= MIN_ARGMAX_AGREEMENT))
+    return Agreement(diff, agree, bool(diff <= atol and agree >= min_argmax))
 
 
 def ort_session(path, threads: int | None = None):

@@ -82,23 +82,25 @@ def random_inputs(n: int, pre: Preprocessing, seed: int = 0) -> np.ndarray:
     return pre.normalize(pixels)
 
 
-def _inputs(art, task: str, data: dict | None, samples: int):
-    """(batches, labels or None, source description) for a task."""
-    entry = art.tasks[task]
-    pre = entry.preprocessing
-    td, why = None, ""
+def check_data(task: str, spec, seed: int, data: dict | None):
+    """The task's TaskData: ``data[task]`` when given, else loaded from its ``spec`` and
+    ``seed``; None (with a warning: the check then runs on random inputs) when it cannot be."""
     if data is not None and task in data:
-        td = data[task]
-    else:
-        try:
-            from mutask.evolve.tasks import load_task
+        return data[task]
+    try:
+        from mutask.evolve.tasks import load_task
 
-            td = load_task(entry.spec, seed=entry.seed)
-        except Exception as e:  # directory gone, unknown spec
-            why = str(e)
+        return load_task(spec, seed=seed)
+    except Exception as e:  # directory gone, unknown spec
+        log.warning("task %s: its data cannot be loaded (%s); checking on random inputs", task, e)
+        return None
+
+
+def check_inputs(td, pre: Preprocessing, samples: int) -> tuple:
+    """(batches, labels or None, description) a check runs: a bounded sample of the task's test
+    split (:func:`split_batches`), or random inputs when there is none."""
     if td is not None and len(td.test):
         return split_batches(td.test, pre, samples)
-    log.warning("task %s: test data unavailable (%s); checking on random inputs", task, why or "empty test split")
     return [random_inputs(32, pre, seed=0)], None, "random inputs (test data unavailable)"
 
 
@@ -122,7 +124,7 @@ def verify_artifact(path, data=None, *, samples: int = DEFAULT_SAMPLES, show_pro
     report = {"path": str(art.path), "integrity": "ok: format version, files, sha256, external-data references", "tasks": {}}
     for task in tqdm(list(art.tasks), desc="verify", unit="task", disable=not show_progress, leave=False):
         entry = art.tasks[task]
-        batches, labels, source = _inputs(art, task, data, samples)
+        batches, labels, source = check_inputs(check_data(task, entry.spec, entry.seed, data), entry.preprocessing, samples)
         try:
             got, cmp = chain_vs_graph(art.graph_path(task), [art.segment_path(sid) for sid in entry.segments], batches, _open)
         except ArtifactError:
