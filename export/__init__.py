@@ -5,7 +5,9 @@ Reading needs no torch: :mod:`export.artifact` (``load_artifact``, ``Artifact``,
 (:mod:`export.manifest`, ``Manifest``) are what the server imports, eagerly. Writing
 (:mod:`export.build`, torch) and checking (:mod:`export.verify`) are reachable from here
 lazily, so importing this package never imports torch. The format is specified in
-``export/FORMAT.md``.
+``export/FORMAT.md``, generated from the manifest model by :mod:`export.format`. The graphs'
+input and output names are :mod:`export.manifest`'s ``TASK_INPUT`` .. ``SEGMENT_OUTPUT``; the
+chain-vs-whole-graph check is :mod:`export.chain` (torch-free; serving may call it).
 """
 
 from .artifact import FORMAT_VERSION, Artifact, ArtifactError, artifact_stats, load_artifact

@@ -1,11 +1,11 @@
 """Reading an exported artifact, without torch (``serving`` imports this module).
 
-Only json, hashlib, numpy, pydantic and safetensors.numpy: no torch, no onnx. The manifest is
-parsed by its schema (:mod:`mutask.export.manifest`); the ONNX graphs are checked with a minimal
-protobuf reader (:func:`external_refs`) that lists each initializer's external-data reference,
-so :func:`load_artifact` can prove that every weight a graph reads lies inside
-``weights.safetensors`` on exactly one tensor's bytes. The format is documented in
-``export/FORMAT.md``.
+Only json, hashlib, pydantic and the ``onnx`` package (protobuf): no torch. The manifest is
+parsed by its schema (:mod:`mutask.export.manifest`); each ONNX graph is parsed with ``onnx``
+without loading its external data (:func:`external_refs` lists every initializer's
+external-data reference), so :func:`load_artifact` can prove that every weight a graph reads
+lies inside ``weights.safetensors`` on exactly one tensor's bytes. The format is documented in
+``export/FORMAT.md`` (generated from the manifest model: ``python -m mutask.export.format``).
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import hashlib
 import json
 import pathlib
 import struct
-
-import numpy
 
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, ArtifactError, ComponentEntry, Manifest, SegmentEntry, TaskEntry
 
@@ -77,88 +75,33 @@ def read_safetensors_header(path) -> tuple[int, dict]:
     return start, header
 
 
-# ------------------------------------------------------------------ minimal protobuf reading
-
-
-def _varint(buf, pos: int) -> tuple[int, int]:
-    shift = result = 0
-    while True:
-        if pos >= len(buf):
-            raise ValueError("truncated varint")
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-        if shift > 70:
-            raise ValueError("varint too long")
-
-
-def _fields(buf):
-    """Yield (field number, wire type, value) of one protobuf message; length-delimited values
-    are memoryview slices, varints ints, fixed widths raw bytes."""
-    pos, n = 0, len(buf)
-    while pos < n:
-        key, pos = _varint(buf, pos)
-        num, wt = key >> 3, key & 7
-        if wt == 0:
-            val, pos = _varint(buf, pos)
-        elif wt == 1:
-            val, pos = buf[pos : pos + 8], pos + 8
-        elif wt == 2:
-            ln, pos = _varint(buf, pos)
-            if pos + ln > n:
-                raise ValueError("truncated field")
-            val, pos = buf[pos : pos + ln], pos + ln
-        elif wt == 5:
-            val, pos = buf[pos : pos + 4], pos + 4
-        else:
-            raise ValueError(f"unsupported wire type {wt}")
-        yield num, wt, val
-
-
-# ONNX field numbers (onnx.proto): ModelProto.graph = 7; GraphProto.initializer = 5,
-# GraphProto.input = 11, GraphProto.output = 12; TensorProto.name = 8, .raw_data = 9,
-# .external_data = 13, .data_location = 14; StringStringEntryProto.key = 1, .value = 2.
+# ------------------------------------------------------------------------------- ONNX graphs
 
 
 def external_refs(model_bytes: bytes) -> list[dict]:
     """Every initializer of an ONNX model's main graph: ``{"name", "external": bool,
-    "location", "offset", "length", "inline_bytes"}`` (no onnx package needed)."""
-    buf = memoryview(model_bytes)
-    graph = None
-    for num, wt, val in _fields(buf):
-        if num == 7 and wt == 2:
-            graph = val
-    if graph is None:
+    "location", "offset", "length", "inline_bytes"}``, read with ``onnx`` without loading any
+    external data. ``ValueError`` for bytes that are not an ONNX model."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    try:
+        model = onnx.load_model_from_string(bytes(model_bytes))
+    except Exception as e:  # protobuf's DecodeError and the like
+        raise ValueError(f"not an ONNX model: {e}") from None
+    if not model.HasField("graph"):
         raise ValueError("no graph in the model")
     out = []
-    for num, wt, val in _fields(graph):
-        if num != 5 or wt != 2:
-            continue
-        rec = {"name": "", "external": False, "location": None, "offset": 0, "length": None, "inline_bytes": 0}
-        for tnum, twt, tval in _fields(val):
-            if tnum == 8 and twt == 2:
-                rec["name"] = bytes(tval).decode("utf-8", "replace")
-            elif tnum == 9 and twt == 2:
-                rec["inline_bytes"] = len(tval)
-            elif tnum == 14 and twt == 0:
-                rec["external"] = tval == 1
-            elif tnum == 13 and twt == 2:
-                k = v = ""
-                for enum, ewt, evl in _fields(tval):
-                    if ewt == 2 and enum == 1:
-                        k = bytes(evl).decode("utf-8", "replace")
-                    elif ewt == 2 and enum == 2:
-                        v = bytes(evl).decode("utf-8", "replace")
-                if k == "location":
-                    rec["location"] = v
-                elif k == "offset":
-                    rec["offset"] = int(v)
-                elif k == "length":
-                    rec["length"] = int(v)
-        out.append(rec)
+    for t in model.graph.initializer:
+        info = ExternalDataInfo(t) if uses_external_data(t) else None
+        out.append({
+            "name": t.name,
+            "external": info is not None,
+            "location": info.location if info else None,
+            "offset": (info.offset or 0) if info else 0,
+            "length": info.length if info else None,
+            "inline_bytes": len(t.raw_data),
+        })
     return out
 
 
@@ -206,15 +149,6 @@ class Artifact:
     def chain(self, task: str) -> list[str]:
         """The task's segment ids, first (image in) to last (logits out)."""
         return list(self._task(task).segments)
-
-    def labels(self, task: str) -> list[str]:
-        return list(self._task(task).labels)
-
-    def tensors(self) -> dict[str, numpy.ndarray]:
-        """Every tensor of the weights file, by its name there."""
-        from safetensors.numpy import load_file
-
-        return load_file(str(self.weights_path))
 
     def __repr__(self) -> str:
         return f"Artifact({str(self.path)!r}, tasks={sorted(self.tasks)}, segments={len(self.segments)})"

@@ -37,7 +37,8 @@ from .graphs import graph_file_names, write_segment_graphs, write_task_graph
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, Manifest, Parity
 from .parity import check_parity, load_task_data
 from .segments import plan_segments
-from .verify import ATOL, DEFAULT_SAMPLES, MIN_ARGMAX_AGREEMENT
+from .chain import ATOL, MIN_ARGMAX_AGREEMENT
+from .verify import DEFAULT_SAMPLES
 from .weights import write_weights
 
 log = logging.getLogger("mutask")

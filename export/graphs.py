@@ -28,12 +28,10 @@ import torch
 
 from mutask.errors import MutaskError
 
-from .manifest import FORMAT_VERSION, WEIGHTS
+from .manifest import FORMAT_VERSION, INLINE_LIMIT, SEGMENT_INPUT, SEGMENT_OUTPUT, TASK_INPUT, TASK_OUTPUT, WEIGHTS
 from .weights import content_key
 
 log = logging.getLogger("mutask")
-
-INLINE_LIMIT = 4096  # bytes: larger initializers must be component tensors
 
 __all__ = ["INLINE_LIMIT", "SegmentGraph", "graph_file_names", "write_segment_graphs", "write_task_graph"]
 
@@ -209,8 +207,8 @@ def _rename_io(proto, new_in: str, new_out: str) -> None:
 def _compose(protos: list, prefixes: list[str]):
     """One graph from a chain of segment graphs (each one input, one output): values and
     initializers prefixed by their segment id (``onnx.compose.add_prefix``), each output wired
-    to the next input (``onnx.compose.merge_graphs``); the result reads ``image`` and writes
-    ``logits``. Initializers are copied as they are, so their external-data references keep
+    to the next input (``onnx.compose.merge_graphs``); the result reads :data:`TASK_INPUT` and
+    writes :data:`TASK_OUTPUT`. Initializers are copied as they are, so their external-data references keep
     their location, offset and length.
 
     Not ``onnx.compose.merge_models``: it ends with ``onnx.checker.check_model``, which
@@ -238,7 +236,7 @@ def _compose(protos: list, prefixes: list[str]):
     del model.opset_import[:]
     for dom, ver in opsets.items():
         model.opset_import.add(domain=dom, version=ver)
-    _rename_io(model, "image", "logits")
+    _rename_io(model, TASK_INPUT, TASK_OUTPUT)
     return model
 
 
@@ -279,7 +277,7 @@ def write_segment_graphs(segments: dict, paths: dict, modules: dict, byte_ranges
             for m in [modules[c] for c in p.components[:first]]:
                 example = m(example)
             result = SegmentModule(mods).eval()(example)
-        ir, model = _to_onnx(SegmentModule(mods), example, "input", "output")
+        ir, model = _to_onnx(SegmentModule(mods), example, SEGMENT_INPUT, SEGMENT_OUTPUT)
         _externalize(ir, model, byte_ranges, files[sid], hash_cache)
         proto = _finish(ir, model, files[sid])
         _save(proto, dest / files[sid], f"mutask segment {sid} of {seg['tasks']}: {seg['input']} -> {seg['output']}")

@@ -4,7 +4,8 @@ Export writes a :class:`Manifest`; the artifact reader, ``--verify-only`` and th
 one. Parsing checks every field's type and every cross reference (a task's segment chain,
 segment parents, components, graph files), so a consumer never re-validates: a manifest that
 does not validate raises :class:`ArtifactError` naming the first bad field. The format is
-documented in ``export/FORMAT.md``.
+documented in ``export/FORMAT.md``, which :mod:`export.format` generates from these models: each
+field's ``description`` is its line there, so the schema is written down here only.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ FORMAT = "mutask-artifact"
 FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
+# The graphs' input and output names: a task graph reads TASK_INPUT and writes TASK_OUTPUT; a
+# segment graph reads SEGMENT_INPUT (the image or a parent's hidden states) and writes SEGMENT_OUTPUT.
+TASK_INPUT, TASK_OUTPUT = "image", "logits"
+SEGMENT_INPUT, SEGMENT_OUTPUT = "input", "output"
+INLINE_LIMIT = 4096  # bytes: a graph's larger initializers must be component tensors (external data)
 
 Shape = list[Union[int, Literal["batch"]]]
 
@@ -39,61 +45,78 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _f(description: str, default=..., **constraints):
+    """A field with its description: the text ``export/FORMAT.md`` shows for it."""
+    return Field(default, description=description, **constraints)
+
+
 class GraphFile(Strict):
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    bytes: int = Field(ge=0)
+    """One graph file's integrity record (``graphs.<file>``)."""
+
+    sha256: str = _f("sha256 of the file's bytes (hex)", pattern=r"^[0-9a-f]{64}$")
+    bytes: int = _f("the file's size in bytes", ge=0)
 
 
 class RootRecord(Strict):
-    source: str
-    root_params: int = Field(ge=0)
-    spec: dict
+    """The pretrained network every path starts from."""
+
+    source: str = _f("where the root came from, e.g. `timm:vit_tiny_patch16_224`")
+    root_params: int = _f("parameters of the root network", ge=0)
+    spec: dict = _f("the root's own description (JSON values), as `mutask evolve` recorded it")
 
 
 class TaskMetrics(Strict):
-    val_accuracy: Optional[float] = None
-    test_accuracy: Optional[float] = None
+    """The task's accuracy as evolution measured it in PyTorch (null when not measured)."""
+
+    val_accuracy: Optional[float] = _f("accuracy on the validation split", None)
+    test_accuracy: Optional[float] = _f("accuracy on the test split", None)
 
 
 class TaskEntry(Strict):
-    graph: str
-    labels: list[str] = Field(min_length=1)
-    num_classes: int = Field(gt=0)
-    image_size: int = Field(gt=0)
-    input_shape: Shape
-    output_shape: Shape
-    preprocessing: Preprocessing
-    params: int = Field(ge=0)
-    accounted_params: float = Field(ge=0)
-    components: list[str] = Field(min_length=1)
-    segments: list[str] = Field(min_length=1)
-    metrics: TaskMetrics
-    spec: str
-    seed: int
-    path: str
-    hparams: dict
+    """One task: its whole graph, its labels and preprocessing, and its chain of segments."""
+
+    graph: str = _f("its graph file, `task.<task>.onnx` (task name reduced to `[A-Za-z0-9._-]`, a hash suffix on a collision)")
+    labels: list[str] = _f("class names in output order (`num_classes` of them)", min_length=1)
+    num_classes: int = _f("length of the logits row", gt=0)
+    image_size: int = _f("S: the graph takes `(batch, 3, S, S)` images", gt=0)
+    input_shape: Shape = _f("the task graph's input shape, `\"batch\"` for the dynamic axis")
+    output_shape: Shape = _f("the task graph's output shape, `[\"batch\", num_classes]`")
+    preprocessing: Preprocessing = _f("the root's preprocessing at `image_size` (see Preprocessing below)")
+    params: int = _f("parameters on its path, as `mutask report` counts them", ge=0)
+    accounted_params: float = _f("its share of parameters, components shared by k tasks counted 1/k", ge=0)
+    components: list[str] = _f("its path: component ids in forward order", min_length=1)
+    segments: list[str] = _f("its chain: segment ids, first (image in) to last (logits out)", min_length=1)
+    metrics: TaskMetrics = _f("accuracy measured at evolution")
+    spec: str = _f("how to load its data (`--verify-only` loads the test split from it)")
+    seed: int = _f("the seed its data split was drawn with")
+    path: str = _f("the id of its path in the STATE")
+    hparams: dict = _f("the path's hyperparameters (image size, learning rate, ...)")
 
 
 class ComponentEntry(Strict):
-    name: str
-    root: bool
-    tensors: list[str]
-    tensor_map: dict[str, str]
-    num_params: int = Field(ge=0)
-    sha256: str
-    used_by: list[str]
+    """One component (a block, an embedding, a head) of the exported paths."""
+
+    name: str = _f("its place in the root's layout, e.g. `blocks.3` or `head`")
+    root: bool = _f("true when it is the root's own, untrained component")
+    tensors: list[str] = _f("its tensors' names in `weights.safetensors` (each at most once)")
+    tensor_map: dict[str, str] = _f("tensor name in the component -> tensor name in `weights.safetensors`")
+    num_params: int = _f("its parameter count", ge=0)
+    sha256: str = _f("sha256 over its `(tensor name, content hash)` lines: equal for equal components")
+    used_by: list[str] = _f("the tasks whose paths use it")
 
 
 class SegmentEntry(Strict):
-    graph: str
-    components: list[str] = Field(min_length=1)
-    tasks: list[str] = Field(min_length=1)
-    parents: list[str]
-    input: Literal["image", "hidden"]
-    output: Literal["hidden", "logits"]
-    image_size: int = Field(gt=0)
-    input_shape: Shape
-    output_shape: Shape
+    """One segment: a maximal run of path steps that the same tasks pass (cutting below)."""
+
+    graph: str = _f("its graph file, `segment.<sid>.onnx`")
+    components: list[str] = _f("its component ids in forward order", min_length=1)
+    tasks: list[str] = _f("the tasks whose chains pass through it", min_length=1)
+    parents: list[str] = _f("the segments that feed it; `[]` exactly when it takes the image")
+    input: Literal["image", "hidden"] = _f("`image` (a preprocessed image batch) or `hidden` (a parent's output)")
+    output: Literal["hidden", "logits"] = _f("`logits` for the last segment of a chain, else `hidden`")
+    image_size: int = _f("the image size of the paths it serves", gt=0)
+    input_shape: Shape = _f("its graph's input shape, `\"batch\"` for the dynamic axis")
+    output_shape: Shape = _f("its graph's output shape, `\"batch\"` for the dynamic axis")
 
     @property
     def shared(self) -> bool:
@@ -101,31 +124,37 @@ class SegmentEntry(Strict):
 
 
 class TaskParity(Strict):
-    inputs: str
-    examples: int
-    onnx_vs_torch_max_abs_diff: float
-    onnx_vs_torch_argmax_agreement: float
-    onnx_vs_torch_ok: bool
-    chain_vs_graph_max_abs_diff: float
-    chain_vs_graph_argmax_agreement: float
-    chain_vs_graph_ok: bool
-    ok: bool
+    """One task's parity check at export (bounds in `parity`)."""
+
+    inputs: str = _f("what was checked: `test split` (possibly `, K of N images evenly spaced`) or random inputs")
+    examples: int = _f("images checked")
+    onnx_vs_torch_max_abs_diff: float = _f("max |logit difference|, task graph in ONNX Runtime vs the PyTorch path")
+    onnx_vs_torch_argmax_agreement: float = _f("share of images with the same arg-max, task graph vs PyTorch")
+    onnx_vs_torch_ok: bool = _f("both within bounds")
+    chain_vs_graph_max_abs_diff: float = _f("max |logit difference|, segment chain vs task graph")
+    chain_vs_graph_argmax_agreement: float = _f("share of images with the same arg-max, chain vs graph")
+    chain_vs_graph_ok: bool = _f("both within bounds")
+    ok: bool = _f("both checks passed (an export that fails one writes nothing)")
 
 
 class Parity(Strict):
-    atol: float
-    min_argmax_agreement: float
-    provider: str
-    tasks: dict[str, TaskParity]
+    """The parity check export ran before writing the artifact."""
+
+    atol: float = _f("bound on max |logit difference|")
+    min_argmax_agreement: float = _f("bound on the share of images with the same arg-max")
+    provider: str = _f("the ONNX Runtime execution provider the graphs ran on")
+    tasks: dict[str, TaskParity] = _f("task -> its check")
 
 
 class Created(Strict):
-    at: str
-    mutask: str
-    torch: str
-    onnxruntime: str
-    python: str
-    exporter: str
+    """Provenance: when the export ran and with what."""
+
+    at: str = _f("when the export started (ISO 8601, with time zone)")
+    mutask: str = _f("mutask's version")
+    torch: str = _f("torch's version")
+    onnxruntime: str = _f("ONNX Runtime's version (parity check)")
+    python: str = _f("Python's version")
+    exporter: str = _f("how the graphs were exported")
 
 
 def content_digest(doc: dict) -> str:
@@ -138,20 +167,22 @@ def _plain_name(name: str) -> bool:
 
 
 class Manifest(Strict):
-    format: Literal["mutask-artifact"] = FORMAT
-    format_version: Literal[4] = FORMAT_VERSION
-    weights: str = WEIGHTS
-    weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    weights_bytes: int = Field(ge=8)
-    unique_param_bytes: int = Field(ge=0)
-    graphs: dict[str, GraphFile]
-    root: RootRecord
-    tasks: dict[str, TaskEntry] = Field(min_length=1)
-    components: dict[str, ComponentEntry]
-    segments: dict[str, SegmentEntry] = Field(min_length=1)
-    parity: Parity
-    created: Created
-    manifest_sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$")  # see sealed()
+    """The whole manifest (``manifest.json``). No field outside the schema is allowed."""
+
+    format: Literal["mutask-artifact"] = _f("always `mutask-artifact`", FORMAT)
+    format_version: Literal[4] = _f("this document's version; readers refuse any other", FORMAT_VERSION)
+    weights: str = _f("the weights file's name", WEIGHTS)
+    weights_sha256: str = _f("sha256 of the weights file (hex)", pattern=r"^[0-9a-f]{64}$")
+    weights_bytes: int = _f("size of the weights file in bytes", ge=8)
+    unique_param_bytes: int = _f("tensor bytes in the weights file (its header excluded)", ge=0)
+    graphs: dict[str, GraphFile] = _f("every graph file -> its integrity record")
+    root: RootRecord = _f("the pretrained root")
+    tasks: dict[str, TaskEntry] = _f("task name -> its entry, in the order the tasks were evolved", min_length=1)
+    components: dict[str, ComponentEntry] = _f("component id -> its entry, for every component a task's path uses")
+    segments: dict[str, SegmentEntry] = _f("segment id (`s0`, `s1`, ...) -> its entry, ids in a topological order", min_length=1)
+    parity: Parity = _f("the checks export ran before writing")
+    created: Created = _f("provenance")
+    manifest_sha256: str = _f("the digest binding this manifest (Integrity below)", "", pattern=r"^([0-9a-f]{64})?$")
 
     # -- what the schema guarantees beyond field types -------------------------------------
     @model_validator(mode="after")

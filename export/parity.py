@@ -5,26 +5,24 @@ segment chain against its task graph, on a bounded, evenly spaced sample of the 
 split (``samples`` images, read through the split's streaming images; preprocessed by the task's
 :class:`mutask.preprocessing.Preprocessing`, the one its manifest entry records: the root's at
 the path's image size), or on random inputs when its data cannot be loaded (recorded as
-such). Both must agree within :data:`export.verify.ATOL` with arg-max agreement of at least
-:data:`export.verify.MIN_ARGMAX_AGREEMENT`.
+such). Both must agree as :func:`export.chain.agreement` rules (within :data:`export.chain.ATOL`,
+arg-max agreement of at least :data:`export.chain.MIN_ARGMAX_AGREEMENT`); the chain check is
+:func:`export.chain.chain_vs_graph`.
 """
 
 from __future__ import annotations
 
-import logging
 import pathlib
 
 import numpy as np
 import torch
 
 from mutask.errors import MutaskError
-from mutask.preprocessing import Preprocessing
 
+from .chain import ATOL, MIN_ARGMAX_AGREEMENT, agreement, chain_vs_graph, release_heap
 from .entries import task_preprocessing
 from .manifest import TaskParity
-from .verify import ATOL, DEFAULT_SAMPLES, MIN_ARGMAX_AGREEMENT, chain_outputs, compare, graph_outputs, random_inputs, release_heap, split_batches
-
-log = logging.getLogger("mutask")
+from .verify import DEFAULT_SAMPLES, check_data, check_inputs
 
 __all__ = ["load_task_data", "check_parity"]
 
@@ -32,29 +30,8 @@ __all__ = ["load_task_data", "check_parity"]
 def load_task_data(system, tasks: list[str], data: dict | None) -> dict:
     """Task -> TaskData, or None when it cannot be loaded (parity then runs on random inputs).
     ``data`` overrides; otherwise each task is loaded from the spec and seed its STATE records."""
-    out = {}
-    for t in tasks:
-        if data is not None and t in data:
-            out[t] = data[t]
-            continue
-        rec = system.tasks.get(t) or {}
-        try:
-            from mutask.evolve.tasks import load_task
-
-            out[t] = load_task(rec["spec"], seed=rec.get("seed", 0))
-        except Exception as e:  # missing directory, unknown spec
-            log.warning("task %s: its data cannot be loaded (%s); parity runs on random inputs", t, e)
-            out[t] = None
-    return out
-
-
-def _batches(task_data, pre: Preprocessing, samples: int) -> tuple:
-    """A bounded sample of the task's test split preprocessed by ``pre``, in batches, or random
-    inputs without data."""
-    if task_data is not None and len(task_data.test):
-        batches, _, source = split_batches(task_data.test, pre, samples)
-        return batches, source
-    return [random_inputs(32, pre, seed=0)], "random inputs (task data unavailable)"
+    records = {t: system.tasks.get(t) or {} for t in tasks}
+    return {t: check_data(t, rec.get("spec"), rec.get("seed", 0), data) for t, rec in records.items()}
 
 
 def check_parity(system, paths: dict, modules: dict, chains: dict, task_graphs: dict[str, pathlib.Path], segment_graphs: dict[str, pathlib.Path],
@@ -74,25 +51,24 @@ def check_parity(system, paths: dict, modules: dict, chains: dict, task_graphs: 
     parity: dict[str, TaskParity] = {}
     for t in tqdm(tasks, desc="parity", unit="task", disable=not show_progress, leave=False):
         p = paths[t]
-        batches, source = _batches(task_data[t], task_preprocessing(system, p), samples)
+        batches, _, source = check_inputs(task_data[t], task_preprocessing(system, p), samples)
         model = PathModel([system.store[c].name for c in p.components], [modules[c] for c in p.components]).eval()
         with torch.no_grad():
             ref = np.concatenate([model(torch.from_numpy(x)).numpy() for x in batches])
-        got = np.concatenate(graph_outputs(task_graphs[t], batches, "image", "logits"))
-        via = np.concatenate(chain_outputs([segment_graphs[sid] for sid in chains[t]], batches))
+        got, vs_graph = chain_vs_graph(task_graphs[t], [segment_graphs[sid] for sid in chains[t]], batches)
         del model, batches
         release_heap()
-        vs_torch, vs_graph = compare(got, ref), compare(via, got)
+        vs_torch = agreement(got, ref)
         parity[t] = TaskParity(
             inputs=source,
             examples=int(len(ref)),
-            onnx_vs_torch_max_abs_diff=vs_torch["max_abs_diff"],
-            onnx_vs_torch_argmax_agreement=vs_torch["argmax_agreement"],
-            onnx_vs_torch_ok=vs_torch["ok"],
-            chain_vs_graph_max_abs_diff=vs_graph["max_abs_diff"],
-            chain_vs_graph_argmax_agreement=vs_graph["argmax_agreement"],
-            chain_vs_graph_ok=vs_graph["ok"],
-            ok=bool(vs_torch["ok"] and vs_graph["ok"]),
+            onnx_vs_torch_max_abs_diff=vs_torch.max_abs_diff,
+            onnx_vs_torch_argmax_agreement=vs_torch.argmax_agreement,
+            onnx_vs_torch_ok=vs_torch.ok,
+            chain_vs_graph_max_abs_diff=vs_graph.max_abs_diff,
+            chain_vs_graph_argmax_agreement=vs_graph.argmax_agreement,
+            chain_vs_graph_ok=vs_graph.ok,
+            ok=vs_torch.ok and vs_graph.ok,
         )
     failures = [t for t in tasks if not parity[t].ok]
     if failures:

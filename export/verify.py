@@ -16,33 +16,12 @@ import numpy as np
 from mutask.preprocessing import Preprocessing
 
 from .artifact import ArtifactError, load_artifact, reexport_hint
+from .chain import ATOL, chain_vs_graph, ort_session
 
 log = logging.getLogger("mutask")
 
-ATOL = 1e-4  # max |logit difference|
-MIN_ARGMAX_AGREEMENT = 0.999
 BATCH = 32
 DEFAULT_SAMPLES = 256  # images per task a check runs (0: the whole test split)
-
-
-def ort_session(path, threads: int | None = None):
-    """A CPU ONNX Runtime session for one graph file (external data resolves next to it),
-    without a memory arena (what a check allocates is returned when the session goes)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.enable_cpu_mem_arena = False
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-
-
-def run_chain(sessions, x: np.ndarray) -> np.ndarray:
-    """Feed ``x`` through a chain of single-input, single-output sessions."""
-    for s in sessions:
-        x = s.run(None, {s.get_inputs()[0].name: x})[0]
-    return x
 
 
 def sample_rows(n: int, samples: int) -> np.ndarray:
@@ -97,70 +76,31 @@ def split_batches(split, pre: Preprocessing, samples: int) -> tuple[Batches, np.
     return batches, labels, source
 
 
-def graph_outputs(path, batches: list[np.ndarray], input_name: str, output_name: str, open_session=ort_session) -> list[np.ndarray]:
-    """One graph's outputs for every batch, from one session released before returning."""
-    session = open_session(path)
-    try:
-        return [session.run([output_name], {input_name: x})[0] for x in batches]
-    finally:
-        del session
-        release_heap()
-
-
-def release_heap() -> None:
-    """Give the heap memory freed so far back to the operating system (glibc's ``malloc_trim``;
-    a no-op elsewhere). ONNX Runtime without an arena and torch on the CPU allocate every
-    activation with malloc; glibc keeps what they free in its per-thread arenas, so without
-    this each session of a ViT-S export's parity check left its high-water mark behind and the
-    process grew from session to session."""
-    import ctypes
-    import sys
-
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-
-
-def chain_outputs(paths: list, batches: list[np.ndarray], open_session=ort_session) -> list[np.ndarray]:
-    """A segment chain's outputs for every batch, one segment's session alive at a time."""
-    for path in paths:
-        batches = graph_outputs(path, batches, "input", "output", open_session)
-    return batches
-
-
 def random_inputs(n: int, pre: Preprocessing, seed: int = 0) -> np.ndarray:
     """``n`` images of uniform random pixels, normalised by ``pre``: float32 (n, 3, S, S)."""
     pixels = np.random.default_rng(seed).integers(0, 256, (n, pre.image_size, pre.image_size, 3), dtype=np.uint8)
     return pre.normalize(pixels)
 
 
-def compare(got: np.ndarray, ref: np.ndarray) -> dict:
-    if got.shape != ref.shape:
-        return {"max_abs_diff": float("inf"), "argmax_agreement": 0.0, "ok": False}
-    diff = float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max()) if got.size else 0.0
-    agree = float((got.argmax(1) == ref.argmax(1)).mean()) if len(got) else 1.0
-    return {"max_abs_diff": diff, "argmax_agreement": agree, "ok": bool(diff <= ATOL and agree >= MIN_ARGMAX_AGREEMENT)}
-
-
-def _inputs(art, task: str, data: dict | None, samples: int):
-    """(batches, labels or None, source description) for a task."""
-    entry = art.tasks[task]
-    pre = entry.preprocessing
-    td, why = None, ""
+def check_data(task: str, spec, seed: int, data: dict | None):
+    """The task's TaskData: ``data[task]`` when given, else loaded from its ``spec`` and
+    ``seed``; None (with a warning: the check then runs on random inputs) when it cannot be."""
     if data is not None and task in data:
-        td = data[task]
-    else:
-        try:
-            from mutask.evolve.tasks import load_task
+        return data[task]
+    try:
+        from mutask.evolve.tasks import load_task
 
-            td = load_task(entry.spec, seed=entry.seed)
-        except Exception as e:  # directory gone, unknown spec
-            why = str(e)
+        return load_task(spec, seed=seed)
+    except Exception as e:  # directory gone, unknown spec
+        log.warning("task %s: its data cannot be loaded (%s); checking on random inputs", task, e)
+        return None
+
+
+def check_inputs(td, pre: Preprocessing, samples: int) -> tuple:
+    """(batches, labels or None, description) a check runs: a bounded sample of the task's test
+    split (:func:`split_batches`), or random inputs when there is none."""
     if td is not None and len(td.test):
         return split_batches(td.test, pre, samples)
-    log.warning("task %s: test data unavailable (%s); checking on random inputs", task, why or "empty test split")
     return [random_inputs(32, pre, seed=0)], None, "random inputs (test data unavailable)"
 
 
@@ -184,22 +124,20 @@ def verify_artifact(path, data=None, *, samples: int = DEFAULT_SAMPLES, show_pro
     report = {"path": str(art.path), "integrity": "ok: format version, files, sha256, external-data references", "tasks": {}}
     for task in tqdm(list(art.tasks), desc="verify", unit="task", disable=not show_progress, leave=False):
         entry = art.tasks[task]
-        batches, labels, source = _inputs(art, task, data, samples)
+        batches, labels, source = check_inputs(check_data(task, entry.spec, entry.seed, data), entry.preprocessing, samples)
         try:
-            got = np.concatenate(graph_outputs(art.graph_path(task), batches, "image", "logits", _open))
-            via = np.concatenate(chain_outputs([art.segment_path(sid) for sid in entry.segments], batches, _open))
+            got, cmp = chain_vs_graph(art.graph_path(task), [art.segment_path(sid) for sid in entry.segments], batches, _open)
         except ArtifactError:
             raise
         except Exception as e:  # onnxruntime's own exception types: a graph that loads but cannot run
             raise ArtifactError(f"task {task}: ONNX Runtime cannot run its graphs ({type(e).__name__}: {e}). {reexport_hint(art.path)}") from None
-        cmp = compare(via, got)
         rec = {
             "inputs": source,
             "examples": int(len(got)),
             "chain": list(entry.segments),
-            "chain_vs_graph_max_abs_diff": cmp["max_abs_diff"],
-            "chain_vs_graph_argmax_agreement": cmp["argmax_agreement"],
-            "ok": cmp["ok"] and got.ndim == 2 and got.shape[1] == len(entry.labels),
+            "chain_vs_graph_max_abs_diff": cmp.max_abs_diff,
+            "chain_vs_graph_argmax_agreement": cmp.argmax_agreement,
+            "ok": cmp.ok and got.shape[1:] == (len(entry.labels),),
         }
         if labels is not None:
             rec["test_accuracy"] = float((got.argmax(1) == labels).mean())
