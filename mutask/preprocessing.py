@@ -54,13 +54,13 @@ class Preprocessing(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    mode: Literal["RGB"] = "RGB"
-    exif_transpose: Literal[True] = True
-    resize: Resize
-    mean: tuple[Mean, Mean, Mean]
-    std: tuple[Std, Std, Std]
-    layout: Literal["NCHW"] = "NCHW"
-    image_size: int = Field(gt=0, le=4096)
+    mode: Literal["RGB"] = Field("RGB", description="step 1: decoded images are converted to RGB (grayscale tiled, alpha dropped)")
+    exif_transpose: Literal[True] = Field(True, description="step 1: the EXIF orientation is applied before anything else")
+    resize: Resize = Field(description="step 2: Pillow's filter for the square resize to image_size (the root's)")
+    mean: tuple[Mean, Mean, Mean] = Field(description="step 3: per-channel mean in [0, 1] pixel units (the root's)")
+    std: tuple[Std, Std, Std] = Field(description="step 3: per-channel std in [0, 1] pixel units (the root's)")
+    layout: Literal["NCHW"] = Field("NCHW", description="the input's layout: float32, channels first")
+    image_size: int = Field(gt=0, le=4096, description="the side S of the S x S input")
 
     @classmethod
     def signed_unit(cls, image_size: int) -> Preprocessing:
