@@ -47,15 +47,6 @@ def register_names(names, loader: Callable[[str], tuple[dict, nn.Module]]) -> No
         _NAMES[name] = loader
 
 
-def root_families() -> list[type[Root]]:
-    return list(_FAMILIES)
-
-
-def root_names() -> list[str]:
-    """The short ``--root`` names families claim."""
-    return list(_NAMES)
-
-
 def supported() -> str:
     """What mutask takes as a root, one example each (for error messages)."""
     items = [cls.supported for cls in _FAMILIES]
