@@ -29,7 +29,7 @@ from mutask.benchmarks.common import median, write
 from mutask.evolve.data import Split
 from mutask.evolve.model import Component, ComponentStore, TaskPath, PathModel
 from mutask.evolve.pretrain import ARCH
-from mutask.evolve.root import Root, build_model, load_root
+from mutask.evolve.roots import build_model, load_root, root_for
 from mutask.evolve.train import model_input, train
 from mutask.preprocessing import Preprocessing
 
@@ -73,7 +73,7 @@ def timm_loop(root_arg, images, labels, pre: Preprocessing, steps: int, seed: in
 def bench_root(root_arg: str | None, seed: int) -> Root:
     torch.manual_seed(seed)
     if root_arg is None:
-        return Root(DEFAULT_SPEC, build_model(DEFAULT_SPEC), "bench")
+        return root_for(DEFAULT_SPEC, build_model(DEFAULT_SPEC), "bench")
     return load_root(root_arg)
 
 

@@ -26,7 +26,8 @@ def child(system, frozen_blocks: int):
     norm and a new head) cloned; returns (PathModel, trainable params)."""
     import torch
 
-    from mutask.evolve.model import Component, PathModel, TaskPath, block_index, component_kind, new_head
+    from mutask.evolve.model import Component, PathModel, TaskPath, block_index, component_kind
+    from mutask.evolve.roots.vit import new_head
 
     s = system
     fresh, ids = {}, []
@@ -60,7 +61,7 @@ def main(argv=None) -> None:
 
     from mutask.evolve import hparams as H
     from mutask.evolve.data import Split
-    from mutask.evolve.root import load_root
+    from mutask.evolve.roots import load_root
     from mutask.evolve.state import System
     from mutask.evolve.train import train
 

@@ -55,7 +55,7 @@ def overhead(task: str, budget: str, root: str | None, threads: int, temp: Path)
     from mutask.evolve.config import EvolveConfig
     from mutask.evolve.evolution import Evolution
     from mutask.evolve.pretrain import default_root
-    from mutask.evolve.root import load_root
+    from mutask.evolve.roots import load_root
     from mutask.evolve.run import resolve_tasks, start_image_size
     from mutask.evolve.state import System
     from mutask.evolve.workers import RayPool

@@ -108,7 +108,7 @@ def cached_vs_memory(folder: Path, root: str, repeats: int, steps: int) -> dict:
     """One child's training loop on the folder task read from its disk cache, against the same
     images held in memory (the cache's rows read into one array)."""
     from mutask.evolve.data import Split
-    from mutask.evolve.root import load_root
+    from mutask.evolve.roots import load_root
     from mutask.evolve.state import System
     from mutask.evolve.tasks import load_task
     from mutask.evolve.train import train

@@ -1,28 +1,12 @@
-"""The multitask model core: components, the component store, paths, and a path's forward.
+"""The multitask model core: components, the component store, paths, and a path's forward;
+no architecture (each root family's step modules live with it in :mod:`.roots`).
 
-The step modules below are a ViT's (:mod:`.vit_root`); a CNN root's are in :mod:`.conv_root`.
-Every root kind's path is the same thing: its components' steps in order, head last.
-
-A *component* is one top-level parameter block of a timm VisionTransformer, named after
-timm's module names (``patch_embed``, ``cls_token``, ``pos_embed``, ``blocks.i``, ``norm``,
-``head``) plus ``adapters.i``, a residual adapter that runs before ``blocks.i``. Each component
-is a small ``nn.Module`` whose ``forward`` is its step of the ViT forward:
-
-===============  ================================  ==================================
-component        input                             output
-===============  ================================  ==================================
-patch_embed      image (B, 3, S, S)                patch tokens (B, N, D)
-cls_token        (B, N, D)                         (B, N + 1, D), class token first
-pos_embed        (B, N + 1, D)                     + position embedding (grid resized
-                                                   bilinearly when N differs, cls kept)
-adapters.i       (B, T, D)                         x + up(gelu(down(ln(x))))
-blocks.i         (B, T, D)                         timm ``Block``
-norm             (B, T, D)                         final LayerNorm
-head             (B, T, D)                         logits of the class token (B, C)
-===============  ================================  ==================================
-
-So a path's model is just these steps in order (:class:`PathModel`), and any contiguous run of
-them is a valid sub-graph: export cuts paths into shared segments that way.
+A *component* is one parameter block of the root, named after timm's module names
+(``blocks.3``, ``norm``, ``layer2.1``...), plus ``adapters.i``, a residual adapter that runs
+before the i-th block, and a task's head. Each component is a small ``nn.Module`` whose
+``forward`` is its step of the network's forward, so a path's model is just these steps in
+order (:class:`PathModel`), and any contiguous run of them is a valid sub-graph: export cuts
+paths into shared segments that way (:class:`SegmentModule`).
 
 The :class:`ComponentStore` keeps every unique component once; paths refer to components by
 id. A component is trainable only while nothing locks it: root components are never
@@ -32,106 +16,10 @@ trainable, and every task whose best path uses a component locks it.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed
 from torch import nn
-
-
-# --------------------------------------------------------------------------- step modules
-
-
-class PatchEmbed(nn.Module):
-    """timm's ``patch_embed`` (``proj`` conv + ``norm``) without its fixed-size check."""
-
-    def __init__(self, proj: nn.Conv2d, norm: nn.Module | None = None):
-        super().__init__()
-        self.proj = proj
-        self.norm = norm if norm is not None else nn.Identity()
-
-    @property
-    def patch_size(self) -> int:
-        return int(self.proj.stride[0])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(x).flatten(2).transpose(1, 2))
-
-
-class ClsToken(nn.Module):
-    """timm's ``cls_token``: prepends the learned class token."""
-
-    def __init__(self, token: torch.Tensor):
-        super().__init__()
-        self.token = nn.Parameter(token.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.token.expand(x.shape[0], -1, -1), x], dim=1)
-
-
-def resample_pos_embed(embed: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Resize a (1, 1 + g*g, D) position embedding to ``num_tokens`` = 1 + h*h tokens:
-    bilinear over the square grid (timm's ``resample_abs_pos_embed``, no antialiasing; it
-    interpolates in float32), the class position kept as is. An embedding that already has
-    ``num_tokens`` is returned as is, also while exporting, so exported graphs hold no resize
-    for it."""
-    if embed.shape[1] == num_tokens:
-        return embed
-    old = int(round(math.sqrt(embed.shape[1] - 1)))
-    new = int(round(math.sqrt(num_tokens - 1)))
-    if old * old != embed.shape[1] - 1 or new * new != num_tokens - 1:
-        raise ValueError(f"position embedding needs square grids, got {embed.shape[1]} -> {num_tokens} tokens")
-    return resample_abs_pos_embed(
-        embed, new_size=[new, new], old_size=[old, old], num_prefix_tokens=1, interpolation="bilinear", antialias=False
-    )
-
-
-class PosEmbed(nn.Module):
-    """timm's ``pos_embed`` (class position included), resized to the input's grid."""
-
-    def __init__(self, embed: torch.Tensor):
-        super().__init__()
-        self.embed = nn.Parameter(embed.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + resample_pos_embed(self.embed, x.shape[1])
-
-
-class Adapter(nn.Module):
-    """Residual adapter x + up(GELU(down(LayerNorm(x)))); ``up`` starts at zero, so a new
-    adapter is the identity until trained."""
-
-    def __init__(self, dim: int, width: int = 32, eps: float = 1e-6):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim, eps=eps)
-        self.down = nn.Linear(dim, width)
-        self.up = nn.Linear(width, dim)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    @property
-    def width(self) -> int:
-        return self.down.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.up(F.gelu(self.down(self.norm(x))))
-
-
-class Head(nn.Linear):
-    """Task head on the class token (timm's token pooling + ``head``)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x[:, 0])
-
-
-def new_head(dim: int, num_classes: int) -> Head:
-    """A task's own head, initialised to zero (weights and bias): logits start uniform."""
-    head = Head(dim, num_classes)
-    nn.init.zeros_(head.weight)
-    nn.init.zeros_(head.bias)
-    return head
 
 
 # ------------------------------------------------------------------- components and store
@@ -261,9 +149,6 @@ class TaskPath:
         return int(self.hparams["image_size"])
 
 
-HEAD_NAMES = ("head", "classifier", "fc")  # a task's head, by root kind: ViT, EfficientNet, ResNet
-
-
 class PathModel(nn.Module):
     """A path's model: its components' steps in order, ``forward_features`` / ``forward_head``
     split as in timm. Components whose parameters are all frozen and that precede the first
@@ -273,8 +158,8 @@ class PathModel(nn.Module):
 
     def __init__(self, names: list[str], modules: list[nn.Module]):
         super().__init__()
-        if not names or names[-1] not in HEAD_NAMES:
-            raise ValueError("a path ends with its head")
+        if not names or len(names) != len(modules):
+            raise ValueError("a path model needs one module per component name, head last")
         self.names = list(names)
         self.steps = nn.ModuleList(modules)
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from mutask.cache import cache_dir
 from mutask.preprocessing import Preprocessing
 
-from .root import build_vit, load_root_dir, save_root_dir
+from .roots import build_model, load_root_dir, save_root_dir
 from .train import accuracy, augment, device, lr_scheduler, model_input, split_images
 
 log = logging.getLogger("mutask")
@@ -51,7 +51,7 @@ def pretrain(out, budget: str = "quick", seed: int = 0, show_progress: bool = Tr
     torch.manual_seed(seed)
     pre = Preprocessing.signed_unit(ARCH["img_size"])
     spec = {"timm_model": "VisionTransformer", "kwargs": dict(ARCH, num_classes=data.num_classes), "preprocessing": pre.root_record()}
-    vit = build_vit(spec).to(device())
+    vit = build_model(spec).to(device())
     opt = torch.optim.AdamW(vit.parameters(), lr=cfg["lr"], weight_decay=0.05)
     hp = dict(AUGMENT, lr=cfg["lr"], lr_schedule="cosine", warmup_ratio=0.05, image_size=ARCH["img_size"])
     images = split_images(data.train, pre)

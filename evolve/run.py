@@ -22,7 +22,10 @@ from pathlib import Path
 from mutask.errors import MutaskError
 
 from . import hparams as H
-from .evolution import Evolution, EvolveConfig
+from .config import EvolveConfig
+from .dispatch import InProcess
+from .evolution import Evolution
+from .hooks import standard_hooks
 from .state import STATE_FILE, System, only_save_leftovers, save_leftovers
 from .train import device
 
@@ -152,7 +155,7 @@ def _evolve(tasks, out, pool, *, root, pretrained, budget, from_state, resume, s
             log.warning("%s is complete: nothing to resume", out)
             return system
         data = {t: load_task(system.tasks[t]["spec"], seed=system.tasks[t]["seed"], show_progress=progress) for t in order}
-        return Evolution(system, data, out, show_progress=show_progress, pool=pool).run(order)
+        return _evolution(system, data, out, pool, show_progress).run(order)
 
     _check_out(out, resume=False)
     if only_save_leftovers(out):
@@ -170,7 +173,7 @@ def _evolve(tasks, out, pool, *, root, pretrained, budget, from_state, resume, s
         system.progress = None
         # a new STATE: its history starts where the old one ends, its paths and components are kept
     else:
-        from .root import load_root
+        from .roots import load_root
 
         if root is None:
             from .pretrain import default_root
@@ -188,4 +191,11 @@ def _evolve(tasks, out, pool, *, root, pretrained, budget, from_state, resume, s
     system.config["order"] = names
     system.config.setdefault("runs", []).append({"tasks": names, "budget": budget, "from": str(from_state) if from_state else None})
     log.info("evolving %d task(s) %s on root %s (%d params), budget %s", len(names), names, system.root.source, system.root_params, budget)
-    return Evolution(system, data, out, show_progress=show_progress, pool=pool).run(names)
+    return _evolution(system, data, out, pool, show_progress).run(names)
+
+
+def _evolution(system: System, data: dict, out: Path, pool, show_progress: bool) -> Evolution:
+    """The loop with its plug-ins: a generation trained on ``pool`` (Ray) or here; the STATE
+    saved to ``out`` at every boundary; a progress bar unless ``show_progress`` is False."""
+    dispatch = pool if pool is not None else InProcess()
+    return Evolution(system, data, dispatch=dispatch, hooks=standard_hooks(out, show_progress))

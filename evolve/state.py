@@ -29,7 +29,7 @@ from mutask.errors import MutaskError
 
 from .model import ComponentStore, TaskPath
 from .progress import Progress
-from .root import Root, build_model
+from .roots import Root, build_model, root_for
 
 FORMAT = "mutask-state"
 VERSION = 1
@@ -164,7 +164,7 @@ class System:
             raise MutaskError(f"STATE {str(d)!r}: its weights {weights.name} are missing or damaged ({e}). Restore the directory or evolve again.") from e
         spec = dict(doc["root"]["spec"])
         spec["pretrained"] = False  # the root's weights are in the state
-        root = Root(spec, build_model({k: v for k, v in spec.items() if k != "dir"}), doc["root"]["source"])
+        root = root_for(spec, build_model({k: v for k, v in spec.items() if k != "dir"}), doc["root"]["source"])
         store = ComponentStore()
         by_comp: dict[str, dict] = {}
         for key, t in tensors.items():

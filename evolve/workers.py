@@ -1,6 +1,7 @@
-"""Training a generation's children on Ray workers (``mutask evolve --workers N`` on this
-machine, ``--ray-address ADDR`` on a Ray cluster). The only module that imports Ray; the
-evolution imports it only when one of those options is given.
+"""Dispatch on Ray (:class:`RayPool`): a generation's children trained on Ray workers
+(``mutask evolve --workers N`` on this machine, ``--ray-address ADDR`` on a Ray cluster), the
+same interface as :class:`~.dispatch.InProcess`. The only module that imports Ray; ``mutask
+evolve`` imports it only when one of those options is given.
 
 The driver (:class:`~.evolution.Evolution`) keeps everything that decides: it samples the
 parents, makes every child, accepts them in child order and saves STATE at generation
@@ -127,12 +128,12 @@ class RayPool:
             ray.shutdown()
             self.started = False
 
-    def train_generation(self, evo, task: str, children: list, batch_seed: int, on_done=None) -> list[dict]:
-        """Train ``children`` ([(TaskPath, fresh components)]) of ``evo``'s generation on the
-        workers; load each trained child's tensors into its fresh components and return the
-        history records in child order. ``on_done()`` is called as each child finishes (in any
-        order)."""
-        s = evo.sys
+    def train_generation(self, ops, task: str, children: list, batch_seed: int, on_done=None) -> list[dict]:
+        """Train ``children`` ([(TaskPath, fresh components)]) of a generation on the workers
+        (``ops``: the loop's :class:`~.operators.Operators`); load each trained child's tensors
+        into its fresh components and return the history records in child order. ``on_done()``
+        is called as each child finishes (in any order)."""
+        s = ops.sys
         record = s.tasks[task]
         frozen_ids = {cid for child, fresh in children for cid in child.components if cid not in fresh}
         t_put = time.perf_counter()
@@ -143,7 +144,7 @@ class RayPool:
         )
         jobs = []
         for child, fresh in children:
-            settings = evo.train_settings(child, batch_seed)
+            settings = ops.train_settings(child, batch_seed)
             jobs.append(dict(
                 spec=record["spec"], data_seed=record.get("seed", 0), threads=self.threads,
                 components=list(child.components), names=[fresh[c].name if c in fresh else s.store[c].name for c in child.components],
@@ -167,5 +168,5 @@ class RayPool:
         for (child, fresh), (tensors, result, seconds, _) in zip(children, results):
             for cid, comp in fresh.items():
                 comp.module.load_state_dict(tensors[cid])
-            records.append(evo.judge_child(task, child, fresh, result, seconds))
+            records.append(ops.judge_child(task, child, fresh, result, seconds))
         return records

@@ -28,10 +28,10 @@ TINY_SPEC = {
 def make_root(seed=0):
     import torch
 
-    from mutask.evolve.root import Root, build_vit
+    from mutask.evolve.roots import build_model, root_for
 
     torch.manual_seed(seed)
-    return Root(TINY_SPEC, build_vit(TINY_SPEC), "tiny-test-root")
+    return root_for(TINY_SPEC, build_model(TINY_SPEC), "tiny-test-root")
 
 
 def synthetic_task(name, num_classes, seed, n_train=96, n_eval=48):
@@ -61,7 +61,8 @@ def add_task(s, task: str, components: list, hparams: dict, num_classes: int, se
     perturbed clones, so it reaches the rest of the path through a different prefix."""
     import torch
 
-    from mutask.evolve.model import Component, TaskPath, new_head
+    from mutask.evolve.model import Component, TaskPath
+    from mutask.evolve.roots.vit import new_head
 
     torch.manual_seed(seed)
     components = list(components)

@@ -1,4 +1,4 @@
-"""CNN roots (evolve/conv_root.py): timm EfficientNet and ResNet cut into components, frozen
+"""CNN roots (evolve/roots/efficientnet.py, resnet.py, conv.py): timm EfficientNet and ResNet cut into components, frozen
 BatchNorm, depth, and `mutask evolve --root timm:...` -> export -> serve end to end."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 from mutask.errors import MutaskError
 from mutask.evolve.model import ComponentStore, PathModel, TaskPath
-from mutask.evolve.root import load_root
+from mutask.evolve.roots import load_root
 from tests.conftest import synthetic_task
 
 
@@ -70,7 +70,7 @@ def test_adapter_is_identity_and_a_shorter_path_runs(resnet):
 def test_frozen_batchnorm_never_moves_and_a_cloned_one_trains(resnet):
     """A child with a frozen stem and layer1.0 and a cloned layer1.1 trains: the frozen
     components' buffers (BatchNorm running statistics) stay byte-identical, the clone's move."""
-    from mutask.evolve.conv_root import new_pooled_head
+    from mutask.evolve.roots.conv import new_pooled_head
     from mutask.evolve.train import train
 
     store = ComponentStore()

@@ -7,6 +7,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
+from mutask.evolve.dispatch import InProcess
 from mutask.evolve.evolution import EvolveConfig, Evolution
 from mutask.evolve.model import PathModel
 from mutask.evolve.report import draw_system, report
@@ -78,19 +79,19 @@ def test_children_only_train_their_own_clones(tiny_root, tmp_path):
 
 
 def test_new_adapters_start_from_the_childs_seed_not_torchs_global_rng(tiny_root, tmp_path):
-    from mutask.evolve.evolution import init_seed
+    from mutask.evolve.operators import init_seed
     from mutask.evolve.hparams import DATA_KEYS
 
     data = {"a": synthetic_task("a", 4, 1)}
     s = new_system(tiny_root, ["a"], data, mutation_prob=1.0)
     evo = Evolution(s, data, tmp_path / "st", show_progress=False)
-    hp = evo.default_hparams("a")
+    hp = evo.ops.default_hparams("a")
     keys = {k: hp[k] for k in DATA_KEYS}
 
     def adapters(seed, global_seed):
         torch.manual_seed(global_seed)
         s.rng.seed(7)  # the same mutations each time
-        _, fresh = evo.make_child("a", s.root_path, True, keys, seed)
+        _, fresh = evo.ops.make_child("a", s.root_path, True, keys, seed)
         out = [c.module.down.weight.clone() for c in fresh.values() if c.name.startswith("adapters.")]
         assert out  # mu = 1: an adapter before every block
         return out
@@ -131,7 +132,7 @@ def test_interrupted_run_resumes(tiny_root, tmp_path, monkeypatch):
     s = new_system(tiny_root, ["a", "b"], data, children=4, generation_size=2)
     out = tmp_path / "st"
     calls = {"n": 0}
-    original = Evolution.train_child
+    original = InProcess.train_child
 
     def crashing(self, *a, **k):
         calls["n"] += 1
@@ -139,10 +140,10 @@ def test_interrupted_run_resumes(tiny_root, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return original(self, *a, **k)
 
-    monkeypatch.setattr(Evolution, "train_child", crashing)
+    monkeypatch.setattr(InProcess, "train_child", crashing)
     with pytest.raises(KeyboardInterrupt):
         Evolution(s, data, out, show_progress=False).run(["a", "b"])
-    monkeypatch.setattr(Evolution, "train_child", original)
+    monkeypatch.setattr(InProcess, "train_child", original)
 
     saved = System.load(out)
     assert saved.progress is not None and saved.progress.visit.task == "b"
@@ -159,8 +160,8 @@ def test_scale_factor_penalises_params(tiny_root, tmp_path):
     data = {"a": synthetic_task("a", 4, 1)}
     s = new_system(tiny_root, ["a"], data, scale_factor=0.5)
     evo = Evolution(s, data, tmp_path / "st", show_progress=False)
-    assert evo.score(0.8, 0) == pytest.approx(0.8)
-    assert evo.score(0.8, s.root_params) == pytest.approx(0.4)
+    assert evo.ops.score(0.8, 0) == pytest.approx(0.8)
+    assert evo.ops.score(0.8, s.root_params) == pytest.approx(0.4)
     evo.run(["a"])
     for h in s.history:
         assert h["score"] == pytest.approx(h["val_accuracy"] * 0.5 ** (h["accounted_params"] / s.root_params))
@@ -236,7 +237,7 @@ def test_strategies():
 
 def test_start_image_size_rule(tiny_root):
     """min(root size, typical size snapped to the list), at least 2 patches; --image-size wins."""
-    from mutask.evolve.root import Root, build_model
+    from mutask.evolve.roots import build_model, root_for
     from mutask.evolve.run import start_image_size
 
     assert (tiny_root.image_size, tiny_root.patch_size) == (32, 8)
@@ -244,7 +245,7 @@ def test_start_image_size_rule(tiny_root):
     assert start_image_size(368, tiny_root) == 32  # large ones start at the root's size
     assert start_image_size(23, tiny_root) == 16  # snapped to the list (16, 32, ...)
     spec = {"timm_model": "VisionTransformer", "kwargs": dict(img_size=224, patch_size=16, embed_dim=48, depth=1, num_heads=3)}
-    vit_b = Root(spec, build_model(spec), "a ViT-B's sizes")  # (a small ViT at ViT-B/16's image and patch size)
+    vit_b = root_for(spec, build_model(spec), "a ViT-B's sizes")  # (a small ViT at ViT-B/16's image and patch size)
     assert start_image_size(16, vit_b) == 32  # two patches at least
     assert start_image_size(100, vit_b) == 96 and start_image_size(384, vit_b) == 224
     assert start_image_size(384, vit_b, requested=48) == 48 and start_image_size(16, vit_b, requested=384) == 384
@@ -258,8 +259,20 @@ def test_a_task_starts_at_its_recorded_image_size(tiny_root, tmp_path):
     s = new_system(tiny_root, ["a"], data, children=2, generation_size=2)
     s.tasks["a"]["start_image_size"] = 16
     evo = Evolution(s, data, tmp_path / "st", show_progress=False)
-    assert evo.default_hparams("a")["image_size"] == 16
-    assert evo.default_hparams("b")["image_size"] == 32  # a record without one (an older STATE): the root's size
+    assert evo.ops.default_hparams("a")["image_size"] == 16
+    assert evo.ops.default_hparams("b")["image_size"] == 32  # a record without one (an older STATE): the root's size
     evo.run(["a"])
     assert [h["hparams"]["image_size"] for h in s.history] == [16, 16]  # the first generation starts there
     assert System.load(tmp_path / "st").tasks["a"]["start_image_size"] == 16
+
+
+def test_the_loop_imports_no_root_family():
+    """The loop, its operators and the strategies know no architecture: importing them loads
+    no root family (the registry's families come with the STATE, :mod:`mutask.evolve.roots`)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mutask.evolve.evolution, mutask.evolve.strategies, mutask.evolve.model; "
+            "print(sorted(m for m in sys.modules if m.startswith('mutask.evolve.roots')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

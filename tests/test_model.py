@@ -5,8 +5,9 @@ import copy
 import pytest
 import torch
 
-from mutask.evolve.model import Adapter, ComponentStore, TaskPath, PathModel, new_head, resample_pos_embed
-from mutask.evolve.root import Root, build_vit
+from mutask.evolve.model import ComponentStore, TaskPath, PathModel
+from mutask.evolve.roots import build_model, root_for
+from mutask.evolve.roots.vit import Adapter, new_head, resample_pos_embed
 
 TINY = {"timm_model": "VisionTransformer", "kwargs": dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=7)}
 
@@ -14,11 +15,11 @@ TINY = {"timm_model": "VisionTransformer", "kwargs": dict(img_size=32, patch_siz
 @pytest.fixture()
 def root():
     torch.manual_seed(0)
-    vit = build_vit(TINY)
+    vit = build_model(TINY)
     # timm zero-inits nothing we rely on; give the head and tokens real values
     for p in vit.parameters():
         torch.nn.init.normal_(p, std=0.2)
-    return Root(TINY, vit, "tiny")
+    return root_for(TINY, vit, "tiny")
 
 
 def test_root_path_matches_timm_forward(root):
@@ -117,7 +118,7 @@ def test_rebuild_components_from_tensors(root):
 
 
 def test_timm_root_by_name_matches_timm_and_rejects_unsupported_networks():
-    from mutask.evolve.root import load_root
+    from mutask.evolve.roots import load_root
     from mutask.errors import MutaskError
 
     torch.manual_seed(0)
@@ -132,4 +133,54 @@ def test_timm_root_by_name_matches_timm_and_rejects_unsupported_networks():
         load_root("timm:convnext_atto")  # (resnet18 is a conv root now: tests/test_conv_root.py)
     avg = {"timm_model": "VisionTransformer", "kwargs": dict(TINY["kwargs"], global_pool="avg")}
     with pytest.raises(MutaskError, match="pools with 'avg'"):
-        Root(avg, build_vit(avg), "avg-pool")
+        root_for(avg, build_model(avg), "avg-pool")
+
+
+def test_a_new_root_family_is_one_registered_class(monkeypatch):
+    """A family registers itself (and may claim short --root names); load_root and root_for
+    find it, and refuse its modules with the reason before it is registered."""
+    from mutask.errors import MutaskError
+    from mutask.evolve.roots import registry
+    from mutask.evolve.roots.conv import ConvRoot
+
+    monkeypatch.setattr(registry, "_FAMILIES", list(registry._FAMILIES))
+    monkeypatch.setattr(registry, "_NAMES", dict(registry._NAMES))
+
+    class TinyNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv_stem = torch.nn.Conv2d(3, 8, 3, stride=2)
+            self.blocks = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1))
+            self.classifier = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.classifier(self.blocks(self.conv_stem(x)).mean(dim=(2, 3)))
+
+    spec = {"timm_model": "tiny-net", "preprocessing": {"mean": [0.5] * 3, "std": [0.5] * 3, "resize": "bilinear"}, "image_size": 32}
+    with pytest.raises(MutaskError, match="not supported: it is a TinyNet, not a timm VisionTransformer, EfficientNet or ResNet"):
+        root_for(spec, TinyNet(), "tiny-net")
+
+    @registry.register_root
+    class TinyNetRoot(ConvRoot):
+        kind, supported, head_name = "TinyNet", "a TinyNet", "classifier"
+
+        @classmethod
+        def problems(cls, module):
+            return [] if isinstance(module, TinyNet) else None
+
+        @classmethod
+        def layout(cls, m):
+            return [("conv_stem", m.conv_stem)], [(f"blocks.{i}", b) for i, b in enumerate(m.blocks)], []
+
+    torch.manual_seed(0)
+    net = TinyNet()
+    registry.register_names(["tiny-net"], lambda name: (dict(spec), net))
+    root = registry.load_root("tiny-net")
+    assert isinstance(root, TinyNetRoot) and root.depth == 2 and root.source == "tiny-net"
+    store = ComponentStore()
+    path = root.add_to(store)
+    assert [store[c].name for c in path.components] == ["conv_stem", "blocks.0", "blocks.1", "classifier"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(PathModel.from_store(store, path)(x), net(x))
+    assert "a TinyNet" in registry.supported()

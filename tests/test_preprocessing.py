@@ -109,7 +109,7 @@ def test_invalid_preprocessing_is_refused(bad):
     ("vit_tiny_patch16_224", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic"),  # augreg: 0.5, but bicubic
 ])
 def test_timm_root_takes_timm_data_config(name, mean, std, resize):
-    from mutask.evolve.root import load_root
+    from mutask.evolve.roots import load_root
 
     root = load_root(f"timm:{name}")  # the config comes with the architecture: no network
     assert root.preprocessing == Preprocessing(image_size=224, mean=mean, std=std, resize=resize)
@@ -120,7 +120,7 @@ def test_timm_root_takes_timm_data_config(name, mean, std, resize):
 def test_timm_config_clip_and_unsupported_interpolation():
     from timm.models.vision_transformer import VisionTransformer
 
-    from mutask.evolve.root import timm_preprocessing
+    from mutask.evolve.roots import timm_preprocessing
 
     vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3)
     vit.pretrained_cfg = {"interpolation": "bicubic", "mean": CLIP_MEAN, "std": CLIP_STD}
@@ -131,9 +131,9 @@ def test_timm_config_clip_and_unsupported_interpolation():
 
 
 def test_root_directories_and_their_records(tmp_path):
-    from mutask.evolve.root import build_vit, load_root_dir, save_root_dir
+    from mutask.evolve.roots import build_model, load_root_dir, save_root_dir
 
-    vit = build_vit(TINY_SPEC)
+    vit = build_model(TINY_SPEC)
     save_root_dir(vit, dict(TINY_SPEC, preprocessing=IMAGENET_BICUBIC), tmp_path / "imagenet")
     assert load_root_dir(tmp_path / "imagenet").preprocessing == imagenet(32)
     save_root_dir(vit, dict(TINY_SPEC, preprocessing=Preprocessing.signed_unit(32).root_record()), tmp_path / "pretrained")
@@ -150,7 +150,7 @@ def test_root_directories_and_their_records(tmp_path):
 def test_pretrain_records_its_preprocessing(monkeypatch, tmp_path):
     """`mutask pretrain` writes mean = std = 0.5, bilinear into config.json (a 1-step run)."""
     from mutask.evolve import pretrain as P
-    from mutask.evolve.root import load_root_dir
+    from mutask.evolve.roots import load_root_dir
 
     monkeypatch.setitem(P.BUDGETS, "tiny", {"steps": 1, "batch_size": 4, "lr": 1e-3})
     monkeypatch.setattr("mutask.evolve.tasks.load_task", lambda spec, seed=0: synthetic_task("symbols", 4, seed, n_train=8, n_eval=8))
@@ -198,14 +198,14 @@ def imagenet_system(tmp_path_factory):
     from dataclasses import asdict
 
     from mutask.evolve.evolution import Evolution, EvolveConfig
-    from mutask.evolve.root import Root, build_vit
+    from mutask.evolve.roots import build_model, root_for
     from mutask.evolve.state import System
     from mutask.export.build import export_system
 
     base = tmp_path_factory.mktemp("imagenet-root")
     torch.manual_seed(0)
     spec = dict(TINY_SPEC, preprocessing=IMAGENET_BICUBIC)
-    root = Root(spec, build_vit(spec), "imagenet-bicubic-root")
+    root = root_for(spec, build_model(spec), "imagenet-bicubic-root")
     data = {"t": synthetic_task("t", 6, 7)}
     s = System.new(root, seed=0)
     s.config["evolve"] = asdict(EvolveConfig(rounds=1, children=2, generation_size=2, steps=3, validations=1, batch_size=16))

@@ -18,9 +18,9 @@ from timm.data import ImageNetInfo
 
 from mutask.errors import MutaskError
 from mutask.preprocessing import resize_rgb
-from mutask.evolve import realroot
-from mutask.evolve.realroot import REAL_ROOTS, convert_state_dict, load_real_root, weights_path
-from mutask.evolve.root import root_preprocessing
+from mutask.evolve.roots import efficientnet_lite as realroot
+from mutask.evolve.roots.efficientnet_lite import REAL_ROOTS, convert_state_dict, load_real_root, weights_path
+from mutask.evolve.roots import root_preprocessing
 from mutask.evolve.tasks import load_task
 from mutask.evolve.suite.fashion import fashion_available, unavailable_reason
 

