@@ -148,3 +148,16 @@ def write_record(name: str, doc: dict, body_md: str, results_dir=None, *, shared
     (d / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
     (d / f"{name}.md").write_text(body_md.rstrip() + "\n\n" + machine_line(doc["machine"]) + "\n")
     return d / f"{name}.json", d / f"{name}.md"
+
+
+def rerender(name: str, results_dir=None) -> Path:
+    """Rewrite ``<name>.md``'s machine line from its JSON (the body kept, figures untouched)."""
+    d = Path(results_dir or RESULTS)
+    doc = json.loads((d / f"{name}.json").read_text())
+    body = "\n".join(line for line in (d / f"{name}.md").read_text().splitlines() if not line.startswith("Machine:"))
+    return write_record(name, doc, body, d)[1]
+
+
+if __name__ == "__main__":  # python -m mutask.benchmarks.harness NAME...: re-render records' machine lines
+    for n in sys.argv[1:]:
+        print(rerender(n))

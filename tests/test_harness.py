@@ -33,3 +33,10 @@ def test_record_names_the_cpu(tmp_path):
     assert line.startswith(f"Machine: {m['cpu_model']}, {m['cores']} cores") and "shared machine: other work ran" in line
     old = {"processor": "AMD EPYC", "cpu_count": 16, "cuda": "NVIDIA H200", "platform": "Linux", "python": "3.12.3", "date": "d"}
     assert harness.machine_line(old).startswith("Machine: AMD EPYC, 16 cores; GPU NVIDIA H200; Linux")
+
+
+def test_rerender_replaces_the_machine_line(tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps({"machine": {"processor": "AMD EPYC", "cpu_count": 2, "date": "d"}}))
+    (tmp_path / "r.md").write_text("| a |\n\nMachine:  (2 cores).\n\nMachine: old footer\n")
+    text = harness.rerender("r", tmp_path).read_text()
+    assert text.count("Machine:") == 1 and "Machine: AMD EPYC, 2 cores" in text and text.startswith("| a |")
