@@ -37,6 +37,11 @@ NO_AUG = {"crop_area_min": 1.0, "aspect_ratio_min": 1.0, "flip": False, "color_j
 LABELS = {"timm": "plain timm loop", "full": "mutask child, all components cloned", "frozen": "mutask child, stem + bottom half of the blocks frozen"}
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def bench_root(root_arg: str | None, seed: int) -> Root:
     torch.manual_seed(seed)
     return Root(DEFAULT_SPEC, build_model(DEFAULT_SPEC), "bench") if root_arg is None else load_root(root_arg)
@@ -50,10 +55,8 @@ def timm_loop(root_arg, split: Split, pre, steps: int, batch: int, precision: st
     net = build_model(DEFAULT_SPEC) if root_arg is None else timm.create_model(root_arg.removeprefix("timm:"), num_classes=NUM_CLASSES, drop_rate=0.0)
     dev = device()
     net.to(dev).train()
-    dtype = autocast_dtype(precision, dev)
+    dtype, gen, labels = autocast_dtype(precision, dev), torch.Generator().manual_seed(seed), torch.from_numpy(split.labels).to(dev)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.from_numpy(split.labels).to(dev)
     _sync()
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -66,11 +69,6 @@ def timm_loop(root_arg, split: Split, pre, steps: int, batch: int, precision: st
         opt.step()
     _sync()
     return steps * batch / (time.perf_counter() - t0)
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def mutask_loop(root_arg, split: Split, size: int, steps: int, batch: int, frozen: bool, precision: str, seed: int) -> float:
@@ -93,18 +91,14 @@ def mutask_loop(root_arg, split: Split, size: int, steps: int, batch: int, froze
     head = Component(store.new_id(), root.head_name, root.new_head(NUM_CLASSES))
     fresh[head.id] = head
     ids.append(head.id)
-    dev = device()
     for c in list(store.components.values()) + list(fresh.values()):
-        c.module.to(dev)
-    for c in fresh.values():
-        c.module.requires_grad_(True)
+        c.module.to(device()).requires_grad_(c.id in fresh)
     hp = dict(NO_AUG, image_size=size, num_blocks=root.depth)
     model = PathModel.from_store(store, TaskPath("bench", "bench", ids, hp), fresh)
     params = [p for c in fresh.values() for p in c.module.parameters()]
-    val = Split(split.images[:batch], split.labels[:batch])
     _sync()
-    res = train(model, params, split, val, hp, pre=root.preprocessing.at(size), steps=steps, batch_size=batch, validations=1, seed=seed, precision=precision)
-    return res.images_per_s
+    return train(model, params, split, Split(split.images[:batch], split.labels[:batch]), hp, pre=root.preprocessing.at(size),
+                 steps=steps, batch_size=batch, validations=1, seed=seed, precision=precision).images_per_s
 
 
 def table(doc: dict) -> str:
