@@ -40,11 +40,10 @@ def add_parser(sub) -> None:
 def _cmd_bench(a) -> None:
     from mutask.export.artifact import artifact_stats, load_artifact
 
-    from . import baseline_bench, load_bench, serving_bench
-    from .common import RESULTS, write
+    from . import baseline_bench, harness, load_bench, serving_bench
 
     load_artifact(a.artifact)  # a bad ART stops here with a clear message (exit 2)
-    results = Path(a.results or RESULTS)
+    results = Path(a.results or harness.RESULTS)
     serving_bench.main([a.artifact, "--repeats", str(a.repeats), "--requests", str(a.requests), "--concurrency", a.concurrency, "--out", str(results)])
     baseline_bench.main([a.artifact, "--repeats", str(a.repeats), "--requests", str(a.requests), "--results", str(results)])
     load_bench.main([a.artifact, "--clients", str(a.load_clients), "--seconds", str(a.load_seconds), "--results", str(results)])
@@ -55,7 +54,7 @@ def _cmd_bench(a) -> None:
         f"| {stats['total_bytes']:,} | {stats['unique_param_bytes']:,} | {stats['ratio_total_to_unique']:.4f} | {stats['graph_bytes']:,} | "
         f"{stats['naive_bytes']:,} | {stats['total_bytes'] / stats['naive_bytes']:.3f} |"
     )
-    write("artifact", {"benchmark": "artifact", **stats, "repeats": 1}, md, results)
+    harness.write_record("artifact", {"benchmark": "artifact", **stats, "repeats": 1}, md, results)
     combined = {name: json.loads((results / f"{name}.json").read_text()) for name in NAMES}
     if a.json:
         print(json.dumps(combined, indent=2))

@@ -18,20 +18,16 @@ import argparse
 import json
 from pathlib import Path
 
-from mutask.benchmarks.common import machine, write
+from mutask.benchmarks import harness
 
 PAPER = {"label": "paper (muNet vs fine-tuning, ViT-B/16, 10 VDD tasks)", "accuracy_gain": "+2.39 % avg", "params_per_task": "-47 %"}
 
 
 def strategy_of(config: str) -> dict:
+    """``munet-s0.9`` -> muNet at scale factor 0.9; ``freeze-2`` -> ``freeze:2`` (evolve checks the rest)."""
     if config.startswith("munet-s"):
         return {"strategy": "munet", "scale_factor": float(config[len("munet-s"):])}
-    if config == "finetune":
-        return {"strategy": "finetune"}
-    kind, _, arg = config.partition("-")
-    if kind in ("freeze", "adapters") and arg.isdigit():
-        return {"strategy": f"{kind}:{arg}"}
-    raise SystemExit(f"unknown config {config!r}: munet-sX, finetune, freeze-K, adapters-W")
+    return {"strategy": config.replace("-", ":", 1)}
 
 
 def run(a) -> None:
@@ -85,8 +81,8 @@ def table(a) -> dict:
         f"{any_cfg.get('rounds')} rounds x {any_cfg.get('children')} children x {any_cfg.get('steps')} steps "
         f"(batch {any_cfg.get('batch_size')}).\n\n" + "\n".join(lines)
     )
-    doc = {"benchmark": "quality", "runs": rows, "paper_reference": PAPER, "repeats": 1, "machine": a.machine or machine()}
-    write(a.name, doc, md, a.results)
+    doc = {"benchmark": "quality", "runs": rows, "paper_reference": PAPER, "repeats": 1, "machine": a.machine or harness.machine()}
+    harness.write_record(a.name, doc, md, a.results)
     print(md)
     return doc
 
