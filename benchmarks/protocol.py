@@ -51,7 +51,7 @@ PRESETS = {
     "gpu": dict(tasks=BASE_TASKS, optional_tasks=["fashion"], seeds=3, root="efficientnet-lite0", image_size=64,
                 rounds=2, children=8, generation_size=2, steps=50, batch_size=64, validations=2, lr_candidates=4,
                 scale_factors=[1.0, 0.5, 0.1], baselines=["probe", "finetune", "freeze:8", "adapters:16", "lora:8"],
-                jobs=14, launch_deadline_s=300, job_timeout_s=420),
+                jobs=14, launch_deadline_s=200, job_timeout_s=330),
 }
 # Each baseline's learning-rate candidates (muNet's lr list), centred where that kind trains
 # best: heads and adapters take larger rates than a whole network. Presets take the first
@@ -194,7 +194,9 @@ def records(jobs: list[dict], work: Path) -> list[dict]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=list(PRESETS), required=True)
+    ap.add_argument("--preset", choices=list(PRESETS))
+    ap.add_argument("--render", metavar="RECORD.json", help="only rewrite OUT.{json,md,png} from this record (e.g. to draw the picture "
+                    "where matplotlib is installed); its machine info and dates are kept")
     ap.add_argument("--out", required=True, help="record path without suffix: writes OUT.json, OUT.md, OUT.png")
     ap.add_argument("--work", help="where jobs keep their STATEs, logs and records (default: runs/protocol-PRESET); a rerun skips finished jobs")
     ap.add_argument("--jobs", type=int, help="jobs at once (default: the preset's)")
@@ -204,6 +206,16 @@ def main(argv=None) -> None:
     ap.add_argument("--fresh", action="store_true", help="remove --work first instead of reusing finished jobs")
     ap.add_argument("--note", default="", help="a line for the record (e.g. 'the machine was shared by other work')")
     a = ap.parse_args(argv)
+    from mutask.benchmarks.protocol_report import write_record
+
+    if a.render:
+        doc = json.loads(Path(a.render).read_text())
+        meta = {k: doc[k] for k in ("preset", "protocol", "tasks", "tasks_skipped", "lr_candidates", "note", "data_seconds", "started", "wall_seconds", "machine") if k in doc}
+        write_record(Path(a.out), meta, doc["jobs"], planned=doc["jobs_planned"], keep_date=True)
+        print(Path(f"{a.out}.md").read_text())
+        return
+    if a.preset is None:
+        ap.error("--preset is required (or --render RECORD.json)")
     p = dict(PRESETS[a.preset])
     for k in ("jobs", "seeds", "steps"):
         if getattr(a, k) is not None:
@@ -211,8 +223,6 @@ def main(argv=None) -> None:
     work = Path(a.work or f"runs/protocol-{a.preset}")
     if a.fresh:
         shutil.rmtree(work, ignore_errors=True)
-    from mutask.benchmarks.protocol_report import write_record
-
     tasks, skipped = available_tasks(p)
     t0 = time.time()
     prepare_data(work, tasks, p["seeds"])

@@ -74,8 +74,8 @@ def paired(recs: list[dict], tasks: list[str], a: str, b: str) -> dict:
     """``a`` minus ``b``, seed by seed (points), per task and on the average; 95 % t-intervals."""
     sa, sb = per_seed(recs, a, tasks), per_seed(recs, b, tasks)
     common = sorted(set(sa) & set(sb))
-    return {"a": a, "b": b, "seeds": common,
-            **{k: interval([sa[s][k] - sb[s][k] for s in common]) for k in tasks + ["avg"]}}
+    return {"strategy": a, "against": b, "seeds": common, "avg": interval([sa[s]["avg"] - sb[s]["avg"] for s in common]),
+            "tasks": {t: interval([sa[s][t] - sb[s][t] for s in common]) for t in tasks}}
 
 
 def comparisons(recs: list[dict], tasks: list[str], summary: dict) -> tuple[str | None, list[dict]]:
@@ -160,7 +160,7 @@ def markdown(meta: dict, summary: dict, best: str | None, comps: list[dict], rec
     L.append("| a - b | seeds | avg [95 % CI] | " + " | ".join(tasks) + " |")
     L.append("|---|---|---|" + "---|" * len(tasks))
     for c in comps:
-        L.append(f"| {c['a']} - {c['b']} | {len(c['seeds'])} | {fmt(c['avg'], True)} | " + " | ".join(fmt(c[t], True) for t in tasks) + " |")
+        L.append(f"| {c['strategy']} - {c['against']} | {len(c['seeds'])} | {fmt(c['avg'], True)} | " + " | ".join(fmt(c["tasks"][t], True) for t in tasks) + " |")
     L.append("\n## Winning paths (seed 0)\n")
     L.append("| strategy | " + " | ".join(tasks) + " |")
     L.append("|---|" + "---|" * len(tasks))
@@ -226,7 +226,7 @@ def picture(path: Path, summary: dict, tasks: list[str]) -> str | None:
     return None
 
 
-def write_record(out: Path, meta: dict, recs: list[dict], planned: int) -> dict:
+def write_record(out: Path, meta: dict, recs: list[dict], planned: int, keep_date: bool = False) -> dict:
     from mutask.benchmarks.common import machine
 
     tasks = meta["tasks"]
@@ -241,7 +241,8 @@ def write_record(out: Path, meta: dict, recs: list[dict], planned: int) -> dict:
         m.setdefault("peft", version("peft"))
     except Exception:
         pass
-    m["date"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    if not keep_date:
+        m["date"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     meta["machine"] = m
     md = markdown(meta, summary, best, comps, recs, tasks, planned)
     md += (f"\n\n![accuracy vs unique parameters per task]({out.name}.png)\n" if png_note is None else f"\n\n({png_note})\n")
