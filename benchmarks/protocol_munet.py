@@ -79,7 +79,7 @@ def read_state(state_dir) -> dict:
                 "path": sum(comps[c]["num_params"] for c in ids),
             },
             "structure": path_structure(path, comps, root_ids, task),
-            "train_images": len(history) * cfg["steps"] * cfg["batch_size"],
+            "train_images": sum(h.get("steps", cfg["steps"]) for h in history) * cfg["batch_size"],
             "children": len(history),
             "visit_seconds": path["metrics"].get("visit_seconds"),
         }

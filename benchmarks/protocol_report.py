@@ -175,6 +175,9 @@ def markdown(meta: dict, summary: dict, best: str | None, comps: list[dict], rec
             st = search_stats(r)
             L.append(f"| {r['name']} seed {r['seed']} | {st['children']} | {st['accepted']} | {st['mutated_accepted']} / {st['mutated']} | "
                      f"{st['generations_per_visit']} | {st['winners_not_from_root']} / {len(r['tasks'])} |")
+    for r in recs:
+        if r.get("compute_mismatch"):
+            L.append(f"\n**Compute mismatch** in {r['name']} seed {r['seed']}: {r['compute_mismatch']}.")
     bad = [r for r in recs if "failed" in r or "skipped" in r]
     if bad:
         L.append("\n## Jobs that failed or were skipped\n")

@@ -137,4 +137,4 @@ def parse_strategy(spec: str) -> Strategy:
             return Freeze(int(arg)) if kind == "freeze" else Adapters(int(arg))
     except ValueError:
         pass
-    raise MutaskError(f"unknown strategy {spec!r}; use munet, munet-noseed, finetune, freeze:K or adapters:W.")
+    raise MutaskError(f"unknown strategy {spec!r}; use munet, finetune, freeze:K or adapters:W. (Or munet-noseed: muNet without cross-task seeds.)")

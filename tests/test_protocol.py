@@ -93,3 +93,12 @@ def test_tiny_preset_writes_a_complete_record(tmp_path):
     assert all(t["train_images"] == 64 for j in doc["jobs"] for t in j["tasks"].values())
     assert "points" in out.with_suffix(".md").read_text()
     assert out.with_name("quality-tiny.png").stat().st_size > 1000
+
+
+def test_munet_noseed_is_munet_without_cross_task_seeds():
+    from mutask.evolve.strategies import parse_strategy
+
+    s = parse_strategy("munet-noseed")
+    assert str(s) == "munet-noseed" and s.mutates_structure and not s.transfer
+    assert s.seed_candidates(["p3", "p7"]) == ["root"]
+    assert parse_strategy("munet").seed_candidates(["p3"]) == ["p3", "root"]
