@@ -167,8 +167,8 @@ def markdown(meta: dict, summary: dict, best: str | None, comps: list[dict], rec
     for r in sorted(ok(recs), key=lambda r: list(summary).index(r["name"])):
         if r["seed"] == 0:
             L.append(f"| {r['name']} | " + " | ".join(structure_text(r["tasks"][t]["structure"]) for t in tasks) + " |")
-    L.append("\n## muNet's search (per job: children, accepted, mutated children accepted, generations per visit, tasks whose winner is not a root seed)\n")
-    L.append("| job | children | accepted | mutated accepted / mutated | generations/visit | winners not root seeds |")
+    L.append("\n## muNet's search (per job: children, accepted, mutated children accepted, generations per visit, tasks whose winning path is not a direct child of the root)\n")
+    L.append("| job | children | accepted | mutated accepted / mutated | generations/visit | winner not a direct child of the root |")
     L.append("|---|---|---|---|---|---|")
     for r in ok(recs):
         if r["kind"] == "munet":
