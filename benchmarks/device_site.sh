@@ -14,7 +14,8 @@ set -euo pipefail
 PYV="${1:-3.12}"
 SEEDS="${2:-3}"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-PY="${PYTHON:-$ROOT/../../main/.venv/bin/python}"
+# a python with pip, numpy and scikit-learn (to build digits): $PYTHON, else the team's venv, else python3
+PY="${PYTHON:-/work/main/.venv/bin/python}"
 [ -x "$PY" ] || PY="$(command -v python3)"
 SITE="$ROOT/.device/site"
 WHEELS="$ROOT/.device/wheels"
