@@ -18,7 +18,7 @@ Strategies (component names are the root's: stem, blocks, tail, head):
 - ``finetune``: every root component trained, a new head;
 - ``freeze:K``: the stem and the bottom K blocks frozen, the rest trained;
 - ``adapters:W``: the root frozen, a residual adapter of width W before every block
-  (x + up(relu(down(bn(x)))), ``up`` zero-initialised: mutask's conv adapter), the final norm
+  (mutask's own conv adapter: x + up(relu(down(bn(x)))), ``up`` zero-initialised), the final norm
   and the head trained;
 - ``lora:R``: LoRA of rank R (alpha 2R) through the ``peft`` library on every Conv2d with
   groups == 1 (stem, pointwise and head convolutions; peft refuses depthwise ones at this
@@ -40,6 +40,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from mutask.evolve.conv_root import ConvAdapter  # muNet's own conv adapter: the baseline trains the same module
+
 KINDS = ("probe", "finetune", "freeze", "adapters", "lora")
 
 
@@ -48,21 +50,6 @@ def parse(spec: str) -> tuple[str, int | None]:
     if kind not in KINDS or (kind in ("freeze", "adapters", "lora")) != arg.isdigit():
         raise SystemExit(f"unknown baseline {spec!r}: probe, finetune, freeze:K, adapters:W or lora:R")
     return kind, int(arg) if arg else None
-
-
-class ConvAdapter(nn.Module):
-    """x + up(relu(down(bn(x)))), 1x1 convolutions, ``up`` zero-initialised (as mutask's)."""
-
-    def __init__(self, channels: int, width: int):
-        super().__init__()
-        self.norm = nn.BatchNorm2d(channels)
-        self.down = nn.Conv2d(channels, width, 1)
-        self.up = nn.Conv2d(width, channels, 1)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, x):
-        return x + self.up(torch.relu(self.down(self.norm(x))))
 
 
 class Frozen(nn.Module):
