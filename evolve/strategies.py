@@ -7,6 +7,8 @@ strategy         a visit's seeds             structure mutates   a child clones 
 ===============  ==========================  ==================  ========================================
 ``munet``        every other task's best     yes (adapters,      each component with probability mu
                  path, and the root          depth)
+``munet-noseed``  the root (ablation: no      yes                 each component with probability mu
+                 cross-task seeds)
 ``finetune``     the root                    no                  everything
 ``freeze:K``     the root                    no                  blocks K and up and the tail (the stem:
                                                                  embeddings or conv stem, and the bottom
@@ -68,6 +70,16 @@ class MuNet(Strategy):
         return "munet"
 
 
+class MuNetNoSeed(MuNet):
+    """muNet without cross-task seeds (an ablation): structure still mutates, but a visit
+    seeds only from the root, never from other tasks' best paths."""
+
+    transfer = False
+
+    def __str__(self) -> str:
+        return "munet-noseed"
+
+
 class FineTune(Strategy):
     """Fine-tune everything: every component is cloned."""
 
@@ -111,16 +123,18 @@ class Adapters(Strategy):
 
 
 def parse_strategy(spec: str) -> Strategy:
-    """``munet``, ``finetune``, ``freeze:K`` or ``adapters:W`` -> its :class:`Strategy`;
+    """``munet``, ``munet-noseed``, ``finetune``, ``freeze:K`` or ``adapters:W`` -> its :class:`Strategy`;
     :class:`MutaskError` otherwise."""
     kind, _, arg = str(spec).partition(":")
     try:
         if kind == "munet":
             return MuNet()
+        if kind == "munet-noseed":
+            return MuNetNoSeed()
         if kind == "finetune":
             return FineTune()
         if kind in ("freeze", "adapters") and arg.isdigit():
             return Freeze(int(arg)) if kind == "freeze" else Adapters(int(arg))
     except ValueError:
         pass
-    raise MutaskError(f"unknown strategy {spec!r}; use munet, finetune, freeze:K or adapters:W.")
+    raise MutaskError(f"unknown strategy {spec!r}; use munet, finetune, freeze:K or adapters:W. (Or munet-noseed: muNet without cross-task seeds.)")
