@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mutask.evolve.conv_root import ConvAdapter  # muNet's own conv adapter: the baseline trains the same module
+from mutask.evolve.roots.conv import ConvAdapter  # muNet's own conv adapter: the baseline trains the same module
 
 KINDS = ("probe", "finetune", "freeze", "adapters", "lora")
 
@@ -153,7 +153,7 @@ def run_task(spec: str, root, data, a, task_index: int) -> dict:
 
 
 def run(a) -> dict:
-    from mutask.evolve.root import load_root
+    from mutask.evolve.roots import load_root
     from mutask.evolve.tasks import load_task
 
     parse(a.strategy)
