@@ -230,14 +230,18 @@ def picture(path: Path, summary: dict, tasks: list[str]) -> str | None:
 
 
 def write_record(out: Path, meta: dict, recs: list[dict], planned: int, keep_date: bool = False) -> dict:
-    from mutask.benchmarks.common import machine
+    from mutask.benchmarks.harness import SHARED, machine, machine_line
 
     tasks = meta["tasks"]
     summary = summarize(recs, tasks)
     best, comps = comparisons(recs, tasks, summary)
     out.parent.mkdir(parents=True, exist_ok=True)
     png_note = picture(Path(f"{out}.png"), summary, tasks) if summary else "no picture: no finished job"
-    m = meta.get("machine") or machine()
+    m = meta.get("machine") or machine(shared_machine=meta.get("note") or SHARED)
+    if not m.get("gpu"):  # harness.machine() reads the GPU only where torch is loaded; this process drives the jobs
+        import torch
+
+        m["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     try:
         from importlib.metadata import version
 
@@ -249,8 +253,7 @@ def write_record(out: Path, meta: dict, recs: list[dict], planned: int, keep_dat
     meta["machine"] = m
     md = markdown(meta, summary, best, comps, recs, tasks, planned)
     md += (f"\n\n![accuracy vs unique parameters per task]({out.name}.png)\n" if png_note is None else f"\n\n({png_note})\n")
-    md += (f"\nMachine: {m.get('processor')} ({m.get('cpu_count')} cores), GPU {m.get('cuda') or 'none'}; python {m.get('python')}, "
-           f"torch {m.get('torch')}, timm {m.get('timm')}, peft {m.get('peft', 'not installed')}. Recorded {m.get('date')}.\n")
+    md += f"\n{machine_line(m)} timm {m.get('timm')}, peft {m.get('peft', 'not installed')}.\n"
     doc = {"benchmark": "quality-protocol", "units": "points = test accuracy x 100; intervals: 95 % t over seeds", **meta,
            "jobs_planned": planned, "jobs_finished": len(ok(recs)), "best_baseline": best, "summary": summary,
            "paired": comps, "picture": png_note or f"{out.name}.png", "jobs": recs}
