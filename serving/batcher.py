@@ -1,9 +1,10 @@
 """Cross-task micro-batching in front of the engine.
 
 Concurrent requests, for any tasks, are collected into one mixed batch and run by
-:meth:`mutask.serving.engine.Engine.run` in one worker thread, so rows of different tasks go
-through the segments they share together. BentoML's own adaptive batching batches calls of one
-API with one input type; this batches across tasks over the engine's segment graph.
+:meth:`mutask.serving.engine.Engine.run` in one worker thread (ONNX Runtime off the event loop,
+one inference at a time): each task's graph then runs once over the rows of every request for
+it. BentoML's own adaptive batching batches calls of one API with one input type; this batches
+across the APIs and tasks of one engine.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ log = logging.getLogger("mutask.serving")
 class MicroBatcher:
     """Adaptive asyncio micro-batcher in front of :meth:`Engine.run`.
 
-    ``await submit(task, x)`` queues a request; one collector task per event loop takes the
+    ``await submit_tasks([(task, x), ...])`` queues a request; one collector task per event loop takes the
     first waiting request, then keeps collecting while more are known to be coming (requests
     still being decoded, see :meth:`expect`) for up to ``max_wait_ms``, or until ``max_batch``
     rows; a lone request runs at once. The batch runs in one worker thread (one inference at
@@ -65,10 +66,6 @@ class MicroBatcher:
         """Context manager around a request's decoding: while it runs, the collector waits
         (up to max_wait_ms) for it instead of running a smaller batch."""
         return MicroBatcher._Expect(self)
-
-    async def submit(self, task: str, x: np.ndarray) -> np.ndarray:
-        """Logits for ``x`` (n, 3, S, S) of ``task``, batched with concurrent requests."""
-        return (await self.submit_tasks([(task, x)]))[0]
 
     async def submit_tasks(self, items: list) -> list:
         """Logits for each (task, x) of ``items``, batched with concurrent requests as one unit:

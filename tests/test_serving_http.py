@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from mutask.server_process import metric_value
-from tests.test_serving_helpers import Server, check_battery, reference_logits, sample_images, serving_artifact
+from tests.test_serving_helpers import Server, check_battery, error_of, reference_logits, sample_images, serving_artifact
 
 __all__ = ["serving_artifact"]  # the session fixture, imported for pytest
 
@@ -109,7 +109,7 @@ def test_tasks_readyz_metrics_openapi(server):
     with httpx.Client(base_url=server.url, timeout=30) as c:
         assert c.get("/readyz").status_code == 200
         assert c.get("/livez").status_code == 200
-        tasks = c.get("/tasks").json()
+        tasks = c.post("/tasks").json()
         assert set(tasks) == {"a", "b", "c", "d"}
         for rec in tasks.values():
             assert {"labels", "image_size", "params", "accounted_params", "val_accuracy", "test_accuracy"} <= set(rec)
@@ -134,7 +134,7 @@ def test_bad_input_battery_over_http(server):
         # far over the limit, declared up front: answered without buffering the body
         big = np.random.default_rng(1).integers(0, 255, 3 * LIMIT, dtype=np.uint8).tobytes()
         r = c.post("/predict", data={"task": "a"}, files={"image": ("big.bin", big)})
-        assert r.status_code == 400 and "limit" in r.json()["error"]
+        assert r.status_code == 400 and "limit" in error_of(r)
         m = c.get("/metrics").text
         assert metric_value(m, "bentoml_service_request_total", http_response_code="500") == 0
         assert metric_value(m, "mutask_errors_total", kind="bad_image") >= 4
