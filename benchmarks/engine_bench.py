@@ -1,7 +1,7 @@
 """The serving engine alone, without HTTP (part of ``serving_bench``; torch-free).
 
 Images/s of mixed-task batches (each task's graph over its rows) with the pre-packed pool
-against the unpacked weight store, the RSS one engine adds to a fresh process, and what one run
+against sessions that own their weights, the RSS one engine adds to a fresh process, and what one run
 of a shared segment costs by its number of rows. Every :class:`mutask.serving.engine.Engine` gets each setting explicitly.
 """
 
@@ -20,8 +20,8 @@ from mutask.server_process import child_env
 
 # name -> the Engine keywords that make it (besides device and threads)
 CONFIGS = {
-    "prepacked": dict(global_pools=False),  # the server on CPU: the pre-packed pool
-    "store": dict(global_pools=False, prepack=False),  # one unpacked copy (CUDA's way)
+    "prepacked": dict(),  # the server on CPU: the pre-packed pool
+    "own": dict(prepack=False),  # each session loads its own weights (CUDA's way)
 }
 
 

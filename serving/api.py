@@ -290,7 +290,7 @@ class BatchInput(bentoml.IODescriptor):
     """POST /predict_batch: JSON with ``task`` and ``images`` (base64 strings or data: URLs)."""
 
     task: str = TASK
-    images: list[str] = Field(
+    images: list[t.Annotated[str, Field(min_length=1)]] = Field(
         min_length=1, max_length=_LIMITS.max_batch_images,
         description=f"Images as base64 strings (or data: URLs), 1 to MUTASK_MAX_BATCH_IMAGES ({_LIMITS.max_batch_images})",
     )
@@ -313,7 +313,7 @@ class TasksInput(bentoml.IODescriptor):
         if media not in ("", "application/json"):
             raise Rejected(f"send /tasks no body or a JSON one (Content-Type: application/json), not {media}")
         body = await read_body(request, SMALL_BODY, "/tasks")
-        if body.strip():
+        if body:
             try:
                 doc = json.loads(body)
             except (ValueError, RecursionError):

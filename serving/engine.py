@@ -10,9 +10,9 @@ runs it two ways, by what the rows are:
 * one array asked for several tasks (``/predict_tasks``): the segment DAG, where every segment
   the tasks share runs once on the image's rows, and each task's remaining segments on its own.
 
-Every session reads its weights from one copy: a pool of pre-packed weights made at start
-(:mod:`mutask.serving.prepack`, CPU), or a :class:`~mutask.serving.weights.WeightStore`
-(CUDA, or where ONNX Runtime cannot pre-pack). The manifest was validated when the artifact was
+On CPU every session reads its weights from one copy: a pool of pre-packed weights made at
+start (:mod:`mutask.serving.prepack`). On CUDA (where each session copies its weights to the
+device anyway), or where ONNX Runtime cannot pre-pack, each session loads its own. The manifest was validated when the artifact was
 loaded, so the engine only builds sessions, checks each task once, and runs them. Torch-free.
 """
 
@@ -26,8 +26,7 @@ import weakref
 import numpy as np
 
 from .prepack import PrepackedPool, can_delete_mapped_files
-from .sessions import EngineError, choose_providers, global_pools_on, session_options
-from .weights import SHARED_WEIGHTS_DISABLED_OPTIMIZERS, WeightStore
+from .sessions import EngineError, choose_providers, session_options
 
 __all__ = ["Engine", "EngineError"]
 
@@ -36,13 +35,12 @@ log = logging.getLogger("mutask.serving")
 
 class Engine:
     """ONNX Runtime sessions for an artifact (an :class:`mutask.export.artifact.Artifact`): one
-    per task graph and one per segment, all over one copy of the weights (the pre-packed pool on
-    CPU unless ``prepack=False``, else one unpacked :class:`WeightStore`). ``run`` is
+    per task graph and one per segment, over one copy of the weights (the pre-packed pool, on CPU
+    unless ``prepack=False``; else each session owns its weights). ``run`` is
     synchronous and not re-entrant (the batcher calls it from one thread); ``stats`` counts
     rows, ONNX Runtime runs and seconds per session."""
 
-    def __init__(self, artifact, *, device: str = "auto", threads: int = 1, verify: bool = True,
-                 global_pools: bool = False, prepack: bool = True):
+    def __init__(self, artifact, *, device: str = "auto", threads: int = 1, verify: bool = True, prepack: bool = True):
         import onnxruntime as ort
 
         self.artifact = artifact
@@ -56,23 +54,17 @@ class Engine:
         t0 = time.perf_counter()
         units = [(f"task:{tid}", artifact.graph_path(tid), f"task {tid}'s graph") for tid in self.tasks]
         units += [(sid, artifact.segment_path(sid), f"segment {sid}") for sid in self.order]
-        self.weights, self.pool, models = None, None, {}
+        self.pool, models = None, {}
         if prepack and self.providers == ["CPUExecutionProvider"]:
-            self.pool, models = _prepacked_pool(units, self.threads, global_pools, self.providers)
-        if self.pool is None:
-            self.weights = WeightStore(artifact.weights_path)
+            self.pool, models = _prepacked_pool(units, self.threads, self.providers)
         self.sessions: dict[str, object] = {}
-        self.bindings: dict[str, dict] = {}  # session key -> {initializer: tensor in the store}
         for key, path, what in units:
-            so, disabled = session_options(self.threads, global_pools), None
+            so = session_options(self.threads)
             try:
                 if self.pool is not None:
                     path = models[key]
                     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # done once, in the pool
-                else:
-                    self.bindings[key] = self.weights.bind(so, path)
-                    disabled = SHARED_WEIGHTS_DISABLED_OPTIMIZERS
-                session = ort.InferenceSession(str(path), so, providers=self.providers, disabled_optimizers=disabled)
+                session = ort.InferenceSession(str(path), so, providers=self.providers)
             except EngineError:
                 raise
             except Exception as e:
@@ -85,7 +77,7 @@ class Engine:
                 self.pool.close()  # the sessions keep the pool's pages mapped
             else:
                 weakref.finalize(self, self.pool.close)
-        self.weights_mode = "prepacked" if self.pool is not None else "store"
+        self.weights_mode = "prepacked" if self.pool is not None else "own"
         self._inputs = {k: s.get_inputs()[0].name for k, s in self.sessions.items()}
         self._shared_tasks = [frozenset(seg.tasks) for seg in self.segments.values() if seg.shared]
         self.active_providers = list(next(iter(self.sessions.values())).get_providers())
@@ -95,9 +87,8 @@ class Engine:
         if verify:
             self.verify()
         self.ready = True
-        log.info("engine: %d tasks, %d sessions on %s (%s), weights %s, %d ORT threads%s, loaded in %.2f s",
-                 len(self.tasks), len(self.sessions), self.device, ",".join(self.active_providers), self.weights_mode,
-                 self.threads, " (global pool)" if global_pools_on() else "", self.load_seconds)
+        log.info("engine: %d tasks, %d sessions on %s (%s), weights %s, %d ORT threads, loaded in %.2f s", len(self.tasks),
+                 len(self.sessions), self.device, ",".join(self.active_providers), self.weights_mode, self.threads, self.load_seconds)
 
     def is_shared(self, key: str) -> bool:
         """Whether a ``stats`` key (a segment, or a task's own graph) serves more than one task."""
@@ -211,23 +202,22 @@ class Engine:
             "device": self.device,
             "providers": self.active_providers,
             "ort_threads": self.threads,
-            "ort_global_thread_pool": global_pools_on(),
             "weights": self.weights_mode,
-            "weights_in_memory_bytes": self.pool.pool_bytes if self.pool is not None else self.weights.nbytes,
+            "weights_in_memory_bytes": self.pool.pool_bytes if self.pool is not None else None,
             "segments": {sid: {"parents": list(s.parents), "tasks": list(s.tasks), "shared": s.shared} for sid, s in self.segments.items()},
         }
 
 
-def _prepacked_pool(units: list, threads: int, global_pools: bool, providers: list) -> tuple:
+def _prepacked_pool(units: list, threads: int, providers: list) -> tuple:
     """(pool, {key: pooled model path}): every unit's graph optimized and pre-packed once, the
     packs pooled (:mod:`mutask.serving.prepack`); (None, {}) with a warning where this ONNX
-    Runtime cannot (the engine then shares one unpacked :class:`WeightStore`)."""
+    Runtime cannot (each session then loads its own weights)."""
     pool = PrepackedPool()
     try:
         for key, path, _ in units:
-            pool.add(key, path, session_options(threads, global_pools), providers)
+            pool.add(key, path, session_options(threads), providers)
         return pool, pool.finish()
     except Exception as e:
         pool.close()
-        log.warning("pre-packed weights unavailable (%s: %s): sessions share unpacked weights", type(e).__name__, e)
+        log.warning("pre-packed weights unavailable (%s: %s): each session loads its own", type(e).__name__, e)
         return None, {}

@@ -58,7 +58,7 @@ ASSETS_PREFIX = "/static_content/"
 
 def build_engine(artifact, settings: Settings) -> Engine:
     """The engine for one artifact with the server's settings (one call per served version)."""
-    return Engine(artifact, device=settings.device, threads=settings.threads, global_pools=settings.ort_global_pools)
+    return Engine(artifact, device=settings.device, threads=settings.threads)
 
 
 def task_records(engine: Engine) -> dict[str, TaskRecord]:
@@ -110,6 +110,38 @@ def quiet_client_errors() -> None:
             handler.addFilter(ClientErrorsInOneLine())
 
 
+class ErrorObjects:
+    """ASGI middleware: BentoML 1.4 answers an error its handler raised as a one-element JSON
+    list (``[{"error": ...}]``, a stray tuple in its endpoint wrapper) while its OpenAPI document
+    declares an object (``{"error": ...}``); this unwraps a 4xx answer so it matches the schema."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        held = None
+
+        async def unwrap(message):
+            nonlocal held
+            if message["type"] == "http.response.start" and 400 <= message["status"] < 500:
+                held = message
+                return
+            if held is not None:
+                body = message.get("body", b"")
+                if not message.get("more_body") and body.startswith(b"[{") and body.endswith(b"}]"):
+                    body = body[1:-1]
+                    headers = [(k, v) for k, v in held["headers"] if k.lower() != b"content-length"]
+                    held = dict(held, headers=headers + [(b"content-length", str(len(body)).encode())])
+                    message = dict(message, body=body)
+                await send(held)
+                held = None
+            await send(message)
+
+        await self.app(scope, receive, unwrap)
+
+
 # Fail fast: the process that imports the service (the `bentoml serve` arbiter, each worker)
 # refuses to go on with a bad setting or a missing or bad artifact.
 _SETTINGS = Settings.from_env() if artifact_source() is not None else None
@@ -152,10 +184,9 @@ class Mutask:
         self._segment_seconds: dict[str, float] = {}
         self.records = task_records(self.engine)
         logging.getLogger("bentoml.serve").info(
-            "mutask: %d tasks (%s) on %s (%s), weights %s, %d ONNX Runtime threads%s, max batch %d, max wait %.1f ms",
+            "mutask: %d tasks (%s) on %s (%s), weights %s, %d ONNX Runtime threads per session, max batch %d, max wait %.1f ms",
             len(self.engine.tasks), ", ".join(self.engine.tasks), self.engine.device, ",".join(self.engine.active_providers),
-            self.engine.weights_mode, self.engine.threads,
-            " in one global pool" if self.engine.describe()["ort_global_thread_pool"] else " per session", s.max_batch, s.max_wait_ms,
+            self.engine.weights_mode, self.engine.threads, s.max_batch, s.max_wait_ms,
         )
 
     def __is_ready__(self) -> bool:
@@ -320,3 +351,6 @@ class Mutask:
             if delta > 0:
                 self.metrics.segment_seconds.labels(segment=key, shared=str(self.engine.is_shared(key)).lower()).inc(delta)
                 self._segment_seconds[key] = st["seconds"]
+
+
+Mutask.add_asgi_middleware(ErrorObjects)

@@ -33,7 +33,6 @@ class Settings(BaseSettings):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA where onnxruntime-gpu finds a GPU
     ort_threads: int = Field(0, ge=0)  # 0: every core but one (left to the event loop and decoding)
-    ort_global_pools: bool = False  # one ONNX Runtime pool for all sessions (it spins; off by default)
     max_batch: int = Field(32, gt=0)  # rows per engine batch
     max_wait_ms: float = Field(2.0, ge=0)  # how long a batch waits for requests still being decoded
     max_image_bytes: int = Field(10 * 1024 * 1024, gt=0)  # one uploaded image

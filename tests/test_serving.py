@@ -231,9 +231,6 @@ def test_service_in_process(client, serving_artifact):
         assert f'mutask_requests_total{{task="{t}"}}' in metrics
         assert f'mutask_request_latency_seconds_count{{task="{t}"}}' in metrics
         assert f'mutask_batch_size_count{{task="{t}"}}' in metrics
-    from mutask.serving.sessions import global_pools_on
-
-    assert not global_pools_on()  # in-process: per-session pools, other ORT users unaffected
     spec = client.get("/docs.json").json()
     for path in ("/predict", "/predict_batch", "/tasks"):
         assert path in spec["paths"]
