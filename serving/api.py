@@ -235,7 +235,7 @@ async def read_batch(request, max_body_bytes: int, max_images: int) -> tuple[str
     if isinstance(task, int) and not isinstance(task, bool):
         task = str(task)
     if not isinstance(task, str):
-        raise Rejected(f"`task` must be a string (a task id, see GET /tasks): {BATCH_USAGE}")
+        raise Rejected(f"`task` must be a string (a task id, see POST /tasks): {BATCH_USAGE}")
     if images is None:
         raise Rejected(f"missing field `images`: {BATCH_USAGE}")
     if not isinstance(images, list) or not all(isinstance(s, str) for s in images):

@@ -16,6 +16,10 @@ import time
 
 log = logging.getLogger("mutask.serving")
 
+# A lone request (nothing else queued or being decoded) whose last such run took under this
+# runs on the event loop: handing it to the worker thread and back costs more than it does
+INLINE_SECONDS = 0.001
+
 
 class MicroBatcher:
     """Adaptive asyncio micro-batcher in front of :meth:`Engine.run`.
@@ -36,6 +40,7 @@ class MicroBatcher:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mutask-infer")
         self._loop = self._queue = self._collector = self._arrived = None
         self.incoming = 0  # requests being decoded that will submit soon
+        self._lone_seconds = float("inf")  # how long the last lone request's run took
 
     def _ensure(self) -> None:
         loop = asyncio.get_running_loop()
@@ -100,9 +105,15 @@ class MicroBatcher:
 
     async def _run(self, loop, live: list) -> None:
         flat = [item for items, _, _ in live for item in items]
+        lone = len(live) == 1 and self.incoming <= 0 and self._queue.empty()
         t0 = time.perf_counter()
         try:
-            outs = await loop.run_in_executor(self._executor, self.engine.run, flat)
+            if lone and self._lone_seconds < INLINE_SECONDS:
+                outs = self.engine.run(flat)
+            else:
+                outs = await loop.run_in_executor(self._executor, self.engine.run, flat)
+            if lone:
+                self._lone_seconds = time.perf_counter() - t0
         except Exception as e:  # an engine failure fails this batch only
             log.exception("inference failed for a batch of %d requests", len(live))
             for _, _, fut in live:

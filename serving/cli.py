@@ -17,7 +17,7 @@ from pathlib import Path
 DESCRIPTION = """\
 Serve every task of an exported system (`mutask export`) from one process with BentoML:
 POST /predict (multipart: task, image), POST /predict_tasks (multipart: image, tasks: one image
-for several tasks, or every task), POST /predict_batch (JSON, base64 images), GET /tasks,
+for several tasks, or every task), POST /predict_batch (JSON, base64 images), POST /tasks,
 /livez, /readyz, /metrics, and the OpenAPI page at /. CPU by default; CUDA through
 onnxruntime-gpu where a GPU is present. Concurrent requests, for any tasks, are batched: each
 task's graph runs once over the rows of every request for it; one image asked for several tasks
@@ -120,7 +120,7 @@ def _cmd_serve(a) -> None:
     host = f"[{a.host}]" if ":" in a.host else a.host
     url = f"http://{host}:{a.port}"
     print(f"mutask serve: {len(art.tasks)} tasks ({', '.join(art.tasks)}) from {path}", flush=True)
-    print(f"mutask serve: listening on {url} (POST {url}/predict, GET {url}/tasks, {url}/metrics; Ctrl+C stops)", flush=True)
+    print(f"mutask serve: listening on {url} (POST {url}/predict, POST {url}/tasks, GET {url}/metrics; Ctrl+C stops)", flush=True)
     import mutask
 
     working_dir = str(Path(mutask.__file__).resolve().parent.parent)  # where `import mutask` finds this one

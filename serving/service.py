@@ -149,13 +149,14 @@ if _SETTINGS is not None:
     open_artifact()
 if bentoml.server_context.worker_index is not None:  # a server worker: before uvicorn loads its configuration
     http.install()
-_ACCESS = {"enabled": _SETTINGS.access_log if _SETTINGS else True,
+_ACCESS = {"enabled": bool(_SETTINGS and _SETTINGS.access_log),
            "skip_paths": ["/metrics", "/healthz", "/livez", "/readyz", ASSETS_PREFIX.rstrip("/")]}
+_TRACING = {} if _SETTINGS and _SETTINGS.tracing else {"excluded_urls": ["/predict", "/predict_tasks", "/predict_batch", "/tasks", *BENTOML_PATHS]}
 
 
 @bentoml.service(
     name="mutask", workers=1, traffic={"timeout": 120, "max_concurrency": 1024}, metrics={"enabled": True},
-    logging={"access": _ACCESS},
+    logging={"access": _ACCESS}, tracing=_TRACING,
 )
 class Mutask:
     """Every task of an exported muNet system (ONNX graphs over one copy of the weights);
