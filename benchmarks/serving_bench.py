@@ -196,10 +196,12 @@ def throughput(art_path: Path, tmp: Path, before: str, pairs: int, clients: list
 
 def to_markdown(doc: dict) -> str:
     lines = [f"# Serving overhead ({doc['artifact_name']}: {len(doc['tasks'])} tasks)", ""]
-    if "profile" in doc:
-        p = doc["profile"]
+    for key, whose in (("profile", "this tree"), ("profile_before", "the commit before, for comparison")):
+        if key not in doc:
+            continue
+        p = doc[key]
         lines += [
-            f"## Where one /predict's time goes (in process, {p['requests']} requests of task {p['task']}, cProfile)", "",
+            f"## Where one /predict's time goes: {whose} (in process, {p['requests']} requests of task {p['task']}, cProfile)", "",
             f"Wall time per request: **{p['wall_ms_per_request']:.3f} ms**, of which ONNX Runtime (its session runs, on the "
             f"event loop or in the batcher's thread): **{p['onnxruntime_ms_per_request']:.3f} ms**. {p['note']}.", "",
             "| stage (cumulative, on the event loop) | ms per request |", "|---|---:|",

@@ -142,6 +142,23 @@ def test_artifact_from_a_bentoml_model(serving_artifact, monkeypatch):
         open_artifact(cache=False)
 
 
+def test_settings_come_from_the_environment(monkeypatch):
+    from mutask.serving.settings import Settings, SettingsError
+
+    monkeypatch.setenv("MUTASK_MAX_BATCH", "8")
+    monkeypatch.setenv("MUTASK_ACCESS_LOG", "1")
+    s = Settings.from_env(max_wait_ms=3.0, device=None)
+    assert (s.max_batch, s.access_log, s.tracing, s.max_wait_ms, s.device) == (8, True, False, 3.0, "auto")
+    for k, v in s.to_env().items():
+        monkeypatch.setenv(k, v)
+    assert Settings.from_env() == s
+    for name, value in (("MUTASK_DEVICE", "gpu"), ("MUTASK_MAX_BATCH", "0"), ("MUTASK_KEEP_ALIVE_S", "soon")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(SettingsError, match=name):
+            Settings.from_env()
+        monkeypatch.setenv(name, s.to_env()[name])
+
+
 # ---- the service in-process ---------------------------------------------------------------
 
 
