@@ -36,7 +36,7 @@ FORM_OVERHEAD = 256 * 1024  # a /predict body: the image plus the form around it
 DRAIN_FACTOR = 4  # an over-size body is read (and dropped) up to this many limits, so the client sees the answer
 
 
-def Rejected(message: str, task: str | None = None) -> BadInput:
+def refuse(message: str, task: str | None = None) -> BadInput:
     """A request the server refuses (400, ``message`` the answer), counted in the metrics."""
     metrics.get().errors.labels(task=task or "_invalid", kind="bad_request").inc()
     return BadInput(message)
@@ -106,20 +106,20 @@ async def read_body(request, limit: int, what: str) -> bytes:
         try:
             size = int(declared)
         except ValueError:
-            raise Rejected("bad Content-Length header") from None
+            raise refuse("bad Content-Length header") from None
         if size > limit:
             await _drain(request, limit)
-            raise Rejected(f"request body of {size} bytes is over the limit of {limit} bytes for {what}")
+            raise refuse(f"request body of {size} bytes is over the limit of {limit} bytes for {what}")
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
                 await _drain(request, limit)
-                raise Rejected(f"request body of more than {limit} bytes is over the limit for {what}")
+                raise refuse(f"request body of more than {limit} bytes is over the limit for {what}")
             chunks.append(chunk)
     except ClientDisconnect:
-        raise Rejected("the client disconnected before sending the whole body") from None
+        raise refuse("the client disconnected before sending the whole body") from None
     return b"".join(chunks)
 
 
@@ -159,7 +159,7 @@ def task_names(raw: str) -> list[str]:
             value = None
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return value
-        raise Rejected(f"`tasks` {raw[:64]!r} is not a JSON list of task ids: {TASKS_USAGE}")
+        raise refuse(f"`tasks` {raw[:64]!r} is not a JSON list of task ids: {TASKS_USAGE}")
     return task_text(raw).split(",")
 
 
@@ -172,7 +172,7 @@ async def read_form(request, max_image_bytes: int, many: bool = False) -> tuple:
     usage, route = (TASKS_USAGE, "/predict_tasks") if many else (FORM_USAGE, "/predict")
     body = await read_body(request, max_image_bytes + FORM_OVERHEAD, f"{route} (MUTASK_MAX_IMAGE_BYTES)")
     if not body:
-        raise Rejected(f"empty body: {usage}")
+        raise refuse(f"empty body: {usage}")
     media = media_type(request)
 
     async def once():
@@ -184,34 +184,34 @@ async def read_form(request, max_image_bytes: int, many: bool = False) -> tuple:
         elif media == "application/x-www-form-urlencoded":  # a form without a file: say which field is missing
             form = await FormParser(request.headers, once()).parse()
         else:
-            raise Rejected(f"Content-Type {media or 'missing'}: {usage}")
+            raise refuse(f"Content-Type {media or 'missing'}: {usage}")
     except BadInput:
         raise
     except Exception as e:  # MultiPartException, a missing boundary, undecodable headers
-        raise Rejected(f"malformed multipart body ({getattr(e, 'message', None) or e}): {usage}") from None
+        raise refuse(f"malformed multipart body ({getattr(e, 'message', None) or e}): {usage}") from None
     try:
         images = form.getlist("image")
         if many:
             fields = form.getlist("tasks")
             if any(isinstance(f, UploadFile) for f in fields):
-                raise Rejected(f"`tasks` must be a text field, not a file: {usage}")
+                raise refuse(f"`tasks` must be a text field, not a file: {usage}")
             names = [n.strip() for f in fields for n in task_names(f)]
             if fields and not any(names):
-                raise Rejected(f"`tasks` is empty: name at least one task, or leave the field out for every task: {usage}")
+                raise refuse(f"`tasks` is empty: name at least one task, or leave the field out for every task: {usage}")
             task = list(dict.fromkeys(n for n in names if n))
         else:
             task = form.get("task")
             if task is None:
-                raise Rejected(f"missing field `task`: {usage}")
+                raise refuse(f"missing field `task`: {usage}")
             if isinstance(task, UploadFile):
-                raise Rejected(f"`task` must be a text field, not a file: {usage}")
+                raise refuse(f"`task` must be a text field, not a file: {usage}")
             task = task_text(task)
         if not images:
-            raise Rejected(f"missing field `image`: {usage}")
+            raise refuse(f"missing field `image`: {usage}")
         if len(images) > 1:
-            raise Rejected(f"{len(images)} `image` fields: one image per {route} request (use /predict_batch for more)")
+            raise refuse(f"{len(images)} `image` fields: one image per {route} request (use /predict_batch for more)")
         if not isinstance(images[0], UploadFile):
-            raise Rejected(f"`image` must be a file upload, not a text field: {usage}")
+            raise refuse(f"`image` must be a file upload, not a text field: {usage}")
         return task, await images[0].read()
     finally:
         await form.close()
@@ -221,29 +221,29 @@ async def read_batch(request, max_body_bytes: int, max_images: int) -> tuple[str
     """(task, base64 images) of a /predict_batch JSON body; BadInput with the reason."""
     media = media_type(request)
     if media not in ("", "application/json"):
-        raise Rejected(f"send /predict_batch a JSON body (Content-Type: application/json), not {media}")
+        raise refuse(f"send /predict_batch a JSON body (Content-Type: application/json), not {media}")
     body = await read_body(request, max_body_bytes, "/predict_batch (MUTASK_MAX_BODY_BYTES)")
     if not body.strip():
-        raise Rejected(f"empty body: {BATCH_USAGE}")
+        raise refuse(f"empty body: {BATCH_USAGE}")
     try:
         doc = json.loads(body)
     except (ValueError, RecursionError) as e:
-        raise Rejected(f"the body is not valid JSON ({type(e).__name__}): {BATCH_USAGE}") from None
+        raise refuse(f"the body is not valid JSON ({type(e).__name__}): {BATCH_USAGE}") from None
     if not isinstance(doc, dict):
-        raise Rejected(f"the body is JSON but not an object: {BATCH_USAGE}")
+        raise refuse(f"the body is JSON but not an object: {BATCH_USAGE}")
     task, images = doc.get("task"), doc.get("images")
     if isinstance(task, int) and not isinstance(task, bool):
         task = str(task)
     if not isinstance(task, str):
-        raise Rejected(f"`task` must be a string (a task id, see POST /tasks): {BATCH_USAGE}")
+        raise refuse(f"`task` must be a string (a task id, see POST /tasks): {BATCH_USAGE}")
     if images is None:
-        raise Rejected(f"missing field `images`: {BATCH_USAGE}")
+        raise refuse(f"missing field `images`: {BATCH_USAGE}")
     if not isinstance(images, list) or not all(isinstance(s, str) for s in images):
-        raise Rejected(f"`images` must be a list of base64 strings: {BATCH_USAGE}")
+        raise refuse(f"`images` must be a list of base64 strings: {BATCH_USAGE}")
     if not images:
-        raise Rejected("`images` is empty: send at least one base64 image", task)
+        raise refuse("`images` is empty: send at least one base64 image", task)
     if len(images) > max_images:
-        raise Rejected(f"{len(images)} images, over the limit of {max_images} per request (MUTASK_MAX_BATCH_IMAGES)", task)
+        raise refuse(f"{len(images)} images, over the limit of {max_images} per request (MUTASK_MAX_BATCH_IMAGES)", task)
     return task, images
 
 
@@ -311,7 +311,7 @@ class TasksInput(bentoml.IODescriptor):
     async def from_http_request(cls, request, serde) -> "TasksInput":
         media = media_type(request)
         if media not in ("", "application/json"):
-            raise Rejected(f"send /tasks no body or a JSON one (Content-Type: application/json), not {media}")
+            raise refuse(f"send /tasks no body or a JSON one (Content-Type: application/json), not {media}")
         body = await read_body(request, SMALL_BODY, "/tasks")
         if body:
             try:
@@ -319,5 +319,5 @@ class TasksInput(bentoml.IODescriptor):
             except (ValueError, RecursionError):
                 doc = None
             if doc != {}:
-                raise Rejected("send /tasks no body or an empty JSON object {}")
+                raise refuse("send /tasks no body or an empty JSON object {}")
         return cls.model_construct()
