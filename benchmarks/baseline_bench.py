@@ -188,7 +188,7 @@ def to_markdown(doc: dict) -> str:
     lines = [
         f"# Baseline: mutask against a minimal BentoML service ({len(doc['tasks'])} tasks)",
         "",
-        "mutask: `mutask serve ART --device cpu` (segment graphs over one weight store, cross-task batching, "
+        "mutask: `mutask serve ART --device cpu` (task graphs over one pre-packed weight pool, cross-task batching, "
         f"{s['mutask_ort_threads']} ONNX Runtime thread(s) per session). minimal: `benchmarks/minimal_service.py` "
         "(one plain ONNX Runtime session per task graph, ONNX Runtime's and BentoML's defaults). Both on loopback, "
         f"one worker each; client and servers share this machine's cores. Medians over {s['repeats']} interleaved repeats. "

@@ -44,7 +44,7 @@ def _cmd_bench(a) -> None:
 
     load_artifact(a.artifact)  # a bad ART stops here with a clear message (exit 2)
     results = Path(a.results or harness.RESULTS)
-    serving_bench.main([a.artifact, "--repeats", str(a.repeats), "--requests", str(a.requests), "--concurrency", a.concurrency, "--out", str(results)])
+    serving_bench.main([a.artifact, "--part", "latency,profile", "--requests", str(a.requests), "--out", str(results)])
     baseline_bench.main([a.artifact, "--repeats", str(a.repeats), "--requests", str(a.requests), "--results", str(results)])
     load_bench.main([a.artifact, "--clients", str(a.load_clients), "--seconds", str(a.load_seconds), "--results", str(results)])
     stats = artifact_stats(a.artifact)

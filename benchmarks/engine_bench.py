@@ -1,8 +1,8 @@
 """The serving engine alone, without HTTP (part of ``serving_bench``; torch-free).
 
-Images/s of mixed-task batches through the segment graph against one session per task graph,
-the RSS one engine adds to a fresh process, and what one run of a shared segment costs by its
-number of rows. Every :class:`mutask.serving.engine.Engine` gets each setting explicitly.
+Images/s of mixed-task batches (each task's graph over its rows) with the pre-packed pool
+against sessions that own their weights, the RSS one engine adds to a fresh process, and what one run
+of a shared segment costs by its number of rows. Every :class:`mutask.serving.engine.Engine` gets each setting explicitly.
 """
 
 from __future__ import annotations
@@ -20,17 +20,15 @@ from mutask.server_process import child_env
 
 # name -> the Engine keywords that make it (besides device and threads)
 CONFIGS = {
-    "segments": dict(mode="segments", share_weights=True, global_pools=False),  # the server: pre-packed pool on CPU
-    "segments_store": dict(mode="segments", share_weights=True, global_pools=False, prepack=False),  # unpacked store
-    "per_task": dict(mode="per_task", share_weights=True, global_pools=False),
-    "segments_own_weights": dict(mode="segments", share_weights=False, global_pools=False),
+    "prepacked": dict(),  # the server on CPU: the pre-packed pool
+    "own": dict(prepack=False),  # each session loads its own weights (CUDA's way)
 }
 
 
 def engine_throughput(art, images: dict, batch: int, repeats: int, threads: int, device: str) -> dict:
     """Images/s of the engine alone: mixed batches of ``batch`` single-image requests, tasks
     round-robin, through each of :data:`CONFIGS`. Interleaved repeats of about 1 s each,
-    medians: what shared-segment batching buys where compute dominates."""
+    medians."""
     from mutask.serving.engine import Engine
 
     tasks = list(art.tasks)
@@ -99,7 +97,7 @@ def block_scaling(art, threads: int, device: str, rows=(1, 2, 4, 8, 16, 32), rep
     saves nothing; it saves what a run costs beyond its rows (the fixed part)."""
     from mutask.serving.engine import Engine
 
-    engine = Engine(art, device=device, threads=threads, verify=False, **CONFIGS["segments"])
+    engine = Engine(art, device=device, threads=threads, verify=False, **CONFIGS["prepacked"])
     cands = [sid for sid, s in art.segments.items() if any(art.components[c].name.startswith("blocks.") for c in s.components)]
     sid = max(cands, key=lambda k: (len(art.segments[k].tasks), -len(art.segments[k].components)))
     session = engine.sessions[sid]

@@ -1,14 +1,12 @@
-"""One image for many tasks, and the batching decision the engine takes at start.
+"""One image for many tasks: the segment graph against one request per task.
 
     python -m mutask.benchmarks.multitask_bench ART [--requests 30] [--name multitask]
 
-1. The engine's batching decision (:mod:`mutask.serving.calibrate`): the segment it timed,
-   the cost per row at each number of rows, the rows per run it chose and why.
-2. In process, no HTTP: one image for every task (:meth:`Engine.predict_tasks`) against one
+1. In process, no HTTP: one image for every task (:meth:`Engine.predict_tasks`) against one
    task's request (each task in turn), interleaved, medians; with the number of segment runs
    each takes (a task's request runs its task graph once; every task at once runs each segment
    of their chains once).
-3. Over HTTP (a real ``mutask serve ART``): ``POST /predict_tasks`` for every task against
+2. Over HTTP (a real ``mutask serve ART``): ``POST /predict_tasks`` for every task against
    ``POST /predict`` of one task (each in turn), sequential, interleaved, medians; each multi-task
    answer is checked against the single-task answers.
 
@@ -61,7 +59,7 @@ def engine_part(art, png: bytes, repeats: int, threads: int) -> dict:
     s, m = statistics.median([x for v in single.values() for x in v]), statistics.median(multi)
     k_requests = sum(statistics.median(v) for v in single.values())
     return {
-        "batching": engine.batching, "ort_threads": threads, "repeats": repeats,
+        "ort_threads": threads, "repeats": repeats,
         "single_task_ms": s * 1e3, "all_tasks_ms": m * 1e3, "ratio": m / s, "tasks": len(tasks),
         "k_requests_ms": k_requests * 1e3,
         "segment_runs_all_tasks": multi_runs, "segment_runs_one_request_per_task": sum(len(art.chain(t)) for t in tasks),
@@ -77,8 +75,6 @@ def http_part(art, art_path: Path, png: bytes, n: int) -> dict:
     env = child_env({"BENTOML_HOME": tmp / "home", "PROMETHEUS_MULTIPROC_DIR": tmp / "prom"})
     tasks = list(art.tasks)
     with ServerProcess(art_path, log_path=tmp / "server.log", env=env) as srv:
-        log = srv.log()
-        decision = next((line.split("batching: ", 1)[1] for line in log.splitlines() if "batching: " in line), None)
         with httpx.Client(base_url=srv.url, timeout=120) as c:
             def single(t):
                 t0 = time.perf_counter()
@@ -111,7 +107,7 @@ def http_part(art, art_path: Path, png: bytes, n: int) -> dict:
     per_task = {t: statistics.median(v) * 1e3 for t, v in singles.items()}
     m = statistics.median(multis)
     return {
-        "requests": n, "batching_logged": decision, "single_task_ms_median": one * 1e3, "single_task_ms_by_task": per_task,
+        "requests": n, "single_task_ms_median": one * 1e3, "single_task_ms_by_task": per_task,
         "k_requests_ms": sum(per_task.values()),
         "all_tasks_ms_median": m * 1e3, "ratio_to_one_request": m / one, "ratio_to_k_requests": m / (sum(per_task.values()) / 1e3),
         "answers_equal_single_task_answers": bool(same),
@@ -119,22 +115,8 @@ def http_part(art, art_path: Path, png: bytes, n: int) -> dict:
 
 
 def to_markdown(doc: dict) -> str:
-    e, h, b = doc["engine"], doc["http"], doc["engine"]["batching"]
-    lines = [
-        f"# One image for every task, and the engine's batching decision ({e['tasks']} tasks, {doc['segments']} segments)",
-        "",
-        f"## The batching decision (measured at engine start, {e['ort_threads']} ONNX Runtime thread(s))",
-        "",
-        f"Decision: **{b['rows_per_run']} rows per run**: {b['reason']}.",
-    ]
-    if b.get("seconds_per_row"):
-        lines += [
-            f"Timed segment {b['segment']} (the shared segment whose one-row run costs most); calibration took {b.get('calibration_seconds', 0):.2f} s.",
-            "",
-            "| rows per run | " + " | ".join(b["seconds_per_row"]) + " |",
-            "|---|" + "---:|" * len(b["seconds_per_row"]),
-            "| ms per row | " + " | ".join(f"{v * 1e3:.2f}" for v in b["seconds_per_row"].values()) + " |",
-        ]
+    e, h = doc["engine"], doc["http"]
+    lines = [f"# One image for every task ({e['tasks']} tasks, {doc['segments']} segments, {e['ort_threads']} ONNX Runtime thread(s))"]
     lines += [
         "",
         f"## Cost of one image for all {e['tasks']} tasks against one task's request (medians)",

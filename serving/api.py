@@ -7,8 +7,9 @@ file field, write every upload to a temporary file named after the client's file
 name fails), JSON-decode text fields without a depth limit (a nested one fails with
 RecursionError) and take the first of several files silently; here the body is bounded while
 it is read, the form is parsed in memory, and every malformed request becomes a clear 400.
-A request the parser refuses reaches the handler with ``rejected`` set (a field hidden from
-the schema), so the handler answers it like any other bad input: no traceback in the log.
+A request the parser refuses raises :class:`bentoml.exceptions.BadInput` (BentoML answers it
+400 with the message); the schema of each input states what the parser accepts (required
+fields, non-empty lists), so the OpenAPI document is the contract.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from pathlib import Path
 
 import bentoml
 import numpy as np
+from bentoml.exceptions import BadInput
 from pydantic import BaseModel, Field
-from pydantic.json_schema import SkipJsonSchema
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
+
+from . import metrics
+from .settings import Settings, SettingsError
 
 FORM_USAGE = "send multipart/form-data with a text field `task` and a file field `image`"
 TASKS_USAGE = "send multipart/form-data with a file field `image` and a text field `tasks` (task ids, comma-separated or repeated; leave it out for every task)"
@@ -32,8 +36,10 @@ FORM_OVERHEAD = 256 * 1024  # a /predict body: the image plus the form around it
 DRAIN_FACTOR = 4  # an over-size body is read (and dropped) up to this many limits, so the client sees the answer
 
 
-class Rejected(Exception):
-    """A request body the parser refuses; ``str(self)`` is the 400 message."""
+def refuse(message: str, task: str | None = None) -> BadInput:
+    """A request the server refuses (400, ``message`` the answer), counted in the metrics."""
+    metrics.get().errors.labels(task=task or "_invalid", kind="bad_request").inc()
+    return BadInput(message)
 
 
 # ---- answers --------------------------------------------------------------------------------
@@ -94,26 +100,26 @@ def media_type(request) -> str:
 
 
 async def read_body(request, limit: int, what: str) -> bytes:
-    """The body, at most ``limit`` bytes: :class:`Rejected` past it (declared or streamed)."""
+    """The body, at most ``limit`` bytes: BadInput past it (declared or streamed)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
             size = int(declared)
         except ValueError:
-            raise Rejected("bad Content-Length header") from None
+            raise refuse("bad Content-Length header") from None
         if size > limit:
             await _drain(request, limit)
-            raise Rejected(f"request body of {size} bytes is over the limit of {limit} bytes for {what}")
+            raise refuse(f"request body of {size} bytes is over the limit of {limit} bytes for {what}")
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
                 await _drain(request, limit)
-                raise Rejected(f"request body of more than {limit} bytes is over the limit for {what}")
+                raise refuse(f"request body of more than {limit} bytes is over the limit for {what}")
             chunks.append(chunk)
     except ClientDisconnect:
-        raise Rejected("the client disconnected before sending the whole body") from None
+        raise refuse("the client disconnected before sending the whole body") from None
     return b"".join(chunks)
 
 
@@ -143,16 +149,30 @@ def task_text(raw: str) -> str:
     return raw
 
 
+def task_names(raw: str) -> list[str]:
+    """Task ids from one ``tasks`` field: a JSON list (BentoML's clients send a list argument
+    so), else comma-separated text (curl's ``-F tasks=a,b``; repeated fields each give theirs)."""
+    if raw.startswith("["):
+        try:
+            value = json.loads(raw)
+        except (ValueError, RecursionError):
+            value = None
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        raise refuse(f"`tasks` {raw[:64]!r} is not a JSON list of task ids: {TASKS_USAGE}")
+    return task_text(raw).split(",")
+
+
 async def read_form(request, max_image_bytes: int, many: bool = False) -> tuple:
     """(task, image bytes) of a /predict multipart form, or with ``many`` (tasks, image bytes)
     of a /predict_tasks one (tasks: the ids asked for, in order, each once; empty when the
-    form names none, meaning every task); :class:`Rejected` with the reason."""
+    form names none, meaning every task); BadInput with the reason."""
     from starlette.formparsers import FormParser, MultiPartParser
 
     usage, route = (TASKS_USAGE, "/predict_tasks") if many else (FORM_USAGE, "/predict")
     body = await read_body(request, max_image_bytes + FORM_OVERHEAD, f"{route} (MUTASK_MAX_IMAGE_BYTES)")
     if not body:
-        raise Rejected(f"empty body: {usage}")
+        raise refuse(f"empty body: {usage}")
     media = media_type(request)
 
     async def once():
@@ -164,132 +184,140 @@ async def read_form(request, max_image_bytes: int, many: bool = False) -> tuple:
         elif media == "application/x-www-form-urlencoded":  # a form without a file: say which field is missing
             form = await FormParser(request.headers, once()).parse()
         else:
-            raise Rejected(f"Content-Type {media or 'missing'}: {usage}")
-    except Rejected:
+            raise refuse(f"Content-Type {media or 'missing'}: {usage}")
+    except BadInput:
         raise
     except Exception as e:  # MultiPartException, a missing boundary, undecodable headers
-        raise Rejected(f"malformed multipart body ({getattr(e, 'message', None) or e}): {usage}") from None
+        raise refuse(f"malformed multipart body ({getattr(e, 'message', None) or e}): {usage}") from None
     try:
         images = form.getlist("image")
         if many:
             fields = form.getlist("tasks")
             if any(isinstance(f, UploadFile) for f in fields):
-                raise Rejected(f"`tasks` must be a text field, not a file: {usage}")
-            names = [n.strip() for f in fields for n in task_text(f).split(",")]
+                raise refuse(f"`tasks` must be a text field, not a file: {usage}")
+            names = [n.strip() for f in fields for n in task_names(f)]
             if fields and not any(names):
-                raise Rejected(f"`tasks` is empty: name at least one task, or leave the field out for every task: {usage}")
+                raise refuse(f"`tasks` is empty: name at least one task, or leave the field out for every task: {usage}")
             task = list(dict.fromkeys(n for n in names if n))
         else:
             task = form.get("task")
             if task is None:
-                raise Rejected(f"missing field `task`: {usage}")
+                raise refuse(f"missing field `task`: {usage}")
             if isinstance(task, UploadFile):
-                raise Rejected(f"`task` must be a text field, not a file: {usage}")
+                raise refuse(f"`task` must be a text field, not a file: {usage}")
             task = task_text(task)
         if not images:
-            raise Rejected(f"missing field `image`: {usage}")
+            raise refuse(f"missing field `image`: {usage}")
         if len(images) > 1:
-            raise Rejected(f"{len(images)} `image` fields: one image per {route} request (use /predict_batch for more)")
+            raise refuse(f"{len(images)} `image` fields: one image per {route} request (use /predict_batch for more)")
         if not isinstance(images[0], UploadFile):
-            raise Rejected(f"`image` must be a file upload, not a text field: {usage}")
+            raise refuse(f"`image` must be a file upload, not a text field: {usage}")
         return task, await images[0].read()
     finally:
         await form.close()
 
 
-async def read_batch(request, max_body_bytes: int) -> tuple[str, list[str]]:
-    """(task, base64 images) of a /predict_batch JSON body; :class:`Rejected` with the reason."""
+async def read_batch(request, max_body_bytes: int, max_images: int) -> tuple[str, list[str]]:
+    """(task, base64 images) of a /predict_batch JSON body; BadInput with the reason."""
     media = media_type(request)
     if media not in ("", "application/json"):
-        raise Rejected(f"send /predict_batch a JSON body (Content-Type: application/json), not {media}")
+        raise refuse(f"send /predict_batch a JSON body (Content-Type: application/json), not {media}")
     body = await read_body(request, max_body_bytes, "/predict_batch (MUTASK_MAX_BODY_BYTES)")
     if not body.strip():
-        raise Rejected(f"empty body: {BATCH_USAGE}")
+        raise refuse(f"empty body: {BATCH_USAGE}")
     try:
         doc = json.loads(body)
     except (ValueError, RecursionError) as e:
-        raise Rejected(f"the body is not valid JSON ({type(e).__name__}): {BATCH_USAGE}") from None
+        raise refuse(f"the body is not valid JSON ({type(e).__name__}): {BATCH_USAGE}") from None
     if not isinstance(doc, dict):
-        raise Rejected(f"the body is JSON but not an object: {BATCH_USAGE}")
+        raise refuse(f"the body is JSON but not an object: {BATCH_USAGE}")
     task, images = doc.get("task"), doc.get("images")
     if isinstance(task, int) and not isinstance(task, bool):
         task = str(task)
     if not isinstance(task, str):
-        raise Rejected(f"`task` must be a string (a task id, see GET /tasks): {BATCH_USAGE}")
+        raise refuse(f"`task` must be a string (a task id, see POST /tasks): {BATCH_USAGE}")
     if images is None:
-        raise Rejected(f"missing field `images`: {BATCH_USAGE}")
+        raise refuse(f"missing field `images`: {BATCH_USAGE}")
     if not isinstance(images, list) or not all(isinstance(s, str) for s in images):
-        raise Rejected(f"`images` must be a list of base64 strings: {BATCH_USAGE}")
+        raise refuse(f"`images` must be a list of base64 strings: {BATCH_USAGE}")
+    if not images:
+        raise refuse("`images` is empty: send at least one base64 image", task)
+    if len(images) > max_images:
+        raise refuse(f"{len(images)} images, over the limit of {max_images} per request (MUTASK_MAX_BATCH_IMAGES)", task)
     return task, images
 
 
 # ---- the routes' inputs ---------------------------------------------------------------------
 
-Refusal = SkipJsonSchema[t.Optional[str]]
+try:  # the schema states the limits the server enforces (the service refuses a bad setting itself)
+    _LIMITS = Settings.from_env()
+except SettingsError:
+    _LIMITS = Settings.model_construct()
+IMAGE = Field(description="The image: PNG, JPEG or any format Pillow reads, any size and mode, up to MUTASK_MAX_IMAGE_BYTES")
+TASK = Field(description="Task id (see POST /tasks)", examples=["digits"])
 
 
 class PredictInput(bentoml.IODescriptor):
     """POST /predict: multipart/form-data with ``task`` and one ``image`` file. Over HTTP the
-    parsed upload reaches the handler as bytes; Python callers may pass a file path."""
+    upload reaches the handler as bytes; Python callers may pass a file path."""
 
-    task: str = Field(description="Task id (see GET /tasks)", examples=["digits"])
-    image: Path = Field(description="The image: PNG, JPEG or any format Pillow reads, any size and mode")
-    rejected: Refusal = None
+    task: str = TASK
+    image: Path = IMAGE
 
     @classmethod
     async def from_http_request(cls, request, serde) -> "PredictInput":
-        try:
-            task, image = await read_form(request, _settings().max_image_bytes)
-        except Rejected as e:
-            return cls.model_construct(task=None, image=None, rejected=str(e))
-        return cls.model_construct(task=task, image=image, rejected=None)
+        task, image = await read_form(request, _settings().max_image_bytes)
+        return cls.model_construct(task=task, image=image)
 
 
 class PredictTasksInput(bentoml.IODescriptor):
-    """POST /predict_tasks: multipart/form-data with one ``image`` file and ``tasks`` (task
-    ids, comma-separated or the field repeated; left out: every task)."""
+    """POST /predict_tasks: multipart/form-data with one ``image`` file and ``tasks`` (a JSON
+    list, comma-separated ids, or the field repeated; left out: every task)."""
 
-    tasks: t.Optional[list[str]] = Field(None, description="Task ids (see GET /tasks), comma-separated or repeated; leave out for every task", examples=[["digits", "shapes"]])
-    image: Path = Field(description="The image: PNG, JPEG or any format Pillow reads, any size and mode")
-    rejected: Refusal = None
+    image: Path = IMAGE
+    tasks: t.Optional[list[str]] = Field(
+        None, min_length=1, examples=[["digits", "shapes"]],
+        description="Task ids (see POST /tasks): a JSON list, comma-separated, or the field repeated; leave out for every task",
+    )
 
     @classmethod
     async def from_http_request(cls, request, serde) -> "PredictTasksInput":
-        try:
-            tasks, image = await read_form(request, _settings().max_image_bytes, many=True)
-        except Rejected as e:
-            return cls.model_construct(tasks=None, image=None, rejected=str(e))
-        return cls.model_construct(tasks=tasks or None, image=image, rejected=None)
+        tasks, image = await read_form(request, _settings().max_image_bytes, many=True)
+        return cls.model_construct(tasks=tasks or None, image=image)
 
 
 class BatchInput(bentoml.IODescriptor):
     """POST /predict_batch: JSON with ``task`` and ``images`` (base64 strings or data: URLs)."""
 
-    task: str = Field(description="Task id (see GET /tasks)", examples=["digits"])
-    images: list[str] = Field(description="Images as base64 strings (or data: URLs), up to MUTASK_MAX_BATCH_IMAGES (64)")
-    rejected: Refusal = None
+    task: str = TASK
+    images: list[t.Annotated[str, Field(min_length=1)]] = Field(
+        min_length=1, max_length=_LIMITS.max_batch_images,
+        description=f"Images as base64 strings (or data: URLs), 1 to MUTASK_MAX_BATCH_IMAGES ({_LIMITS.max_batch_images})",
+    )
 
     @classmethod
     async def from_http_request(cls, request, serde) -> "BatchInput":
-        try:
-            task, images = await read_batch(request, _settings().max_body_bytes)
-        except Rejected as e:
-            return cls.model_construct(task=None, images=None, rejected=str(e))
-        return cls.model_construct(task=task, images=images, rejected=None)
+        s = _settings()
+        task, images = await read_batch(request, s.max_body_bytes, s.max_batch_images)
+        return cls.model_construct(task=task, images=images)
 
 
 class TasksInput(bentoml.IODescriptor):
-    """POST /tasks: no input (an empty body or a JSON object)."""
+    """POST /tasks: no input (no body, or an empty JSON object)."""
 
-    rejected: Refusal = None
+    model_config = {"extra": "forbid"}
 
     @classmethod
     async def from_http_request(cls, request, serde) -> "TasksInput":
         media = media_type(request)
-        try:
-            if media not in ("", "application/json"):
-                raise Rejected(f"send /tasks no body or a JSON one (Content-Type: application/json), not {media}")
-            await read_body(request, SMALL_BODY, "/tasks")
-        except Rejected as e:
-            return cls.model_construct(rejected=str(e))
-        return cls.model_construct(rejected=None)
+        if media not in ("", "application/json"):
+            raise refuse(f"send /tasks no body or a JSON one (Content-Type: application/json), not {media}")
+        body = await read_body(request, SMALL_BODY, "/tasks")
+        if body:
+            try:
+                doc = json.loads(body)
+            except (ValueError, RecursionError):
+                doc = None
+            if doc != {}:
+                raise refuse("send /tasks no body or an empty JSON object {}")
+        return cls.model_construct()

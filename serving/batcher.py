@@ -1,9 +1,10 @@
 """Cross-task micro-batching in front of the engine.
 
 Concurrent requests, for any tasks, are collected into one mixed batch and run by
-:meth:`mutask.serving.engine.Engine.run` in one worker thread, so rows of different tasks go
-through the segments they share together. BentoML's own adaptive batching batches calls of one
-API with one input type; this batches across tasks over the engine's segment graph.
+:meth:`mutask.serving.engine.Engine.run` in one worker thread (ONNX Runtime off the event loop,
+one inference at a time): each task's graph then runs once over the rows of every request for
+it. BentoML's own adaptive batching batches calls of one API with one input type; this batches
+across the APIs and tasks of one engine.
 """
 
 from __future__ import annotations
@@ -13,20 +14,22 @@ import concurrent.futures
 import logging
 import time
 
-import numpy as np
-
 log = logging.getLogger("mutask.serving")
+
+# A lone request (nothing else queued or being decoded) whose last such run took under this
+# runs on the event loop: handing it to the worker thread and back costs more than it does
+INLINE_SECONDS = 0.001
 
 
 class MicroBatcher:
     """Adaptive asyncio micro-batcher in front of :meth:`Engine.run`.
 
-    ``await submit(task, x)`` queues a request; one collector task per event loop takes the
-    first waiting request, then keeps collecting while more are known to be coming (requests
-    still being decoded, see :meth:`expect`) for up to ``max_wait_ms``, or until ``max_batch``
-    rows; a lone request runs at once. The batch runs in one worker thread (one inference at
-    a time), and each request gets its own rows back. ``on_batch(items, seconds)`` is called
-    after each batch (metrics).
+    ``await submit_tasks([(task, x), ...])`` queues a request (its items stay together); one
+    collector task per event loop takes the first waiting request, then keeps collecting while
+    more are known to be coming (requests still being decoded, see :meth:`expect`) for up to
+    ``max_wait_ms``, or until ``max_batch`` rows; a lone request runs at once, and a request of
+    more than ``max_batch`` rows runs alone. ``on_batch(rows, seconds)`` is called after each
+    batch (metrics).
     """
 
     def __init__(self, engine, *, max_batch: int = 32, max_wait_ms: float = 2.0, on_batch=None):
@@ -35,18 +38,14 @@ class MicroBatcher:
         self.max_wait = max(0.0, float(max_wait_ms)) / 1000.0
         self.on_batch = on_batch
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mutask-infer")
-        self._loop = None
-        self._queue: asyncio.Queue | None = None
-        self._collector: asyncio.Task | None = None
-        self._arrived: asyncio.Event | None = None
+        self._loop = self._queue = self._collector = self._arrived = None
         self.incoming = 0  # requests being decoded that will submit soon
+        self._lone_seconds = float("inf")  # how long the last lone request's run took
 
     def _ensure(self) -> None:
         loop = asyncio.get_running_loop()
         if self._loop is not loop or self._collector is None or self._collector.done():
-            self._loop = loop
-            self._queue = asyncio.Queue()
-            self._arrived = asyncio.Event()
+            self._loop, self._queue, self._arrived = loop, asyncio.Queue(), asyncio.Event()
             self._collector = loop.create_task(self._collect(), name="mutask-batcher")
 
     class _Expect:
@@ -66,46 +65,20 @@ class MicroBatcher:
         (up to max_wait_ms) for it instead of running a smaller batch."""
         return MicroBatcher._Expect(self)
 
-    async def submit(self, task: str, x: np.ndarray) -> np.ndarray:
-        """Logits for ``x`` (n, 3, S, S) of ``task``, batched with concurrent requests."""
-        return (await self.submit_tasks([(task, x)]))[0]
-
     async def submit_tasks(self, items: list) -> list:
-        """Logits for each (task, x) of ``items``, batched with concurrent requests as one unit:
-        items that pass the same array (one image for several tasks) count its rows once and
-        share them in the engine (see :meth:`Engine.run`)."""
+        """Logits for each (task, x) of ``items``, batched with concurrent requests as one unit
+        (items that pass the same array count its rows once, see :meth:`Engine.run`)."""
         self._ensure()
-        n = _rows(items)
-        if n > self.max_batch:
-            return await self._split(items)
         fut = self._loop.create_future()
-        self._queue.put_nowait((items, n, fut))
+        self._queue.put_nowait((items, sum(x.shape[0] for x in {id(x): x for _, x in items}.values()), fut))
         self._arrived.set()
         return await fut
 
-    async def _split(self, items: list) -> list:
-        """A unit over max_batch rows: one unit per distinct array, and an array of more than
-        max_batch rows (a large client batch) in max_batch chunks; answers in item order."""
-        arrays = {id(x): x for _, x in items}
-        out: list = [None] * len(items)
-        if len(arrays) > 1:
-            groups = {k: [j for j, (_, x) in enumerate(items) if id(x) == k] for k in arrays}
-            parts = await asyncio.gather(*(self.submit_tasks([items[j] for j in idx]) for idx in groups.values()))
-            for idx, res in zip(groups.values(), parts):
-                for j, r in zip(idx, res):
-                    out[j] = r
-            return out
-        x, step = next(iter(arrays.values())), self.max_batch
-        chunks = await asyncio.gather(*(self.submit_tasks([(t, c) for t, _ in items]) for c in (x[i : i + step] for i in range(0, x.shape[0], step))))
-        return [np.concatenate([c[k] for c in chunks], axis=0) for k in range(len(items))]
-
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()
-        queue = self._queue
-        carry = None
+        queue, carry = self._queue, None
         while True:
-            item = carry if carry is not None else await queue.get()
-            carry = None
+            item, carry = carry or await queue.get(), None
             batch, rows = [item], item[1]
             deadline = loop.time() + self.max_wait
             while rows < self.max_batch:
@@ -127,29 +100,36 @@ class MicroBatcher:
                 batch.append(nxt)
                 rows += nxt[1]
             live = [b for b in batch if not b[2].done()]
-            if not live:
-                continue
-            flat = [item for items, _, _ in live for item in items]
-            t0 = time.perf_counter()
-            try:
+            if live:
+                await self._run(loop, live)
+
+    async def _run(self, loop, live: list) -> None:
+        flat = [item for items, _, _ in live for item in items]
+        lone = len(live) == 1 and self.incoming <= 0 and self._queue.empty()
+        t0 = time.perf_counter()
+        try:
+            if lone and self._lone_seconds < INLINE_SECONDS:
+                outs = self.engine.run(flat)
+            else:
                 outs = await loop.run_in_executor(self._executor, self.engine.run, flat)
-            except Exception as e:  # an engine failure fails this batch only
-                log.exception("inference failed for a batch of %d requests", len(live))
-                for _, _, fut in live:
-                    if not fut.done():
-                        fut.set_exception(e)
-                continue
-            seconds = time.perf_counter() - t0
-            pos = 0
-            for items, _, fut in live:
+            if lone:
+                self._lone_seconds = time.perf_counter() - t0
+        except Exception as e:  # an engine failure fails this batch only
+            log.exception("inference failed for a batch of %d requests", len(live))
+            for _, _, fut in live:
                 if not fut.done():
-                    fut.set_result(outs[pos : pos + len(items)])
-                pos += len(items)
-            if self.on_batch is not None:
-                try:
-                    self.on_batch([(t, x.shape[0]) for t, x in flat], seconds)
-                except Exception:
-                    log.exception("batch metrics callback failed")
+                    fut.set_exception(e)
+            return
+        pos = 0
+        for items, _, fut in live:
+            if not fut.done():
+                fut.set_result(outs[pos : pos + len(items)])
+            pos += len(items)
+        if self.on_batch is not None:
+            try:
+                self.on_batch([(t, x.shape[0]) for t, x in flat], time.perf_counter() - t0)
+            except Exception:
+                log.exception("batch metrics callback failed")
 
     def close(self) -> None:
         if self._collector is not None and not self._collector.done():
@@ -158,8 +138,3 @@ class MicroBatcher:
             except RuntimeError:  # its loop is closed
                 pass
         self._executor.shutdown(wait=False)
-
-
-def _rows(items: list) -> int:
-    """Distinct rows of a unit of items (an array passed by several items counts once)."""
-    return sum(x.shape[0] for x in {id(x): x for _, x in items}.values())

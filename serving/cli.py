@@ -9,7 +9,6 @@ starts), then ``MUTASK_ARTIFACT`` names it and ``bentoml.serve`` runs ``serving.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import socket
 import sys
@@ -18,11 +17,11 @@ from pathlib import Path
 DESCRIPTION = """\
 Serve every task of an exported system (`mutask export`) from one process with BentoML:
 POST /predict (multipart: task, image), POST /predict_tasks (multipart: image, tasks: one image
-for several tasks, or every task), POST /predict_batch (JSON, base64 images), GET /tasks,
+for several tasks, or every task), POST /predict_batch (JSON, base64 images), POST /tasks,
 /livez, /readyz, /metrics, and the OpenAPI page at /. CPU by default; CUDA through
-onnxruntime-gpu where a GPU is present. Concurrent requests for different tasks are batched
-together through the segments their tasks share, where that pays on this machine (measured at
-start; the decision is in the log).
+onnxruntime-gpu where a GPU is present. Concurrent requests, for any tasks, are batched: each
+task's graph runs once over the rows of every request for it; one image asked for several tasks
+(/predict_tasks) runs every segment those tasks share once.
 
 The same service runs under `bentoml serve mutask.serving.service:Mutask` with MUTASK_ARTIFACT=ART
 (or MUTASK_BENTOML_MODEL=TAG)."""
@@ -40,7 +39,6 @@ def add_parser(subparsers) -> None:
     s.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores but one, left to HTTP and decoding)")
     s.add_argument("--max-batch", type=int, help="most image rows per engine batch (default 32)")
     s.add_argument("--max-wait-ms", type=float, help="how long a batch waits for requests being decoded (default 2 ms)")
-    s.add_argument("--rows-per-run", type=int, help="most rows per ONNX Runtime run (default: measured at start, the count with the lowest cost per row on this machine)")
     s.add_argument("--max-image-bytes", type=int, help="upload size limit in bytes (default 10 MB, or MUTASK_MAX_IMAGE_BYTES)")
     s.set_defaults(func=_cmd_serve)
 
@@ -71,9 +69,13 @@ def _own_prometheus_dir() -> str:
 
     BentoML's server takes ``$BENTOML_HOME/prometheus_multiproc_dir`` and empties it at start,
     so a second server on the machine wiped the first's files, and the first's /metrics then
-    reported the second's counters. BentoML has no setting for it: its serve function looks up
+    reported the second's counters. BentoML has no setting for it (it overrides
+    ``PROMETHEUS_MULTIPROC_DIR`` for its workers), and a per-server ``BENTOML_HOME`` would hide
+    the model store; the smallest patch: its serve function looks up the public
     ``bentoml.serving.ensure_prometheus_dir`` when it starts, and this points that lookup at a
-    fresh directory (``tests/test_serving_http.py`` checks two servers stay apart)."""
+    fresh directory, in the ``mutask serve`` process only (``tests/test_serving_http.py``
+    checks two servers stay apart). ``bentoml serve`` users give each server its own
+    ``BENTOML_HOME``."""
     import tempfile
 
     import bentoml.serving
@@ -94,12 +96,10 @@ def _cmd_serve(a) -> None:
     from .loader import ENV_ARTIFACT, ENV_MODEL, ServingError, open_artifact
     from .settings import Settings
 
-    flags = {"device": a.device, "ort_threads": a.threads, "max_batch": a.max_batch, "max_wait_ms": a.max_wait_ms, "max_image_bytes": a.max_image_bytes,
-             "rows_per_run": a.rows_per_run}
-    for name, value in (("--threads", a.threads), ("--max-batch", a.max_batch), ("--max-image-bytes", a.max_image_bytes), ("--rows-per-run", a.rows_per_run)):
+    for name, value in (("--threads", a.threads), ("--max-batch", a.max_batch), ("--max-image-bytes", a.max_image_bytes)):
         if value is not None and value <= 0:
             raise ServingError(f"{name} must be positive, got {value}")
-    settings = dataclasses.replace(Settings.from_env(), **{k: v for k, v in flags.items() if v is not None}).validated()
+    settings = Settings.from_env(device=a.device, ort_threads=a.threads, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, max_image_bytes=a.max_image_bytes)
     path = Path(a.artifact).expanduser().resolve()
     art = open_artifact(path)  # ServingError (exit 2) for a missing, truncated or tampered artifact
     _check_port(a.host, a.port)
@@ -120,7 +120,7 @@ def _cmd_serve(a) -> None:
     host = f"[{a.host}]" if ":" in a.host else a.host
     url = f"http://{host}:{a.port}"
     print(f"mutask serve: {len(art.tasks)} tasks ({', '.join(art.tasks)}) from {path}", flush=True)
-    print(f"mutask serve: listening on {url} (POST {url}/predict, GET {url}/tasks, {url}/metrics; Ctrl+C stops)", flush=True)
+    print(f"mutask serve: listening on {url} (POST {url}/predict, POST {url}/tasks, GET {url}/metrics; Ctrl+C stops)", flush=True)
     import mutask
 
     working_dir = str(Path(mutask.__file__).resolve().parent.parent)  # where `import mutask` finds this one

@@ -52,11 +52,12 @@ class Limits:
     max_connections = 1000
     keep_alive_s = 75.0
     paths: frozenset | None = None  # the paths served (None: any)
+    prefixes: tuple = ()  # and every path under these
 
 
-def configure(settings, paths=None) -> None:
-    """Take the limits from :class:`mutask.serving.settings.Settings`, and the set of paths the
-    service answers (any other is a 404 here)."""
+def configure(settings, paths=None, prefixes: tuple = ()) -> None:
+    """Take the limits from :class:`mutask.serving.settings.Settings`, and the paths the service
+    answers: ``paths`` and any under ``prefixes`` (any other is a 404 here)."""
     Limits.max_header_bytes = settings.max_header_bytes
     Limits.max_headers = settings.max_headers
     Limits.header_timeout_s = settings.header_timeout_s
@@ -64,6 +65,7 @@ def configure(settings, paths=None) -> None:
     Limits.max_connections = settings.max_connections
     Limits.keep_alive_s = settings.keep_alive_s
     Limits.paths = frozenset(paths) if paths is not None else None
+    Limits.prefixes = tuple(prefixes)
 
 
 def request_path(url: bytes) -> str | None:
@@ -157,9 +159,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._awaiting_headers = False
         if Limits.paths is not None:
             path = request_path(self.url)
-            if path is not None and path not in Limits.paths:
+            if path is not None and path not in Limits.paths and not path.startswith(Limits.prefixes):
                 shown = path if len(path) <= 80 else path[:80] + "..."
-                self._refuse(404, f"no such path {shown!r}: this server answers POST /predict, POST /predict_batch, GET /tasks (API docs at /)")
+                self._refuse(404, f"no such path {shown!r}: this server answers POST /predict, /predict_tasks, /predict_batch, /tasks (API docs at /)")
                 raise ValueError("unknown path")  # stops httptools' parser; nothing reaches the application
         self._arm(Limits.body_timeout_s)
         super().on_headers_complete()

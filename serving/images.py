@@ -73,11 +73,6 @@ def load_image(image: Image.Image) -> Image.Image:
     return image
 
 
-def decode(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
-    """Bytes to a fully decoded Pillow image, or :class:`ImageError` with a clear reason."""
-    return load_image(open_image(data, max_bytes=max_bytes, max_pixels=max_pixels))
-
-
 def to_input(image: Image.Image, pre: Preprocessing) -> np.ndarray:
     """A decoded image to the float32 (1, 3, S, S) batch the task's graph takes."""
     try:
@@ -86,15 +81,10 @@ def to_input(image: Image.Image, pre: Preprocessing) -> np.ndarray:
         raise ImageError(f"the image could not be converted to RGB: {type(e).__name__}: {e}") from None
 
 
-def preprocess_bytes(data: bytes, pre: Preprocessing, *, max_bytes: int, max_pixels: int, budget: PixelBudget | None = None) -> np.ndarray:
-    """Uploaded bytes to the task's float32 (1, 3, S, S) input; :class:`ImageError` on bad
-    input, or when the image does not fit the request's pixel ``budget``."""
-    return preprocess_for(data, [pre], max_bytes=max_bytes, max_pixels=max_pixels, budget=budget)[0]
-
-
 def preprocess_for(data: bytes, pres: list, *, max_bytes: int, max_pixels: int, budget: PixelBudget | None = None) -> list:
     """Uploaded bytes decoded once, then one float32 (1, 3, S, S) input per preprocessing of
-    ``pres`` (tasks at different image sizes); errors as :func:`preprocess_bytes`."""
+    ``pres`` (tasks at different image sizes); :class:`ImageError` on bad input, or when the
+    image does not fit the request's pixel ``budget``."""
     image = open_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
     if budget is not None:
         budget.take(image)

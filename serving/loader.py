@@ -3,9 +3,8 @@
 The artifact is named by ``MUTASK_ARTIFACT`` (an export directory) or ``MUTASK_BENTOML_MODEL``
 (a BentoML model tag, as written by ``mutask export --bentoml-model``). :func:`open_artifact`
 loads and verifies it (:func:`mutask.export.artifact.load_artifact`: the manifest's schema,
-every file's sha256, every weight reference): a missing, truncated or tampered
-artifact raises :class:`ServingError` with a message that names the problem, and the server
-refuses to start (the CLI exits with code 2).
+every file's sha256, every weight reference): a missing, truncated or tampered artifact raises
+:class:`ServingError` naming the problem, and the server refuses to start (the CLI exits 2).
 """
 
 from __future__ import annotations
@@ -29,44 +28,15 @@ class ServingError(MutaskError):
 
 def artifact_source() -> tuple[str, str] | None:
     """("path", DIR) or ("model", TAG) from the environment, or None when neither is set."""
-    if os.environ.get(ENV_ARTIFACT, "").strip():
-        return "path", os.environ[ENV_ARTIFACT].strip()
-    if os.environ.get(ENV_MODEL, "").strip():
-        return "model", os.environ[ENV_MODEL].strip()
+    for kind, name in (("path", ENV_ARTIFACT), ("model", ENV_MODEL)):
+        if os.environ.get(name, "").strip():
+            return kind, os.environ[name].strip()
     return None
 
 
-def _model_dir(tag: str) -> Path:
-    import bentoml
-
-    try:
-        model = bentoml.models.get(tag)
-    except Exception as e:
-        raise ServingError(f"{ENV_MODEL}={tag}: no such BentoML model in the model store ({e}); `bentoml models list` shows them") from None
-    return Path(model.path)
-
-
-def _find_artifact_dir(root: Path) -> Path:
-    """The artifact inside a BentoML model directory: the directory itself, or the one
-    sub-directory holding a manifest."""
-    from mutask.export.artifact import ArtifactError, load_artifact
-
-    try:
-        load_artifact(root, verify=False)
-        return root
-    except ArtifactError:
-        pass
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        try:
-            load_artifact(sub, verify=False)
-            return sub
-        except ArtifactError:
-            continue
-    return root  # load_artifact will say what is wrong with it
-
-
 def resolve_artifact_path(artifact: str | os.PathLike | None = None) -> Path:
-    """The artifact directory: ``artifact`` if given, else from the environment."""
+    """The artifact directory: ``artifact`` if given, else from the environment (a BentoML
+    model's directory, or its one sub-directory holding a manifest)."""
     if artifact is not None:
         return Path(artifact).expanduser()
     src = artifact_source()
@@ -78,7 +48,13 @@ def resolve_artifact_path(artifact: str | os.PathLike | None = None) -> Path:
     kind, value = src
     if kind == "path":
         return Path(value).expanduser()
-    return _find_artifact_dir(_model_dir(value))
+    import bentoml
+
+    try:
+        root = Path(bentoml.models.get(value).path)
+    except Exception as e:
+        raise ServingError(f"{ENV_MODEL}={value}: no such BentoML model in the model store ({e}); `bentoml models list` shows them") from None
+    return next((d for d in [root, *sorted(root.iterdir())] if (d / "manifest.json").is_file()), root)
 
 
 def open_artifact(artifact: str | os.PathLike | None = None, *, cache: bool = True):
@@ -92,10 +68,8 @@ def open_artifact(artifact: str | os.PathLike | None = None, *, cache: bool = Tr
     with _LOCK:
         if cache and key in _CACHE:
             return _CACHE[key]
-        if not path.exists():
-            raise ServingError(f"artifact {path} does not exist: pass a directory written by `mutask export`")
         if not path.is_dir():
-            raise ServingError(f"artifact {path} is not a directory: pass a directory written by `mutask export`")
+            raise ServingError(f"artifact {path} {'is not a directory' if path.exists() else 'does not exist'}: pass a directory written by `mutask export`")
         try:
             art = load_artifact(path, verify=True)
         except ArtifactError as e:

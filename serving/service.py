@@ -2,17 +2,19 @@
 
 Run it with ``mutask serve ART`` or ``MUTASK_ARTIFACT=ART bentoml serve mutask.serving.service:Mutask``
 (or ``MUTASK_BENTOML_MODEL=TAG``). Routes: ``POST /predict`` (multipart: ``task``, ``image``),
-``POST /predict_tasks`` (multipart: ``image``, ``tasks``: one image for several tasks, every
-segment they share run once), ``POST /predict_batch`` (JSON, base64 images), ``GET``/``POST /tasks``, and BentoML's
-``/livez``, ``/readyz`` (ready once every task's graphs are loaded and checked), ``/metrics``
-(with the ``mutask_*`` series of :mod:`mutask.serving.metrics`) and the OpenAPI page at ``/``.
+``POST /predict_tasks`` (multipart: ``image``, ``tasks``: one image for several tasks),
+``POST /predict_batch`` (JSON, base64 images), ``POST /tasks``, and BentoML's ``/livez``,
+``/readyz`` (ready once every task's graphs are loaded and checked), ``/metrics`` (with the
+``mutask_*`` series of :mod:`mutask.serving.metrics`) and the OpenAPI page at ``/``.
 
 A request takes one path: BentoML's route, the input's own body reader
-(:mod:`mutask.serving.api`), the handler below, the cross-task batcher, the engine. Bad input
-never answers 500: an unknown task is a 404 naming the valid ids; a malformed body, a missing
-field, a file that is not a usable image or one over a limit is a 400 with a clear message.
-Settings come from the environment once (:class:`mutask.serving.settings.Settings`). A worker
-that cannot start stops the whole server: no half-ready server behind a listening socket.
+(:mod:`mutask.serving.api`), the handler below, the cross-task batcher, the engine (each task's
+graph over the batch's rows for it; the segment DAG for one image asked for several tasks).
+Bad input is raised as BentoML's own errors, never a 500: an unknown task is
+:class:`~bentoml.exceptions.NotFound` (404) naming the valid ids; a malformed body, a missing
+field, a file that is not a usable image or one over a limit is
+:class:`~bentoml.exceptions.BadInput` (400). Settings come from the environment once
+(:class:`mutask.serving.settings.Settings`). A worker that cannot start stops the whole server.
 
 No torch, no timm, no evolve: onnxruntime, numpy, Pillow, BentoML.
 """
@@ -30,9 +32,7 @@ from pathlib import Path
 
 import bentoml
 import numpy as np
-from starlette.applications import Starlette
-from starlette.responses import JSONResponse
-from starlette.routing import Route
+from bentoml.exceptions import BadInput, BentoMLException, NotFound
 
 from . import http, images, metrics
 from .api import BatchInput, BatchPrediction, Prediction, PredictInput, PredictTasksInput, TaskRecord, TasksInput, TasksPrediction, prediction
@@ -50,18 +50,26 @@ log = logging.getLogger("mutask.serving")
 INLINE_PIXELS = 128 * 128
 INLINE_BYTES = 16 * 1024
 _PNG, _JPEG = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
+# What the service answers besides its APIs (BentoML's); the OpenAPI page's assets are under
+# /static_content/, which the service's configuration keeps out of the access log and metrics.
+BENTOML_PATHS = ("/", "/livez", "/healthz", "/readyz", "/metrics", "/docs.json", "/schema.json")
+ASSETS_PREFIX = "/static_content/"
 
 
-def error(status: int, message: str, **extra) -> JSONResponse:
-    return JSONResponse({"error": message, **extra}, status_code=status)
+def build_engine(artifact, settings: Settings) -> Engine:
+    """The engine for one artifact with the server's settings (one call per served version)."""
+    return Engine(artifact, device=settings.device, threads=settings.threads)
 
 
-async def _get_tasks(request):
-    return JSONResponse({k: v.model_dump() for k, v in bentoml.get_current_service().records.items()})
-
-
-# BentoML APIs answer POST; GET /tasks is this one route, answered by the same records.
-tasks_app = Starlette(routes=[Route("/tasks", _get_tasks, methods=["GET"])])
+def task_records(engine: Engine) -> dict[str, TaskRecord]:
+    return {
+        tid: TaskRecord(
+            labels=t.labels, num_labels=len(t.labels), image_size=t.image_size, params=t.params,
+            accounted_params=t.accounted_params, val_accuracy=t.metrics.val_accuracy, test_accuracy=t.metrics.test_accuracy,
+            segments=t.segments, shared_segments=[sid for sid in t.segments if engine.segments[sid].shared],
+        )
+        for tid, t in engine.tasks.items()
+    }
 
 
 def _startup_failed(exc: BaseException) -> None:
@@ -82,29 +90,77 @@ def _startup_failed(exc: BaseException) -> None:
         os.kill(os.getppid(), signal.SIGTERM)  # the arbiter: it stops this worker and exits
 
 
-def served_paths() -> set[str]:
-    """Every path the service answers: its APIs, GET /tasks, BentoML's health, metrics and
-    OpenAPI routes, and the OpenAPI page's static files."""
-    paths = {api.route for api in Mutask.apis.values()} | {"/", "/livez", "/healthz", "/readyz", "/metrics", "/docs.json", "/schema.json"}
-    # the OpenAPI page's assets, served by BentoML from its package (the directory is BentoML's)
-    assets = Path(bentoml.__file__).resolve().parent / "_internal" / "server" / "static_content"
-    return paths | {f"/static_content/{f.name}" for f in assets.glob("*") if f.is_file()}
+class ClientErrorsInOneLine(logging.Filter):
+    """BentoML logs every error its handlers raise with a traceback, 4xx included: a client's
+    bad input then costs a traceback in the log (and a flood of them, log volume). This keeps
+    the line, with the status and message, and drops the traceback of a BentoML 4xx error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, BentoMLException) and exc.error_code < 500:
+            record.msg, record.args = f"{record.getMessage()}: {exc.error_code.value} {exc}", ()
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def quiet_client_errors() -> None:
+    """Install :class:`ClientErrorsInOneLine` on the handlers of BentoML's logger (once)."""
+    for handler in logging.getLogger("bentoml").handlers or logging.getLogger().handlers:
+        if not any(isinstance(f, ClientErrorsInOneLine) for f in handler.filters):
+            handler.addFilter(ClientErrorsInOneLine())
+
+
+class ErrorObjects:
+    """ASGI middleware: BentoML 1.4 answers an error its handler raised as a one-element JSON
+    list (``[{"error": ...}]``, a stray tuple in its endpoint wrapper) while its OpenAPI document
+    declares an object (``{"error": ...}``); this unwraps a 4xx answer so it matches the schema."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        held = None
+
+        async def unwrap(message):
+            nonlocal held
+            if message["type"] == "http.response.start" and 400 <= message["status"] < 500:
+                held = message
+                return
+            if held is not None:
+                body = message.get("body", b"")
+                if not message.get("more_body") and body.startswith(b"[{") and body.endswith(b"}]"):
+                    body = body[1:-1]
+                    headers = [(k, v) for k, v in held["headers"] if k.lower() != b"content-length"]
+                    held = dict(held, headers=headers + [(b"content-length", str(len(body)).encode())])
+                    message = dict(message, body=body)
+                await send(held)
+                held = None
+            await send(message)
+
+        await self.app(scope, receive, unwrap)
 
 
 # Fail fast: the process that imports the service (the `bentoml serve` arbiter, each worker)
 # refuses to go on with a bad setting or a missing or bad artifact.
-if artifact_source() is not None:
-    Settings.from_env()
+_SETTINGS = Settings.from_env() if artifact_source() is not None else None
+if _SETTINGS is not None:
     open_artifact()
 if bentoml.server_context.worker_index is not None:  # a server worker: before uvicorn loads its configuration
     http.install()
+_ACCESS = {"enabled": bool(_SETTINGS and _SETTINGS.access_log),
+           "skip_paths": ["/metrics", "/healthz", "/livez", "/readyz", ASSETS_PREFIX.rstrip("/")]}
+_TRACING = {} if _SETTINGS and _SETTINGS.tracing else {"excluded_urls": ["/predict", "/predict_tasks", "/predict_batch", "/tasks", *BENTOML_PATHS]}
 
 
-@bentoml.asgi_app(tasks_app, path="/", name="mutask-tasks")
-@bentoml.service(name="mutask", workers=1, traffic={"timeout": 120, "max_concurrency": 1024}, metrics={"enabled": True})
+@bentoml.service(
+    name="mutask", workers=1, traffic={"timeout": 120, "max_concurrency": 1024}, metrics={"enabled": True},
+    logging={"access": _ACCESS}, tracing=_TRACING,
+)
 class Mutask:
-    """Every task of an exported muNet system (ONNX segment graphs, one weight file), batched
-    across tasks through the segments they share."""
+    """Every task of an exported muNet system (ONNX graphs over one copy of the weights);
+    concurrent requests for any tasks batched together."""
 
     if os.environ.get(ENV_MODEL, "").strip() and not os.environ.get("MUTASK_ARTIFACT", "").strip():
         bento_model = bentoml.models.BentoModel(os.environ[ENV_MODEL].strip())  # shipped in a Bento
@@ -118,31 +174,20 @@ class Mutask:
 
     def _start(self) -> None:
         s = self.settings = Settings.from_env()
-        http.configure(s, served_paths())
+        quiet_client_errors()
+        http.configure(s, {api.route for api in Mutask.apis.values()} | set(BENTOML_PATHS), prefixes=(ASSETS_PREFIX,))
         self.artifact = open_artifact()
-        self.engine = Engine(
-            self.artifact, device=s.device, threads=s.threads, global_pools=s.ort_global_pools, mode=s.engine,
-            rows_per_run=s.rows_per_run, max_rows=s.max_batch,
-        )
+        self.engine = build_engine(self.artifact, s)
         self.metrics = metrics.get()
         self.metrics.init_tasks(self.engine.tasks)
         self.batcher = MicroBatcher(self.engine, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms, on_batch=self._on_batch)
         self._decode_pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(4, cpu_count())), thread_name_prefix="mutask-decode")
         self._segment_seconds: dict[str, float] = {}
-        self.records = {
-            tid: TaskRecord(
-                labels=t.labels, num_labels=len(t.labels), image_size=t.image_size, params=t.params,
-                accounted_params=t.accounted_params, val_accuracy=t.metrics.val_accuracy, test_accuracy=t.metrics.test_accuracy,
-                segments=t.segments, shared_segments=[sid for sid in t.segments if self.engine.segments[sid].shared],
-            )
-            for tid, t in self.engine.tasks.items()
-        }
+        self.records = task_records(self.engine)
         logging.getLogger("bentoml.serve").info(
-            "mutask: %d tasks (%s), engine %s on %s (%s), %d ONNX Runtime threads%s, max batch %d, max wait %.1f ms; batching: %s",
-            len(self.engine.tasks), ", ".join(self.engine.tasks), self.engine.mode, self.engine.device,
-            ",".join(self.engine.active_providers), self.engine.threads,
-            " in one global pool" if self.engine.describe()["ort_global_thread_pool"] else " per session",
-            s.max_batch, s.max_wait_ms, self.engine.batching["reason"],
+            "mutask: %d tasks (%s) on %s (%s), weights %s, %d ONNX Runtime threads per session, max batch %d, max wait %.1f ms",
+            len(self.engine.tasks), ", ".join(self.engine.tasks), self.engine.device, ",".join(self.engine.active_providers),
+            self.engine.weights_mode, self.engine.threads, s.max_batch, s.max_wait_ms,
         )
 
     def __is_ready__(self) -> bool:
@@ -156,67 +201,55 @@ class Mutask:
     # ---- the API ----
 
     @bentoml.api(route="/predict", input_spec=PredictInput)
-    async def predict(self, task: str, image: bytes | Path, rejected: str | None = None) -> Prediction:
+    async def predict(self, task: str, image: bytes | Path) -> Prediction:
         """Classify one image for one task.
 
         Send multipart/form-data with `task` (a task id, see /tasks) and `image` (a file: PNG,
         JPEG or any format Pillow reads, any size and mode, up to MUTASK_MAX_IMAGE_BYTES, 10 MB
         by default). The image gets the task's own preprocessing from the export manifest
         (EXIF orientation, RGB, a square resize to the task's image size with the root's filter,
-        the root's mean and std), exactly as in evaluation. Concurrent requests, for any tasks, are batched together
-        through the segments their tasks share.
+        the root's mean and std), exactly as in evaluation. Concurrent requests, for any tasks,
+        are batched: each task's graph runs once over the rows of every request for it.
 
         Answers `task`, the arg-max `label` and its `index`, and the top-5 `scores` (label ->
-        softmax probability). 404 for an unknown task (the answer lists the valid ones), 400
+        softmax probability). 404 for an unknown task (the message lists the valid ones), 400
         for a missing field, a malformed body or a file that is not a usable image.
         """
         t0 = time.perf_counter()
-        if (refused := self._admit(task, rejected)) is not None:
-            return refused
-        out = await self._infer([task], [image], t0)
-        return out if isinstance(out, JSONResponse) else out[0][0]
+        self._admit([task])
+        return (await self._infer([task], [image], t0))[0][0]
 
     @bentoml.api(route="/predict_tasks", input_spec=PredictTasksInput)
-    async def predict_tasks(self, image: bytes | Path, tasks: list[str] | None = None, rejected: str | None = None) -> TasksPrediction:
+    async def predict_tasks(self, image: bytes | Path, tasks: list[str] | None = None) -> TasksPrediction:
         """Classify one image for several tasks (or every task) in one request.
 
-        Send multipart/form-data with `image` (a file, as for /predict) and `tasks`: task ids,
-        comma-separated (`digits,shapes`) or the field repeated; leave `tasks` out for every
-        task the server holds. The image is decoded once, preprocessed once per distinct
-        preprocessing (image size) of those tasks, and every segment the tasks share runs once
-        for it, so k tasks cost far less than k requests. Answers `predictions`: one answer per
-        task, in the order asked (a task named twice answers once), each as /predict answers it.
-        404 when a task is unknown (the answer lists the valid ones), 400 as for /predict.
+        Send multipart/form-data with `image` (a file, as for /predict) and `tasks`: task ids as
+        a JSON list (what BentoML's clients send), comma-separated (`digits,shapes`) or the field
+        repeated; leave `tasks` out for every task the server holds. The image is decoded once,
+        preprocessed once per distinct preprocessing (image size) of those tasks, and goes
+        through the segment graph: every segment the tasks share runs once for it, so k tasks
+        cost less than k requests. Answers `predictions`: one answer per task, in the order
+        asked (a task named twice answers once), each as /predict answers it. 404 when a task
+        is unknown (the message lists the valid ones), 400 as for /predict.
         """
         t0 = time.perf_counter()
-        if rejected is not None:
-            return self._bad_request(rejected)
-        tasks = tasks or list(self.engine.tasks)
-        for task in tasks:
-            if task not in self.engine.tasks:
-                return self._unknown(task)
-        for task in tasks:
-            self.metrics.requests.labels(task=task).inc()
+        tasks = list(dict.fromkeys(tasks)) if tasks else list(self.engine.tasks)
+        self._admit(tasks)
         out = await self._infer(tasks, [image], t0)
-        return out if isinstance(out, JSONResponse) else TasksPrediction(predictions=[answers[0] for answers in out])
+        return TasksPrediction(predictions=[answers[0] for answers in out])
 
     @bentoml.api(route="/predict_batch", input_spec=BatchInput)
-    async def predict_batch(self, task: str, images: list[str], rejected: str | None = None) -> BatchPrediction:
+    async def predict_batch(self, task: str, images: list[str]) -> BatchPrediction:
         """Classify several images for one task (JSON, images in base64).
 
         Send `{"task": TASK, "images": [BASE64, ...]}` (plain base64 or `data:image/...;base64,`
-        URLs). Each image is preprocessed as in /predict; the answer holds one prediction per
-        image, in order. 404 for an unknown task, 400 for an empty list, too many images, bad
-        base64 or an image that cannot be used (the message says which one).
+        URLs, 1 to MUTASK_MAX_BATCH_IMAGES of them). Each image is preprocessed as in /predict;
+        the answer holds one prediction per image, in order. 404 for an unknown task, 400 for
+        an empty list, too many images, bad base64 or an image that cannot be used (the message
+        says which one).
         """
         t0 = time.perf_counter()
-        if (refused := self._admit(task, rejected)) is not None:
-            return refused
-        limit = self.settings.max_batch_images
-        if not images:
-            return self._bad_request("`images` is empty: send at least one base64 image", task)
-        if len(images) > limit:
-            return self._bad_request(f"{len(images)} images, over the limit of {limit} per request (MUTASK_MAX_BATCH_IMAGES)", task)
+        self._admit([task])
         blobs = []
         for i, s in enumerate(images):
             if s.startswith("data:") and "," in s:
@@ -224,39 +257,31 @@ class Mutask:
             try:
                 blobs.append(base64.b64decode(s, validate=True))
             except (binascii.Error, ValueError):
-                return self._bad_request(f"images[{i}] is not valid base64", task)
-        out = await self._infer([task], blobs, t0)
-        return out if isinstance(out, JSONResponse) else BatchPrediction(task=task, predictions=out[0])
+                raise self._bad(f"images[{i}] is not valid base64", [task]) from None
+        return BatchPrediction(task=task, predictions=(await self._infer([task], blobs, t0))[0])
 
     @bentoml.api(route="/tasks", input_spec=TasksInput)
-    def tasks(self, rejected: str | None = None) -> dict[str, TaskRecord]:
+    def tasks(self) -> dict[str, TaskRecord]:
         """Every task served: labels, image size, params, accounted params, validation and test
-        accuracy, and its segment chain (which segments it shares). `GET /tasks` answers the same."""
-        if rejected is not None:
-            return self._bad_request(rejected)
+        accuracy, and its segment chain (which segments it shares with other tasks)."""
         return self.records
 
     # ---- the request path ----
 
-    def _admit(self, task: str, rejected: str | None) -> JSONResponse | None:
-        """The answer to a request that goes no further (a refused body, an unknown task), or
-        None for a request of a served task (counted)."""
-        if rejected is not None:
-            return self._bad_request(rejected)
-        if task not in self.engine.tasks:
-            return self._unknown(task)
-        self.metrics.requests.labels(task=task).inc()
-        return None
+    def _admit(self, tasks: list[str]) -> None:
+        """Count a request for served tasks; NotFound (404) naming the valid ids otherwise."""
+        for task in tasks:
+            if task not in self.engine.tasks:
+                self.metrics.errors.labels(task="_unknown", kind="unknown_task").inc()
+                shown = repr(task) if len(str(task)) <= 64 else repr(str(task)[:64]) + "..."
+                raise NotFound(f"unknown task {shown}; valid tasks: {', '.join(self.engine.tasks)}")
+        for task in tasks:
+            self.metrics.requests.labels(task=task).inc()
 
-    def _bad_request(self, message: str, task: str | None = None) -> JSONResponse:
-        self.metrics.errors.labels(task=task or "_invalid", kind="bad_request").inc()
-        return error(400, message, **({"task": task} if task else {}))
-
-    def _unknown(self, task) -> JSONResponse:
-        self.metrics.errors.labels(task="_unknown", kind="unknown_task").inc()
-        valid = list(self.engine.tasks)
-        shown = repr(task) if len(str(task)) <= 64 else repr(str(task)[:64]) + "..."
-        return error(404, f"unknown task {shown}; valid tasks: {', '.join(valid)}", valid_tasks=valid)
+    def _bad(self, message: str, tasks: list[str], kind: str = "bad_request") -> BadInput:
+        for task in tasks:
+            self.metrics.errors.labels(task=task, kind=kind).inc()
+        return BadInput(message)
 
     def _decode(self, pres: list, data: bytes | Path, budget: images.PixelBudget) -> list:
         """One image (bytes, or a path from a Python caller) decoded once, one input per
@@ -286,7 +311,7 @@ class Mutask:
         image = images.load_image(image)
         return [images.to_input(image, pre) for pre in pres]
 
-    async def _infer(self, tasks: list[str], sources: list, t0: float) -> list[list[Prediction]] | JSONResponse:
+    async def _infer(self, tasks: list[str], sources: list, t0: float) -> list[list[Prediction]]:
         """Decode ``sources`` (bytes or paths) once per distinct preprocessing of ``tasks``, run
         them for every task batched with other requests, answer (one list of predictions per
         task); the request's latency (from ``t0``) is observed per task when it succeeds."""
@@ -300,10 +325,8 @@ class Mutask:
                     per_image = await asyncio.gather(*(loop.run_in_executor(self._decode_pool, self._decode, pres, s, budget) for s in sources))
                     xs = [xi[0] if len(xi) == 1 else np.concatenate(xi, axis=0) for xi in zip(*per_image)]
             except images.ImageError as e:
-                for task in tasks:
-                    self.metrics.errors.labels(task=task, kind="bad_image").inc()
                 which = "" if len(sources) == 1 else " (one of the images)"
-                return error(400, f"bad image{which}: {e}", **({"task": tasks[0]} if len(tasks) == 1 else {"tasks": tasks}))
+                raise self._bad(f"bad image{which}: {e}", tasks, kind="bad_image") from None
         by_pre = dict(zip(pres, xs))
         try:
             logits = await self.batcher.submit_tasks([(t, by_pre[self.engine.tasks[t].preprocessing]) for t in tasks])
@@ -329,3 +352,6 @@ class Mutask:
             if delta > 0:
                 self.metrics.segment_seconds.labels(segment=key, shared=str(self.engine.is_shared(key)).lower()).inc(delta)
                 self._segment_seconds[key] = st["seconds"]
+
+
+Mutask.add_asgi_middleware(ErrorObjects)

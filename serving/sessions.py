@@ -2,22 +2,18 @@
 
 Sequential execution, inter-op 1, one inference at a time (the batcher's one worker thread),
 each session with an intra-op pool of ``threads`` threads that does not spin, so the pools of
-the sessions that are not running sleep and never oversubscribe the cores. The price is idle
-threads: sessions x (threads - 1) of them (``--threads`` bounds it). ONNX Runtime's global pool
-would be one pool for every session, but its threads spin between runs and its Python API
-cannot turn that off (~4 ms of CPU per request in the server on 2 cores), so it is opt-in.
+the sessions that are not running sleep and never oversubscribe the cores (the price: idle
+threads, sessions x (threads - 1); ``--threads`` bounds it). ONNX Runtime's global pool would
+be one pool for every session, but its threads spin between runs and its Python API cannot turn
+that off (~4 ms of CPU per request in the server on 2 cores).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
 
 log = logging.getLogger("mutask.serving")
-
-_GLOBAL_POOLS: dict = {}  # set once per process: {"threads": n} once ORT's global pools are on
-_GLOBAL_LOCK = threading.Lock()
 
 
 class EngineError(RuntimeError):
@@ -44,10 +40,8 @@ def choose_providers(device: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def session_options(threads: int, global_pools: bool = False):
-    """Session options on a budget of ``threads`` intra-op threads: per-session pools that do
-    not spin (default), or ONNX Runtime's global pools (``global_pools``; once on in a process,
-    every later session must use them)."""
+def session_options(threads: int):
+    """Session options on a budget of ``threads`` intra-op threads that do not spin."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -55,25 +49,9 @@ def session_options(threads: int, global_pools: bool = False):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
     # no per-session memory arena: on the demo system the sessions' arenas held ~10 MiB for a
-    # few KiB of activations each, and plain allocation was no slower (engine images/s at 1, 8
-    # and 32 requests per batch, 7 interleaved repeats: 962 vs 935, 1275 vs 1167, 2310 vs 2369)
+    # few KiB of activations each, and plain allocation was no slower
     so.enable_cpu_mem_arena = False
-    with _GLOBAL_LOCK:
-        if global_pools and "threads" not in _GLOBAL_POOLS and hasattr(ort, "set_global_thread_pool_sizes"):
-            try:
-                ort.set_global_thread_pool_sizes(threads, 1)
-                _GLOBAL_POOLS["threads"] = threads
-            except Exception as e:
-                log.info("onnxruntime global thread pools unavailable (%s): per-session pools", e)
-        global_threads = _GLOBAL_POOLS.get("threads")
-    if global_threads:
-        so.use_per_session_threads = False
-    else:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
-
-
-def global_pools_on() -> bool:
-    return bool(_GLOBAL_POOLS.get("threads"))

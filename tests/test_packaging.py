@@ -85,3 +85,25 @@ def test_readme_layout_matches_the_tree():
         and f"{stage}/{p.name}" not in section
     ]
     assert not unnamed, f"README's layout section does not name {unnamed}"
+
+
+def test_no_import_circle_in_serving():
+    """serving/'s modules import each other as a DAG (imports run one way)."""
+    graph = {}
+    for p in (REPO / "serving").glob("*.py"):
+        text = p.read_text()
+        graph[p.stem] = set(re.findall(r"^\s*from \.(\w+) import", text, re.M)) | {
+            m for group in re.findall(r"^\s*from \. import ([\w, ]+)", text, re.M) for m in group.replace(" ", "").split(",")}
+    state: dict = {}
+
+    def visit(node, path):
+        assert state.get(node) != "open", f"import circle: {' -> '.join(path + [node])}"
+        if state.get(node) is None:
+            state[node] = "open"
+            for nxt in graph.get(node, ()):
+                visit(nxt, path + [node])
+            state[node] = "done"
+
+    for node in graph:
+        visit(node, [])
+    assert graph["service"] >= {"api", "engine", "batcher"}

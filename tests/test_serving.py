@@ -7,15 +7,17 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tarfile
 import sys
 import textwrap
+from pathlib import Path
 import time
 
 import numpy as np
 import pytest
 
 from tests.test_serving_helpers import (
-    REPO, check_battery, copy_artifact, evolve_input, free_port, png_bomb, reference_logits,
+    REPO, check_battery, copy_artifact, error_of, evolve_input, free_port, png_bomb, reference_logits,
     sample_images, serving_artifact, subprocess_env,
 )
 
@@ -28,9 +30,9 @@ _APP: dict = {}
 
 def preprocess_bytes(data: bytes, size: int):
     from mutask.preprocessing import Preprocessing
-    from mutask.serving.images import preprocess_bytes
+    from mutask.serving.images import preprocess_for
 
-    return preprocess_bytes(data, Preprocessing.signed_unit(size), max_bytes=10_000_000, max_pixels=40_000_000)
+    return preprocess_for(data, [Preprocessing.signed_unit(size)], max_bytes=10_000_000, max_pixels=40_000_000)[0]
 
 
 def test_preprocess_matches_evaluation_bit_for_bit():
@@ -65,12 +67,12 @@ def test_preprocess_applies_exif_orientation():
 def test_preprocess_rejects_bad_bytes_with_clear_messages():
     from PIL import Image
 
-    from mutask.serving.images import ImageError
-    from mutask.serving.images import decode as guarded_decode
+    from mutask.preprocessing import Preprocessing
+    from mutask.serving.images import ImageError, preprocess_for
     from tests.test_serving_helpers import encode
 
     def decode(data, max_bytes=10_000_000, max_pixels=40_000_000):
-        return guarded_decode(data, max_bytes=max_bytes, max_pixels=max_pixels)
+        return preprocess_for(data, [Preprocessing.signed_unit(8)], max_bytes=max_bytes, max_pixels=max_pixels)
 
     png = encode(Image.new("RGB", (50, 50), (1, 2, 3)), "PNG")
     jpeg = encode(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)), "JPEG")
@@ -138,6 +140,23 @@ def test_artifact_from_a_bentoml_model(serving_artifact, monkeypatch):
 
     with pytest.raises(ServingError, match="no such BentoML model"):
         open_artifact(cache=False)
+
+
+def test_settings_come_from_the_environment(monkeypatch):
+    from mutask.serving.settings import Settings, SettingsError
+
+    monkeypatch.setenv("MUTASK_MAX_BATCH", "8")
+    monkeypatch.setenv("MUTASK_ACCESS_LOG", "1")
+    s = Settings.from_env(max_wait_ms=3.0, device=None)
+    assert (s.max_batch, s.access_log, s.tracing, s.max_wait_ms, s.device) == (8, True, False, 3.0, "auto")
+    for k, v in s.to_env().items():
+        monkeypatch.setenv(k, v)
+    assert Settings.from_env() == s
+    for name, value in (("MUTASK_DEVICE", "gpu"), ("MUTASK_MAX_BATCH", "0"), ("MUTASK_KEEP_ALIVE_S", "soon")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(SettingsError, match=name):
+            Settings.from_env()
+        monkeypatch.setenv(name, s.to_env()[name])
 
 
 # ---- the service in-process ---------------------------------------------------------------
@@ -210,12 +229,12 @@ def test_service_in_process(client, serving_artifact):
             body = r.json()
             ref = reference_logits(serving_artifact, task, images[name])
             assert body["task"] == task and body["index"] == int(ref.argmax())
-            assert body["label"] == client.get("/tasks").json()[task]["labels"][body["index"]]
+            assert body["label"] == client.post("/tasks").json()[task]["labels"][body["index"]]
             assert len(body["scores"]) == min(5, len(ref))
             p = np.exp(ref - ref.max()) / np.exp(ref - ref.max()).sum()
             assert abs(body["scores"][body["label"]] - p.max()) < 1e-4
             assert list(body["scores"].values()) == sorted(body["scores"].values(), reverse=True)
-    tasks = client.get("/tasks").json()
+    tasks = client.post("/tasks").json()
     assert set(tasks) == {"a", "b", "c", "d"} and client.post("/tasks").json() == tasks
     for t, rec in tasks.items():
         assert rec["num_labels"] == len(rec["labels"]) and rec["image_size"] == 32
@@ -229,9 +248,6 @@ def test_service_in_process(client, serving_artifact):
         assert f'mutask_requests_total{{task="{t}"}}' in metrics
         assert f'mutask_request_latency_seconds_count{{task="{t}"}}' in metrics
         assert f'mutask_batch_size_count{{task="{t}"}}' in metrics
-    from mutask.serving.sessions import global_pools_on
-
-    assert not global_pools_on()  # in-process: per-session pools, other ORT users unaffected
     spec = client.get("/docs.json").json()
     for path in ("/predict", "/predict_batch", "/tasks"):
         assert path in spec["paths"]
@@ -261,7 +277,7 @@ def test_predict_tasks_in_process(client, serving_artifact):
     images = sample_images()
     data = images["rgb45x61-png"]
     single = {t: client.post("/predict", data={"task": t}, files={"image": ("x.png", data, "image/png")}).json() for t in "abcd"}
-    for form in ({"tasks": "c,a"}, {"tasks": ["c", "a", "c"]}):
+    for form in ({"tasks": "c,a"}, {"tasks": ["c", "a", "c"]}, {"tasks": json.dumps(["c", "a"])}):
         r = client.post("/predict_tasks", data=form, files={"image": ("x.png", data, "image/png")})
         assert r.status_code == 200, r.text
         same_answers(r.json()["predictions"], [single["c"], single["a"]])
@@ -269,7 +285,7 @@ def test_predict_tasks_in_process(client, serving_artifact):
     assert r.status_code == 200
     same_answers(r.json()["predictions"], [single[t] for t in "abcd"])
     r = client.post("/predict_tasks", data={"tasks": "a,nope"}, files={"image": ("x.png", data, "image/png")})
-    assert r.status_code == 404 and "nope" in r.json()["error"] and r.json()["valid_tasks"] == list("abcd")
+    assert r.status_code == 404 and "nope" in error_of(r) and "valid tasks: a, b, c, d" in error_of(r)
     for form, files, needle in (
         ({"tasks": " , "}, {"image": ("x.png", data, "image/png")}, "`tasks` is empty"),
         ({"tasks": "a"}, None, "missing field `image`"),
@@ -277,7 +293,7 @@ def test_predict_tasks_in_process(client, serving_artifact):
         ({"tasks": "a"}, {"image": ("x.png", data, "image/png"), "tasks": ("t.txt", b"a", "text/plain")}, "not a file"),
     ):
         r = client.post("/predict_tasks", data=form, files=files) if files else client.post("/predict_tasks", data=form)
-        assert r.status_code == 400 and needle in r.json()["error"], (needle, r.text)
+        assert r.status_code == 400 and needle in error_of(r), (needle, r.text)
     assert "/predict_tasks" in client.get("/docs.json").json()["paths"]
 
 
@@ -303,7 +319,7 @@ def test_serving_never_imports_torch(serving_artifact, tmp_path):
             for t in ("a", "b", "c", "d"):
                 r = c.post("/predict", data={"task": t}, files={"image": ("x.png", sample_images()["rgb-jpeg"])})
                 assert r.status_code == 200, r.text
-            assert c.get("/tasks").status_code == 200 and c.get("/metrics").status_code == 200
+            assert c.post("/tasks").status_code == 200 and c.get("/metrics").status_code == 200
         bad = [m for m in ("torch", "timm", "torchvision", "mutask.evolve") if m in sys.modules]
         assert not bad, bad
         print("NO-TORCH-OK")
@@ -396,41 +412,70 @@ def _uv_available() -> bool:
 
 
 @pytest.mark.skipif(not _uv_available(), reason="bentoml build would pip-install uv (needs the network)")
-def test_bentoml_build_packs_a_torch_free_service(serving_artifact, tmp_path):
+def test_the_bento_serves_from_a_venv_of_its_own_requirements(serving_artifact, tmp_path):
+    """As README deploys: the artifact in BentoML's model store, `MUTASK_BENTOML_MODEL=TAG
+    bentoml build`; then, as its container would, a fresh venv holding only the Bento's
+    env/python/requirements.txt (no torch, no timm, no mutask install) serves the Bento's
+    src/ with the model shipped inside it: correct answers, pre-packed weights."""
+    import shutil
+
+    import httpx
+
+    from mutask.server_process import ServiceProcess
+
     home = tmp_path / "bentoml-home"
-    r = subprocess.run([sys.executable, "-m", "bentoml", "build", "."], cwd=str(REPO), env=subprocess_env({"BENTOML_HOME": home}),
-                       capture_output=True, text=True, timeout=120)
+    make_model = (
+        "import bentoml, shutil, sys, pathlib\n"
+        "with bentoml.models.create('mutask-system') as m:\n"
+        "    [shutil.copy2(f, m.path) for f in pathlib.Path(sys.argv[1]).iterdir()]\n"
+    )
+    env = subprocess_env({"BENTOML_HOME": home, "MUTASK_BENTOML_MODEL": "mutask-system:latest"})
+    env.pop("MUTASK_ARTIFACT", None)
+    r = subprocess.run([sys.executable, "-c", make_model, str(serving_artifact)], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "bentoml", "build", "."], cwd=str(REPO), env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "Successfully built" in r.stdout + r.stderr, r.stdout + r.stderr
-    (bento,) = [p for p in (home / "bentos" / "mutask").iterdir() if p.name != "latest"]
+    # the container's build context: the Bento with its models (what `bentoml containerize` and
+    # `bentoml export` put together)
+    r = subprocess.run([sys.executable, "-m", "bentoml", "export", "mutask:latest", str(tmp_path / "mutask.bento")], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    bento = tmp_path / "bento"
+    with tarfile.open(tmp_path / "mutask.bento") as tar:
+        tar.extractall(bento, filter="data")
+    assert (bento / "models" / "mutask-system" / "latest").exists(), "the model ships inside the Bento"
     src = bento / "src"
     files = {str(p.relative_to(src)) for p in src.rglob("*.py")}
-    assert {"serving/service.py", "serving/engine.py", "serving/images.py", "export/artifact.py", "export/manifest.py", "mutask/errors.py", "mutask/preprocessing.py"} <= files
-    assert not any(f.startswith(("evolve/", "tests/", "benchmarks/")) or f == "export/build.py" for f in files), files
-    reqs = (bento / "env" / "python" / "requirements.txt").read_text().lower()
-    assert "onnxruntime" in reqs and "pillow" in reqs and "torch" not in reqs and "timm" not in reqs
-    # the Bento's sources alone serve (the repo's editable install hidden): every import is packed
-    code = textwrap.dedent(
-        f"""
-        import sys
-        sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__ + getattr(f, "__name__", "")]
-        sys.path[:] = [{str(src)!r}] + [p for p in sys.path if p and p.rstrip("/") not in ({str(REPO)!r}, ".")]
-        from starlette.testclient import TestClient
-        from mutask.serving.service import Mutask
-        import mutask.serving.service, mutask.export.artifact, mutask.errors
-        for m in (mutask.serving.service, mutask.export.artifact, mutask.errors):
-            assert m.__file__.startswith({str(src)!r}), m.__file__
-        with TestClient(Mutask.to_asgi()) as c:
-            png = open({str(REPO / "tests" / "__init__.py")!r}, "rb").read()
-            assert c.get("/tasks").status_code == 200
-            assert c.post("/predict", data={{"task": "a"}}, files={{"image": ("x", png)}}).status_code == 400
-        assert "torch" not in sys.modules
-        print("BENTO-OK")
-        """
-    )
-    env = subprocess_env({"MUTASK_ARTIFACT": serving_artifact, "BENTOML_HOME": home})
-    env.pop("PYTHONPATH", None)
-    r = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "BENTO-OK" in r.stdout, r.stdout + r.stderr
+    assert {"serving/service.py", "serving/engine.py", "export/artifact.py", "mutask/preprocessing.py", "mutask/cores.py"} <= files
+    assert not any(f.startswith(("evolve/", "tests/", "benchmarks/")) or f in ("export/build.py", "serving/cli.py", "mutask/server_process.py") for f in files), files
+    reqs = (bento / "env" / "python" / "requirements.txt").read_text()
+    assert "torch" not in reqs and "timm" not in reqs
+    # what the generated container does: a fresh venv with the requirements, `bentoml serve` the Bento
+    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
+    assert "pip install -r $BENTO_PATH/env/python/requirements.txt" in dockerfile and "EXPOSE 3000" in dockerfile
+    assert 'exec bentoml "$@" "$BENTO_PATH"' in (bento / "env" / "docker" / "entrypoint.sh").read_text()
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    uv = shutil.which("uv") or str(Path(sys.executable).with_name("uv"))
+    install = [uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python")] if Path(uv).exists() else [str(venv / "bin" / "pip"), "install", "-q"]
+    r = subprocess.run([*install, "-r", str(bento / "env" / "python" / "requirements.txt")], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    clean = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path), "BENTOML_HOME": tmp_path / "container-home",
+             "BENTOML_DO_NOT_TRACK": "true", "MUTASK_BENTOML_MODEL": "mutask-system:latest"}
+    r = subprocess.run([str(venv / "bin" / "python"), "-c", "import torch"], env=clean, cwd=str(tmp_path), capture_output=True, text=True)
+    assert r.returncode != 0 and "No module named 'torch'" in r.stderr
+    port = free_port()
+    srv = ServiceProcess([venv / "bin" / "bentoml", "serve", bento, "--port", port, "--host", "127.0.0.1"],
+                         port=port, log_path=tmp_path / "bento.log", env=clean)
+    with srv:
+        data = sample_images()["rgb45x61-png"]
+        for task in ("a", "d"):
+            r = httpx.post(srv.url + "/predict", data={"task": task}, files={"image": ("x.png", data, "image/png")}, timeout=60)
+            assert r.status_code == 200, r.text
+            assert r.json()["index"] == int(reference_logits(serving_artifact, task, data).argmax())
+        log = srv.log()
+    assert "weights prepacked" in log and "No module named" not in log, log
+    assert str(REPO) not in log, "nothing loads from the repository"
 
 
 def test_a_worker_that_cannot_start_stops_the_whole_server(serving_artifact, tmp_path):

@@ -63,6 +63,12 @@ def copy_artifact(src: Path, dst: Path) -> Path:
     return dst
 
 
+def error_of(r) -> str:
+    """The message of an error answer (BentoML answers its errors as a one-element JSON list)."""
+    body = r.json()
+    return (body[0] if isinstance(body, list) else body)["error"]
+
+
 # ---- images -------------------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from mutask.server_process import metric_value
-from tests.test_serving_helpers import Server, check_battery, reference_logits, sample_images, serving_artifact
+from tests.test_serving_helpers import Server, check_battery, error_of, reference_logits, sample_images, serving_artifact
 
 __all__ = ["serving_artifact"]  # the session fixture, imported for pytest
 
@@ -80,6 +80,72 @@ def test_every_task_matches_plain_onnxruntime(server, serving_artifact, tmp_path
         assert set(tasks) == {"a", "b", "c", "d"}
 
 
+def test_bentoml_client_calls_every_endpoint_with_its_signature_types(server, serving_artifact, tmp_path):
+    """bentoml.SyncHTTPClient and AsyncHTTPClient, arguments as the signatures show them: lists
+    as lists; bad input comes back as BentoML's own errors with the server's message."""
+    import asyncio
+
+    import bentoml
+    from bentoml.exceptions import BentoMLException
+
+    from tests.test_serving_helpers import b64
+
+    images = sample_images()
+    path = tmp_path / "x.png"
+    path.write_bytes(images["rgb45x61-png"])
+    want = {t: int(reference_logits(serving_artifact, t, images["rgb45x61-png"]).argmax()) for t in "abcd"}
+
+    def plain(x):
+        return x if isinstance(x, dict) else x.model_dump()
+
+    with bentoml.SyncHTTPClient(server.url, timeout=30) as client:
+        assert plain(client.predict(task="b", image=path))["index"] == want["b"]
+        out = plain(client.predict_tasks(image=path, tasks=["d", "a"]))
+        assert [(p["task"], p["index"]) for p in out["predictions"]] == [("d", want["d"]), ("a", want["a"])]
+        out = plain(client.predict_batch(task="c", images=[b64(images["rgb45x61-png"])] * 2))
+        assert [p["index"] for p in out["predictions"]] == [want["c"]] * 2
+        assert set(client.tasks()) == set("abcd")
+        with pytest.raises(BentoMLException, match="valid tasks: a, b, c, d"):
+            client.predict_tasks(image=path, tasks=["a", "nope"])
+        with pytest.raises(BentoMLException, match="not valid base64"):
+            client.predict_batch(task="a", images=["%%%"])
+
+    async def use_async():
+        async with bentoml.AsyncHTTPClient(server.url, timeout=30) as client:
+            return plain(await client.predict_tasks(image=path, tasks=["c"]))
+
+    assert [p["index"] for p in asyncio.run(use_async())["predictions"]] == [want["c"]]
+
+
+# What schemathesis may report, and why no schema can rule it out: an image's bytes (a schema
+# says "a binary file" or "a string", not "a decodable PNG"), and in a multipart form an empty
+# `tasks` list, which is no field at all, the same as leaving it out (every task).
+SCHEMA_CANNOT_SAY = {
+    ("ST202", "POST /predict"): "random bytes as the image are not an image",
+    ("ST202", "POST /predict_tasks"): "random bytes as the image are not an image",
+    ("ST202", "POST /predict_batch"): "random strings as images are not base64 images",
+    ("ST201", "POST /predict_tasks"): "an empty `tasks` list is sent as no field: every task",
+}
+
+
+def test_schemathesis_finds_nothing_beyond_image_bytes(server, tmp_path):
+    import json
+    import subprocess
+
+    st = Path(sys.executable).with_name("schemathesis")
+    r = subprocess.run(
+        [st, "run", server.url + "/docs.json", "--checks", "all", "--max-examples", "15", "--max-time", "60", "--seed", "1",
+         "--continue-on-failure", "--no-color", "--report", "json", "--report-dir", tmp_path, "--request-timeout", "20"],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path,
+    )
+    (report,) = tmp_path.glob("*.json")
+    doc = json.loads(report.read_text())
+    assert doc["operations"]["tested"] >= 4 and doc["test_cases"]["errored"] == 0, r.stdout[-3000:]
+    found = {(f["code"], op) for f in doc.get("failures", []) for op in f["operations"]}
+    assert found <= set(SCHEMA_CANNOT_SAY), (found - set(SCHEMA_CANNOT_SAY), r.stdout[-6000:])
+    assert "Traceback" not in server.log() and " 500 " not in server.log()
+
+
 def test_burst_of_concurrent_mixed_task_requests(server, serving_artifact):
     images = sample_images()
     names = sorted(images)
@@ -109,7 +175,7 @@ def test_tasks_readyz_metrics_openapi(server):
     with httpx.Client(base_url=server.url, timeout=30) as c:
         assert c.get("/readyz").status_code == 200
         assert c.get("/livez").status_code == 200
-        tasks = c.get("/tasks").json()
+        tasks = c.post("/tasks").json()
         assert set(tasks) == {"a", "b", "c", "d"}
         for rec in tasks.values():
             assert {"labels", "image_size", "params", "accounted_params", "val_accuracy", "test_accuracy"} <= set(rec)
@@ -134,7 +200,7 @@ def test_bad_input_battery_over_http(server):
         # far over the limit, declared up front: answered without buffering the body
         big = np.random.default_rng(1).integers(0, 255, 3 * LIMIT, dtype=np.uint8).tobytes()
         r = c.post("/predict", data={"task": "a"}, files={"image": ("big.bin", big)})
-        assert r.status_code == 400 and "limit" in r.json()["error"]
+        assert r.status_code == 400 and "limit" in error_of(r)
         m = c.get("/metrics").text
         assert metric_value(m, "bentoml_service_request_total", http_response_code="500") == 0
         assert metric_value(m, "mutask_errors_total", kind="bad_image") >= 4
