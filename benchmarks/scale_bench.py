@@ -195,7 +195,7 @@ def table(doc: dict) -> str:
             f"| disk cache | {c['images_per_s']['disk cache']} | {ratio} |",
         ]
         if c.get("machine"):
-            lines += ["", f"This comparison was measured apart from the runs above. {harness.machine_line(c['machine'])}"]
+            lines += ["", f"This comparison was measured apart from the runs above. {c.get('note', '')} {harness.machine_line(c['machine'])}"]
     return "\n".join(lines)
 
 
