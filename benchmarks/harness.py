@@ -12,7 +12,7 @@
 
 Why not pyperf: its runner times one function per worker process and compares two finished
 benchmarks as independent samples; here the variants are servers and training loops that must
-alternate inside one run, and the comparison is per pair. The bootstrap below is 10 lines.
+alternate inside one run, and the comparison is per pair. The bootstrap below is a few lines of numpy.
 Servers are started and stopped by :mod:`mutask.server_process`.
 """
 

@@ -183,9 +183,10 @@ def table(doc: dict) -> str:
     if "cached_vs_memory" in doc:
         c = doc["cached_vs_memory"]
         ratio = harness.fmt_ratio(c["ratio"]) if isinstance(c["ratio"], dict) else f"{c['ratio']} (ratio of the medians)"
+        where = f" ({c['images']:,} training images, root {c['root']})" if "images" in c else ""
         lines += [
             "",
-            f"Training on the folder task{' of ' + format(c['images'], ',') + ' JPEGs' if 'images' in c else ''}, images read from the disk cache "
+            f"Training on the folder task{where}, images read from the disk cache "
             f"against the same images in memory ({c['steps']} steps of batch 32, head only, {c['repeats']} interleaved repeats, medians):",
             "",
             "| images from | images/s | paired ratio |",
@@ -194,7 +195,7 @@ def table(doc: dict) -> str:
             f"| disk cache | {c['images_per_s']['disk cache']} | {ratio} |",
         ]
         if c.get("machine"):
-            lines += ["", f"This comparison was measured apart from the runs above. {harness.machine_line(c['machine'])}"]
+            lines += ["", f"This comparison was measured apart from the runs above. {c.get('note', '')} {harness.machine_line(c['machine'])}"]
     return "\n".join(lines)
 
 
