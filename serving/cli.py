@@ -33,7 +33,9 @@ def add_parser(subparsers) -> None:
         "serve", help="serve an exported system over HTTP (BentoML)", description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    s.add_argument("artifact", metavar="ART", help="artifact directory written by `mutask export`")
+    s.add_argument("artifact", metavar="ART", help="artifact directory written by `mutask export`, or a directory of numbered versions (ART/1, ART/2, ...: `mutask export --into ART`), served newest first and swapped live")
+    s.add_argument("--version", type=int, metavar="N", help="with a directory of versions: serve version N only (pinned; default: the newest, following new ones)")
+    s.add_argument("--poll-s", type=float, metavar="S", help="with a directory of versions: look for a new (or removed) version every S seconds (default 2)")
     s.add_argument("--port", type=int, default=3000, help="TCP port (default 3000)")
     s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1, loopback only)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], help="execution device (default auto: CUDA if onnxruntime-gpu finds a GPU, else CPU)")
@@ -91,7 +93,7 @@ def _own_prometheus_dir() -> str:
 
 
 def _cmd_serve(a) -> None:
-    from .loader import ENV_ARTIFACT, ENV_MODEL, ServingError, open_artifact
+    from .loader import ENV_ARTIFACT, ENV_MODEL, ServingError
     from .settings import Settings
 
     flags = {"device": a.device, "ort_threads": a.threads, "max_batch": a.max_batch, "max_wait_ms": a.max_wait_ms, "max_image_bytes": a.max_image_bytes,
@@ -101,7 +103,14 @@ def _cmd_serve(a) -> None:
             raise ServingError(f"{name} must be positive, got {value}")
     settings = dataclasses.replace(Settings.from_env(), **{k: v for k, v in flags.items() if v is not None}).validated()
     path = Path(a.artifact).expanduser().resolve()
-    art = open_artifact(path)  # ServingError (exit 2) for a missing, truncated or tampered artifact
+    from .repository import ENV_POLL, ENV_VERSION, open_served, options
+
+    for name, flag, value in ((ENV_VERSION, "--version", a.version), (ENV_POLL, "--poll-s", a.poll_s)):
+        if value is not None:
+            if not value > 0:
+                raise ServingError(f"{flag} must be positive, got {value}")
+            os.environ[name] = str(value)
+    number, art = open_served(path, options()[0])  # ServingError (exit 2): missing, truncated or tampered; no such version
     _check_port(a.host, a.port)
 
     os.environ[ENV_ARTIFACT] = str(path)
@@ -119,8 +128,8 @@ def _cmd_serve(a) -> None:
 
     host = f"[{a.host}]" if ":" in a.host else a.host
     url = f"http://{host}:{a.port}"
-    print(f"mutask serve: {len(art.tasks)} tasks ({', '.join(art.tasks)}) from {path}", flush=True)
-    print(f"mutask serve: listening on {url} (POST {url}/predict, GET {url}/tasks, {url}/metrics; Ctrl+C stops)", flush=True)
+    print(f"mutask serve: {len(art.tasks)} tasks ({', '.join(art.tasks)}) from {art.path}" + (f" (version {number})" if number else ""), flush=True)
+    print(f"mutask serve: listening on {url} (POST {url}/predict, GET {url}/tasks, the page {url}/ui, {url}/metrics; Ctrl+C stops)", flush=True)
     import mutask
 
     working_dir = str(Path(mutask.__file__).resolve().parent.parent)  # where `import mutask` finds this one

@@ -38,7 +38,8 @@ from . import http, images, metrics
 from .api import BatchInput, BatchPrediction, Prediction, PredictInput, PredictTasksInput, TaskRecord, TasksInput, TasksPrediction, prediction
 from .batcher import MicroBatcher
 from .engine import Engine, EngineError
-from .loader import ENV_MODEL, ServingError, artifact_source, open_artifact
+from .loader import ENV_MODEL, ServingError, artifact_source, resolve_artifact_path
+from . import live, page
 from .settings import Settings, SettingsError, cpu_count
 
 log = logging.getLogger("mutask.serving")
@@ -61,7 +62,7 @@ async def _get_tasks(request):
 
 
 # BentoML APIs answer POST; GET /tasks is this one route, answered by the same records.
-tasks_app = Starlette(routes=[Route("/tasks", _get_tasks, methods=["GET"])])
+tasks_app = Starlette(routes=[Route("/tasks", _get_tasks, methods=["GET"]), *page.ROUTES])
 
 
 def _startup_failed(exc: BaseException) -> None:
@@ -85,7 +86,7 @@ def _startup_failed(exc: BaseException) -> None:
 def served_paths() -> set[str]:
     """Every path the service answers: its APIs, GET /tasks, BentoML's health, metrics and
     OpenAPI routes, and the OpenAPI page's static files."""
-    paths = {api.route for api in Mutask.apis.values()} | {"/", "/livez", "/healthz", "/readyz", "/metrics", "/docs.json", "/schema.json"}
+    paths = {api.route for api in Mutask.apis.values()} | {"/", "/livez", "/healthz", "/readyz", "/metrics", "/docs.json", "/schema.json"} | page.PATHS
     # the OpenAPI page's assets, served by BentoML from its package (the directory is BentoML's)
     assets = Path(bentoml.__file__).resolve().parent / "_internal" / "server" / "static_content"
     return paths | {f"/static_content/{f.name}" for f in assets.glob("*") if f.is_file()}
@@ -95,7 +96,7 @@ def served_paths() -> set[str]:
 # refuses to go on with a bad setting or a missing or bad artifact.
 if artifact_source() is not None:
     Settings.from_env()
-    open_artifact()
+    live.open_served(resolve_artifact_path(), live.options()[0])
 if bentoml.server_context.worker_index is not None:  # a server worker: before uvicorn loads its configuration
     http.install()
 
@@ -119,24 +120,9 @@ class Mutask:
     def _start(self) -> None:
         s = self.settings = Settings.from_env()
         http.configure(s, served_paths())
-        self.artifact = open_artifact()
-        self.engine = Engine(
-            self.artifact, device=s.device, threads=s.threads, global_pools=s.ort_global_pools, mode=s.engine,
-            rows_per_run=s.rows_per_run, max_rows=s.max_batch,
-        )
         self.metrics = metrics.get()
-        self.metrics.init_tasks(self.engine.tasks)
-        self.batcher = MicroBatcher(self.engine, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms, on_batch=self._on_batch)
         self._decode_pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(4, cpu_count())), thread_name_prefix="mutask-decode")
-        self._segment_seconds: dict[str, float] = {}
-        self.records = {
-            tid: TaskRecord(
-                labels=t.labels, num_labels=len(t.labels), image_size=t.image_size, params=t.params,
-                accounted_params=t.accounted_params, val_accuracy=t.metrics.val_accuracy, test_accuracy=t.metrics.test_accuracy,
-                segments=t.segments, shared_segments=[sid for sid in t.segments if self.engine.segments[sid].shared],
-            )
-            for tid, t in self.engine.tasks.items()
-        }
+        self.repo = live.start(self, resolve_artifact_path())  # builds the first version with _build_version; polls
         logging.getLogger("bentoml.serve").info(
             "mutask: %d tasks (%s), engine %s on %s (%s), %d ONNX Runtime threads%s, max batch %d, max wait %.1f ms; batching: %s",
             len(self.engine.tasks), ", ".join(self.engine.tasks), self.engine.mode, self.engine.device,
@@ -146,12 +132,30 @@ class Mutask:
         )
 
     def __is_ready__(self) -> bool:
-        return bool(getattr(self, "engine", None) is not None and self.engine.ready)
+        return bool(getattr(self, "repo", None) is not None and self.repo.current is not None)
 
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
+        self.repo.stop()
         self.batcher.close()
         self._decode_pool.shutdown(wait=False)
+
+    # ---- versions (serving/live.py): each request reads the version it holds ----
+
+    def _build_version(self, artifact, number):
+        """A version's engine, batcher and task records, warmed up (off the request path)."""
+        s = self.settings
+        engine = Engine(
+            artifact, device=s.device, threads=s.threads, global_pools=s.ort_global_pools, mode=s.engine,
+            rows_per_run=s.rows_per_run, max_rows=s.max_batch,
+        )
+        return live.Payload(engine, MicroBatcher(engine, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms, on_batch=self._on_batch), number)
+
+    version = property(lambda self: live.version_of(self))
+    engine = property(lambda self: self.version.payload.engine)
+    batcher = property(lambda self: self.version.payload.batcher)
+    records = property(lambda self: self.version.payload.records)
+    artifact = property(lambda self: self.version.artifact)
 
     # ---- the API ----
 
@@ -324,8 +328,12 @@ class Mutask:
         for task, n in per_task.items():
             self.metrics.batch_size.labels(task=task).observe(n)
         self.metrics.engine_batch.observe(sum(per_task.values()))
+        seen = self.version.payload.segment_seconds
         for key, st in self.engine.stats.items():
-            delta = st["seconds"] - self._segment_seconds.get(key, 0.0)
+            delta = st["seconds"] - seen.get(key, 0.0)
             if delta > 0:
                 self.metrics.segment_seconds.labels(segment=key, shared=str(self.engine.is_shared(key)).lower()).inc(delta)
-                self._segment_seconds[key] = st["seconds"]
+                seen[key] = st["seconds"]
+
+
+Mutask.add_asgi_middleware(live.HoldVersion, find_repository=lambda: getattr(bentoml.get_current_service(), "repo", None))
