@@ -74,7 +74,7 @@ class Clients:
         self.url, self.jobs = url, [(t, p) for t, ps in pngs.items() for p in ps]
         self.records: list = []
         self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in range(CLIENTS)]
+        self.threads: list = []
 
     def _run(self, k: int) -> None:
         import httpx
@@ -90,6 +90,19 @@ class Clients:
                     status = -1
                 self.records.append((t0, time.perf_counter() - t0, status))
                 i += 1
+
+    def pause(self) -> None:
+        """Stop the clients and let the server settle (a memory reading)."""
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+        time.sleep(1.5)
+
+    def resume(self) -> None:
+        self.stop.clear()
+        self.threads = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in range(CLIENTS)]
+        for t in self.threads:
+            t.start()
 
     def window(self, t0: float, t1: float) -> list[float]:
         return [dt for s, dt, _ in list(self.records) if t0 <= s < t1]
@@ -118,9 +131,11 @@ def run(art: Path | None, swaps: int, pairs: int, results: Path | None) -> dict:
             time.sleep(1.0)
             mem["version 1 only"] = srv.worker_rss()
             clients = Clients(srv.url, pngs)
-            for t in clients.threads:
-                t.start()
+            clients.resume()
             time.sleep(2.0)  # clients warmed up
+            clients.pause()
+            mem["version 1 after traffic"] = srv.worker_rss()
+            clients.resume()
             for n in range(2, swaps + 2):
                 measured = n - 2 < pairs
                 if measured:
@@ -147,23 +162,17 @@ def run(art: Path | None, swaps: int, pairs: int, results: Path | None) -> dict:
                 rows.append(row)
                 shutil.rmtree(repo / str(n - 1))  # keep the disk small; the server has moved on
                 if n == 2:
-                    clients.stop.set()
-                    time.sleep(1.5)
+                    clients.pause()
                     mem["after swap 1"] = srv.worker_rss()
-                    clients.stop.clear()
-                    clients.threads = [threading.Thread(target=clients._run, args=(k,), daemon=True) for k in range(CLIENTS)]
-                    for t in clients.threads:
-                        t.start()
-            clients.stop.set()
-            for t in clients.threads:
-                t.join()
-            time.sleep(1.5)
+                    clients.resume()
+            clients.pause()
             mem[f"after swap {swaps}"] = srv.worker_rss()
             metrics = client.get("/metrics").text
             counts = {"swaps": metric_value(metrics, "mutask_version_swaps_total"), "refusals": metric_value(metrics, "mutask_version_refusals_total")}
         failed = sum(1 for _, _, st in clients.records if st != 200)
         doc = summarize(rows, mem, counts, failed, len(clients.records), artifact_stats(art), swaps, pairs)
-        return doc if results is False else dict(doc, files=[str(p) for p in write("swap", doc, markdown(doc), results)])
+        write("swap", doc, markdown(doc), results)
+        return doc
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -218,7 +227,9 @@ def markdown(doc: dict) -> str:
     for k, v in m.items():
         lines.append(f"| {k} | {mb(v['worker_rss'])} | {mb(v['worker_pss'])} |")
     grow = (m[last]["worker_rss"] - m["after swap 1"]["worker_rss"]) / 2**20
-    lines += ["", f"RSS after swap {s['swaps']} minus after swap 1: {grow:+.1f} MiB (a version kept alive would add about its "
+    lines += ["", "Each reading with the clients stopped for 1.5 s; \"version 1 only\" before any request, \"after traffic\" "
+              "once 4 clients have run 2 s (buffers and allocator arenas that requests grow).",
+              "", f"RSS after swap {s['swaps']} minus after swap 1: {grow:+.1f} MiB (a version kept alive would add about its "
               f"engine, at least the {mb(a['weights_bytes'])} MiB of weights, per swap).",
               "", "The machine was shared with other work while measuring (2 cores, several helpers running tests)."]
     return "\n".join(lines)

@@ -1,19 +1,21 @@
 """The /ui page in a real browser: headless Chromium (Debian's chromium + chromium-driver,
 installed by .ci/run) driven by Selenium uploads an image and reads every task's answer off
-the page; the answers are the API's. MUTASK_UI_SCREENSHOT=PATH also saves a screenshot
+the page; the answers are the API's. The server is `bentoml serve` with MUTASK_ARTIFACT naming a
+directory of versions. MUTASK_UI_SCREENSHOT=PATH also saves a screenshot
 (docs/ui.png is made so)."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-from mutask.server_process import ServerProcess, png_bytes
+from mutask.server_process import ServiceProcess, free_port, png_bytes
 from tests.test_live import first_version
 from tests.test_serving_helpers import subprocess_env
 
@@ -52,7 +54,10 @@ def test_page_uploads_and_shows_every_task(tmp_path_factory, tmp_path):
     shutil.copytree(first_version(tmp_path_factory), repo / "1")
     image = tmp_path / "band.png"
     image.write_bytes(band_image())
-    srv = ServerProcess(repo, log_path=tmp_path / "server.log", env=subprocess_env())
+    # `bentoml serve` with MUTASK_ARTIFACT naming a directory of versions: the same service as `mutask serve`
+    port = free_port()
+    command = [sys.executable, "-m", "bentoml", "serve", "mutask.serving.service:Mutask", "--host", "127.0.0.1", "--port", str(port)]
+    srv = ServiceProcess(command, port=port, log_path=tmp_path / "server.log", env=subprocess_env({"MUTASK_ARTIFACT": repo, "MUTASK_POLL_S": 0.5}))
     with srv:
         with httpx.Client(base_url=srv.url, timeout=30) as client:
             assert client.get("/").status_code == 200  # the OpenAPI page stays
