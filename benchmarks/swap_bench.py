@@ -231,6 +231,9 @@ def markdown(doc: dict) -> str:
               "once 4 clients have run 2 s (buffers and allocator arenas that requests grow).",
               "", f"RSS after swap {s['swaps']} minus after swap 1: {grow:+.1f} MiB (a version kept alive would add about its "
               f"engine, at least the {mb(a['weights_bytes'])} MiB of weights, per swap).",
+              "The rise from \"after traffic\" to \"after swap 1\" does not repeat with later swaps: it is the allocator's high-water "
+              "mark from holding two versions while the new one loads (and the loader thread's own malloc arena); the old "
+              "engine itself is freed (tests/test_live.py::test_swapped_out_engine_is_freed checks that nothing refers to it).",
               "", "The machine was shared with other work while measuring (2 cores, several helpers running tests)."]
     return "\n".join(lines)
 

@@ -163,6 +163,35 @@ def test_version_in_flight_finishes_then_closes(repo_dir):
     assert payload.closed and held.payload is None and held.artifact is None  # nothing keeps it
 
 
+def test_swapped_out_engine_is_freed(repo_dir):
+    """With real engines: after a swap, once its last request is done, nothing refers to the old
+    version's engine (the loader's cache included)."""
+    import gc
+    import weakref
+
+    from mutask.serving import live
+    from mutask.serving.batcher import MicroBatcher
+    from mutask.serving.engine import Engine
+    from mutask.serving.repository import Repository
+
+    def build(art, number):
+        engine = Engine(art, threads=1, rows_per_run=4)
+        return live.Payload(engine, MicroBatcher(engine), number)
+
+    repo = Repository(repo_dir, build=build, close=live.Payload.close)
+    first = weakref.ref(repo.start(poll=False).payload.engine)
+    held = repo.acquire()
+    shutil.copytree(repo_dir / "2", repo_dir / "3")
+    assert repo.poll_once() == "swapped"
+    gc.collect()
+    assert first() is not None  # a request still holds version 2
+    repo.release(held)
+    del held
+    gc.collect()
+    assert first() is None
+    assert repo.current.payload.records["a"].version == 3
+
+
 def test_options_and_candidates_refuse_clearly(repo_dir, tmp_path):
     from mutask.serving.loader import ServingError
     from mutask.serving.repository import candidates, options
