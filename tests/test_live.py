@@ -209,8 +209,11 @@ def test_options_and_candidates_refuse_clearly(repo_dir, tmp_path):
         candidates(tmp_path / "empty")
 
 
-def test_cli_refuses_bad_combinations(repo_dir, capsys):
+def test_cli_refuses_bad_combinations(repo_dir, capsys, monkeypatch):
     from mutask.cli import main
+
+    for name in ("MUTASK_VERSION", "MUTASK_POLL_S"):  # `mutask serve` sets them for its server: restored after
+        monkeypatch.setenv(name, "")  # (setenv records the variable as unset, to restore; delenv of an unset one would not)
 
     for argv, text in (
         (["export", "STATE", "--into", str(repo_dir), "--out", "x"], "drop --out, --force and --verify-only"),

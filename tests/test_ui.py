@@ -1,7 +1,7 @@
 """The /ui page in a real browser: headless Chromium (Debian's chromium + chromium-driver,
 installed by .ci/run) driven by Selenium uploads an image and reads every task's answer off
 the page; the answers are the API's. The server is `bentoml serve` with MUTASK_ARTIFACT naming a
-directory of versions. MUTASK_UI_SCREENSHOT=PATH also saves a screenshot
+directory of versions and MUTASK_VERSION pinning the older one. MUTASK_UI_SCREENSHOT=PATH also saves a screenshot
 (docs/ui.png is made so)."""
 
 from __future__ import annotations
@@ -51,16 +51,18 @@ def test_page_uploads_and_shows_every_task(tmp_path_factory, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
     repo = tmp_path / "repo"
-    shutil.copytree(first_version(tmp_path_factory), repo / "1")
+    for n in (1, 2):
+        shutil.copytree(first_version(tmp_path_factory), repo / str(n))
     image = tmp_path / "band.png"
     image.write_bytes(band_image())
-    # `bentoml serve` with MUTASK_ARTIFACT naming a directory of versions: the same service as `mutask serve`
+    # `bentoml serve` with MUTASK_ARTIFACT naming a directory of versions, version 1 pinned (2 is newer)
     port = free_port()
     command = [sys.executable, "-m", "bentoml", "serve", "mutask.serving.service:Mutask", "--host", "127.0.0.1", "--port", str(port)]
-    srv = ServiceProcess(command, port=port, log_path=tmp_path / "server.log", env=subprocess_env({"MUTASK_ARTIFACT": repo, "MUTASK_POLL_S": 0.5}))
+    srv = ServiceProcess(command, port=port, log_path=tmp_path / "server.log", env=subprocess_env({"MUTASK_ARTIFACT": repo, "MUTASK_POLL_S": 0.5, "MUTASK_VERSION": 1}))
     with srv:
         with httpx.Client(base_url=srv.url, timeout=30) as client:
             assert client.get("/").status_code == 200  # the OpenAPI page stays
+            assert {r["version"] for r in client.get("/tasks").json().values()} == {1}  # pinned
             want = client.post("/predict_tasks", files={"image": ("band.png", image.read_bytes(), "image/png")}).json()["predictions"]
         driver = browser(tmp_path / "chromium-profile")
         try:
