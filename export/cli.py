@@ -16,6 +16,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("export", help="export a STATE to ONNX graphs + one weights file", description=DESCRIPTION)
     p.add_argument("path", metavar="STATE", help="STATE directory to export (with --verify-only: the artifact ART to check)")
     p.add_argument("--out", metavar="ART", help="artifact directory to write (required unless --verify-only)")
+    p.add_argument("--into", metavar="DIR", help="write the next numbered version DIR/N of a model repository (N = newest + 1; a running `mutask serve DIR` swaps to it); excludes --out, --force, --verify-only")
     p.add_argument("--force", action="store_true", help="replace an existing ART")
     p.add_argument("--verify-only", action="store_true", help="check an existing ART: hashes, files, and every task graph against its segment chain")
     p.add_argument("--bentoml-model", metavar="NAME", help="also store the artifact in BentoML's model store as NAME (for `bentoml build`)")
@@ -30,6 +31,12 @@ def _cmd_export(a) -> None:
 
     if a.parity_samples < 0:
         raise MutaskError(f"--parity-samples must be 0 (all) or positive, got {a.parity_samples}.")
+    if a.into:  # a model repository's next version (export/versions.py)
+        if a.out or a.force or a.verify_only:
+            raise MutaskError("--into DIR writes the next numbered version of DIR, never over an existing one; drop --out, --force and --verify-only.")
+        from .versions import next_version_path
+
+        a.out = str(next_version_path(a.into))
     if a.verify_only:
         if a.out or a.force or a.bentoml_model:
             raise MutaskError("--verify-only checks an existing ART given as the positional argument; drop --out, --force and --bentoml-model.")
@@ -44,7 +51,7 @@ def _cmd_export(a) -> None:
         print("ok")
         return
     if not a.out:
-        raise MutaskError("--out ART is required: the artifact directory to write (or use --verify-only ART to check one).")
+        raise MutaskError("--out ART is required: the artifact directory to write (or --into DIR for the next version of a model repository, or --verify-only ART to check one).")
     from mutask.evolve.state import System
 
     from .artifact import artifact_stats, load_artifact

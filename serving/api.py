@@ -77,6 +77,8 @@ class TaskRecord(BaseModel):
     test_accuracy: t.Optional[float] = None
     segments: list[str] = Field(description="The task's segment chain, first to last")
     shared_segments: list[str] = Field(description="Segments of the chain shared with other tasks")
+    shared_params: t.Optional[int] = Field(None, description="Parameters of the task's path in segments shared with other tasks (the rest are its own)")
+    version: t.Optional[int] = Field(None, description="The repository version serving the task (None: a version-less artifact)")
 
 
 def prediction(task: str, labels: list[str], logits: np.ndarray, k: int = 5) -> Prediction:

@@ -18,11 +18,13 @@ DESCRIPTION = """\
 Serve every task of an exported system (`mutask export`) from one process with BentoML:
 POST /predict (multipart: task, image), POST /predict_tasks (multipart: image, tasks: one image
 for several tasks, or every task), POST /predict_batch (JSON, base64 images), POST /tasks,
-/livez, /readyz, /metrics, and the OpenAPI page at /. CPU by default; CUDA through
+/livez, /readyz, /metrics, the OpenAPI page at / and a page to try every task at /ui. CPU by default; CUDA through
 onnxruntime-gpu where a GPU is present. Concurrent requests, for any tasks, are batched: each
 task's graph runs once over the rows of every request for it; one image asked for several tasks
 (/predict_tasks) runs every segment those tasks share once.
 
+ART may be a directory of numbered versions (ART/1, ART/2, ...; `mutask export --into ART`): the
+newest is served, and a new one is verified, warmed up and swapped in without a restart.
 The same service runs under `bentoml serve mutask.serving.service:Mutask` with MUTASK_ARTIFACT=ART
 (or MUTASK_BENTOML_MODEL=TAG)."""
 
@@ -32,7 +34,9 @@ def add_parser(subparsers) -> None:
         "serve", help="serve an exported system over HTTP (BentoML)", description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    s.add_argument("artifact", metavar="ART", help="artifact directory written by `mutask export`")
+    s.add_argument("artifact", metavar="ART", help="artifact directory written by `mutask export`, or a directory of numbered versions (ART/1, ART/2, ...: `mutask export --into ART`), served newest first and swapped live")
+    s.add_argument("--version", type=int, metavar="N", help="with a directory of versions: serve version N only (pinned; default: the newest, following new ones)")
+    s.add_argument("--poll-s", type=float, metavar="S", help="with a directory of versions: look for a new (or removed) version every S seconds (default 2)")
     s.add_argument("--port", type=int, default=3000, help="TCP port (default 3000)")
     s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1, loopback only)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], help="execution device (default auto: CUDA if onnxruntime-gpu finds a GPU, else CPU)")
@@ -93,15 +97,18 @@ def _own_prometheus_dir() -> str:
 
 
 def _cmd_serve(a) -> None:
-    from .loader import ENV_ARTIFACT, ENV_MODEL, ServingError, open_artifact
+    from .loader import ENV_ARTIFACT, ENV_MODEL, ServingError
     from .settings import Settings
 
     for name, value in (("--threads", a.threads), ("--max-batch", a.max_batch), ("--max-image-bytes", a.max_image_bytes)):
         if value is not None and value <= 0:
             raise ServingError(f"{name} must be positive, got {value}")
-    settings = Settings.from_env(device=a.device, ort_threads=a.threads, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, max_image_bytes=a.max_image_bytes)
+    settings = Settings.from_env(device=a.device, ort_threads=a.threads, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, max_image_bytes=a.max_image_bytes,
+                                 version=a.version, poll_s=a.poll_s)
     path = Path(a.artifact).expanduser().resolve()
-    art = open_artifact(path)  # ServingError (exit 2) for a missing, truncated or tampered artifact
+    from .repository import open_served
+
+    number, art = open_served(path, settings.version)  # ServingError (exit 2): missing, truncated or tampered; no such version
     _check_port(a.host, a.port)
 
     os.environ[ENV_ARTIFACT] = str(path)
@@ -119,8 +126,8 @@ def _cmd_serve(a) -> None:
 
     host = f"[{a.host}]" if ":" in a.host else a.host
     url = f"http://{host}:{a.port}"
-    print(f"mutask serve: {len(art.tasks)} tasks ({', '.join(art.tasks)}) from {path}", flush=True)
-    print(f"mutask serve: listening on {url} (POST {url}/predict, POST {url}/tasks, GET {url}/metrics; Ctrl+C stops)", flush=True)
+    print(f"mutask serve: {len(art.tasks)} tasks ({', '.join(art.tasks)}) from {art.path}" + (f" (version {number})" if number else ""), flush=True)
+    print(f"mutask serve: listening on {url} (POST {url}/predict, POST {url}/tasks, the page {url}/ui, GET {url}/metrics; Ctrl+C stops)", flush=True)
     import mutask
 
     working_dir = str(Path(mutask.__file__).resolve().parent.parent)  # where `import mutask` finds this one

@@ -60,7 +60,7 @@ def resolve_artifact_path(artifact: str | os.PathLike | None = None) -> Path:
 def open_artifact(artifact: str | os.PathLike | None = None, *, cache: bool = True):
     """Load and verify the artifact (see :func:`resolve_artifact_path`); :class:`ServingError`
     (exit code 2) when it is missing, truncated or tampered with. Verified artifacts are
-    cached per resolved path, so a process verifies each once."""
+    cached (the last one only), so a process that opens it twice verifies it once."""
     from mutask.export.artifact import ArtifactError, load_artifact
 
     path = resolve_artifact_path(artifact)
@@ -77,5 +77,12 @@ def open_artifact(artifact: str | os.PathLike | None = None, *, cache: bool = Tr
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ServingError(f"artifact {path} cannot be served: {type(e).__name__}: {e}") from None
         if cache:
+            _CACHE.clear()  # the last one only: a server that swaps versions keeps none of the old ones
             _CACHE[key] = art
         return art
+
+
+def clear_cache() -> None:
+    """Forget the cached artifact (a swapped-out version's)."""
+    with _LOCK:
+        _CACHE.clear()

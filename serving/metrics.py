@@ -15,6 +15,9 @@ Series (the ``task`` label only ever takes a task id of the artifact, ``_unknown
 * ``mutask_request_latency_seconds{task}``: request latency histogram (decode to answer);
 * ``mutask_batch_size{task}``: rows of that task per engine batch (histogram);
 * ``mutask_engine_batch_size``: rows per engine batch, all tasks together (histogram);
+* ``mutask_version_swaps_total``, ``mutask_version_refusals_total``: versions swapped in and
+  refused by the model repository; ``mutask_version_load_seconds``: loading one before its swap;
+  ``mutask_version``: the version served (0: a version-less artifact);
 * ``mutask_segment_seconds_total{segment, shared}``: compute time per graph: a segment id, or
   ``task:<id>`` for a task's own graph (what a batch of one task, or of tasks that share no
   segment, runs; never shared).
@@ -43,6 +46,11 @@ class Metrics:
         self.batch_size = pc.Histogram("mutask_batch_size", "Rows of a task per engine batch", ["task"], buckets=BATCH_BUCKETS)
         self.engine_batch = pc.Histogram("mutask_engine_batch_size", "Rows per engine batch, all tasks together", buckets=BATCH_BUCKETS)
         self.segment_seconds = pc.Counter("mutask_segment_seconds", "Compute time per graph (a segment id, or task:<id> for a task's own graph)", ["segment", "shared"])
+        # the model repository (serving/repository.py)
+        self.swaps = pc.Counter("mutask_version_swaps", "Versions swapped in while serving")
+        self.refusals = pc.Counter("mutask_version_refusals", "Versions refused (broken, half-written, failing to load or warm up)")
+        self.swap_seconds = pc.Histogram("mutask_version_load_seconds", "Loading a new version before its swap: verify, engine, warm-up", buckets=LATENCY_BUCKETS + (30.0, 60.0))
+        self.version = pc.Gauge("mutask_version", "The version served (0: a version-less artifact)", multiprocess_mode="mostrecent")
 
     def init_tasks(self, tasks) -> None:
         """Create every task's series at zero, so /metrics lists them before any request."""

@@ -4,8 +4,13 @@ Run it with ``mutask serve ART`` or ``MUTASK_ARTIFACT=ART bentoml serve mutask.s
 (or ``MUTASK_BENTOML_MODEL=TAG``). Routes: ``POST /predict`` (multipart: ``task``, ``image``),
 ``POST /predict_tasks`` (multipart: ``image``, ``tasks``: one image for several tasks),
 ``POST /predict_batch`` (JSON, base64 images), ``POST /tasks``, and BentoML's ``/livez``,
-``/readyz`` (ready once every task's graphs are loaded and checked), ``/metrics`` (with the
-``mutask_*`` series of :mod:`mutask.serving.metrics`) and the OpenAPI page at ``/``.
+``/readyz`` (ready while a version is served, its graphs loaded and checked), ``/metrics`` (with
+the ``mutask_*`` series of :mod:`mutask.serving.metrics`), the OpenAPI page at ``/`` and the
+page to try every task at ``/ui`` (:mod:`mutask.serving.page`).
+
+``ART`` is one artifact or a directory of numbered versions, swapped while serving
+(:mod:`mutask.serving.repository`, :mod:`mutask.serving.live`): each request reads the engine,
+batcher and task records of the version it holds.
 
 A request takes one path: BentoML's route, the input's own body reader
 (:mod:`mutask.serving.api`), the handler below, the cross-task batcher, the engine (each task's
@@ -33,12 +38,13 @@ from pathlib import Path
 import bentoml
 import numpy as np
 from bentoml.exceptions import BadInput, BentoMLException, NotFound
+from starlette.applications import Starlette
 
-from . import http, images, metrics
+from . import http, images, live, metrics, page
 from .api import BatchInput, BatchPrediction, Prediction, PredictInput, PredictTasksInput, TaskRecord, TasksInput, TasksPrediction, prediction
-from .batcher import MicroBatcher
 from .engine import Engine, EngineError
-from .loader import ENV_MODEL, ServingError, artifact_source, open_artifact
+from .live import open_served
+from .loader import ENV_MODEL, ServingError, artifact_source, resolve_artifact_path
 from .settings import Settings, SettingsError, cpu_count
 
 log = logging.getLogger("mutask.serving")
@@ -56,20 +62,14 @@ BENTOML_PATHS = ("/", "/livez", "/healthz", "/readyz", "/metrics", "/docs.json",
 ASSETS_PREFIX = "/static_content/"
 
 
-def build_engine(artifact, settings: Settings) -> Engine:
-    """The engine for one artifact with the server's settings (one call per served version)."""
-    return Engine(artifact, device=settings.device, threads=settings.threads)
+# The page at /ui (serving/page.py): its two files, mounted beside BentoML's routes.
+ui_app = Starlette(routes=page.ROUTES)
 
 
-def task_records(engine: Engine) -> dict[str, TaskRecord]:
-    return {
-        tid: TaskRecord(
-            labels=t.labels, num_labels=len(t.labels), image_size=t.image_size, params=t.params,
-            accounted_params=t.accounted_params, val_accuracy=t.metrics.val_accuracy, test_accuracy=t.metrics.test_accuracy,
-            segments=t.segments, shared_segments=[sid for sid in t.segments if engine.segments[sid].shared],
-        )
-        for tid, t in engine.tasks.items()
-    }
+def served_paths() -> set[str]:
+    """Every path the service answers but the OpenAPI page's assets (under ASSETS_PREFIX): its
+    APIs, BentoML's routes and the page at /ui; the HTTP guard answers any other with a 404."""
+    return {api.route for api in Mutask.apis.values()} | set(BENTOML_PATHS) | page.PATHS
 
 
 def _startup_failed(exc: BaseException) -> None:
@@ -146,7 +146,7 @@ class ErrorObjects:
 # refuses to go on with a bad setting or a missing or bad artifact.
 _SETTINGS = Settings.from_env() if artifact_source() is not None else None
 if _SETTINGS is not None:
-    open_artifact()
+    open_served(resolve_artifact_path(), _SETTINGS.version)
 if bentoml.server_context.worker_index is not None:  # a server worker: before uvicorn loads its configuration
     http.install()
 _ACCESS = {"enabled": bool(_SETTINGS and _SETTINGS.access_log),
@@ -154,6 +154,7 @@ _ACCESS = {"enabled": bool(_SETTINGS and _SETTINGS.access_log),
 _TRACING = {} if _SETTINGS and _SETTINGS.tracing else {"excluded_urls": ["/predict", "/predict_tasks", "/predict_batch", "/tasks", *BENTOML_PATHS]}
 
 
+@bentoml.asgi_app(ui_app, path="/", name="mutask-ui")
 @bentoml.service(
     name="mutask", workers=1, traffic={"timeout": 120, "max_concurrency": 1024}, metrics={"enabled": True},
     logging={"access": _ACCESS}, tracing=_TRACING,
@@ -175,15 +176,10 @@ class Mutask:
     def _start(self) -> None:
         s = self.settings = Settings.from_env()
         quiet_client_errors()
-        http.configure(s, {api.route for api in Mutask.apis.values()} | set(BENTOML_PATHS), prefixes=(ASSETS_PREFIX,))
-        self.artifact = open_artifact()
-        self.engine = build_engine(self.artifact, s)
+        http.configure(s, served_paths(), prefixes=(ASSETS_PREFIX,))
         self.metrics = metrics.get()
-        self.metrics.init_tasks(self.engine.tasks)
-        self.batcher = MicroBatcher(self.engine, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms, on_batch=self._on_batch)
         self._decode_pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(4, cpu_count())), thread_name_prefix="mutask-decode")
-        self._segment_seconds: dict[str, float] = {}
-        self.records = task_records(self.engine)
+        self.repo = live.start(self, resolve_artifact_path())  # builds the first version with _build_version; polls
         logging.getLogger("bentoml.serve").info(
             "mutask: %d tasks (%s) on %s (%s), weights %s, %d ONNX Runtime threads per session, max batch %d, max wait %.1f ms",
             len(self.engine.tasks), ", ".join(self.engine.tasks), self.engine.device, ",".join(self.engine.active_providers),
@@ -191,12 +187,27 @@ class Mutask:
         )
 
     def __is_ready__(self) -> bool:
-        return bool(getattr(self, "engine", None) is not None and self.engine.ready)
+        return bool(getattr(self, "repo", None) is not None and self.repo.current is not None)
 
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
+        self.repo.stop()
         self.batcher.close()
         self._decode_pool.shutdown(wait=False)
+
+    # ---- versions (serving/live.py): each request reads the version it holds ----
+
+    def _build_version(self, artifact, number) -> live.Payload:
+        """A version's engine (warmed up), batcher and task records, built off the request path."""
+        s = self.settings
+        engine = Engine(artifact, device=s.device, threads=s.threads)
+        return live.Payload(engine, number, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms, on_batch=self._on_batch)
+
+    version = property(lambda self: live.version_of(self))
+    engine = property(lambda self: self.version.payload.engine)
+    batcher = property(lambda self: self.version.payload.batcher)
+    records = property(lambda self: self.version.payload.records)
+    artifact = property(lambda self: self.version.artifact)
 
     # ---- the API ----
 
@@ -316,8 +327,10 @@ class Mutask:
         them for every task batched with other requests, answer (one list of predictions per
         task); the request's latency (from ``t0``) is observed per task when it succeeds."""
         loop = asyncio.get_running_loop()
-        pres = list(dict.fromkeys(self.engine.tasks[t].preprocessing for t in tasks))
-        with self.batcher.expect():
+        held = self.version.payload  # the version this request holds, for its whole life
+        specs, batcher = held.engine.tasks, held.batcher
+        pres = list(dict.fromkeys(specs[t].preprocessing for t in tasks))
+        with batcher.expect():
             try:
                 xs = self._decode_small(pres, sources[0]) if len(sources) == 1 else None
                 if xs is None:
@@ -329,29 +342,34 @@ class Mutask:
                 raise self._bad(f"bad image{which}: {e}", tasks, kind="bad_image") from None
         by_pre = dict(zip(pres, xs))
         try:
-            logits = await self.batcher.submit_tasks([(t, by_pre[self.engine.tasks[t].preprocessing]) for t in tasks])
+            logits = await batcher.submit_tasks([(t, by_pre[specs[t].preprocessing]) for t in tasks])
         except Exception:
             for task in tasks:
                 self.metrics.errors.labels(task=task, kind="internal").inc()
             raise
-        answers = [[prediction(t, self.engine.tasks[t].labels, row) for row in out] for t, out in zip(tasks, logits)]
+        answers = [[prediction(t, specs[t].labels, row) for row in out] for t, out in zip(tasks, logits)]
         seconds = time.perf_counter() - t0
         for task in tasks:
             self.metrics.latency.labels(task=task).observe(seconds)
         return answers
 
-    def _on_batch(self, rows, seconds) -> None:
+    def _on_batch(self, payload: live.Payload, rows, seconds) -> None:
+        """Metrics of one batch of ``payload``'s batcher (the version that ran it)."""
         per_task: dict = {}
         for task, n in rows:
             per_task[task] = per_task.get(task, 0) + n
         for task, n in per_task.items():
             self.metrics.batch_size.labels(task=task).observe(n)
         self.metrics.engine_batch.observe(sum(per_task.values()))
-        for key, st in self.engine.stats.items():
-            delta = st["seconds"] - self._segment_seconds.get(key, 0.0)
+        engine, seen = payload.engine, payload.segment_seconds
+        if engine is None:  # closed meanwhile
+            return
+        for key, st in engine.stats.items():
+            delta = st["seconds"] - seen.get(key, 0.0)
             if delta > 0:
-                self.metrics.segment_seconds.labels(segment=key, shared=str(self.engine.is_shared(key)).lower()).inc(delta)
-                self._segment_seconds[key] = st["seconds"]
+                self.metrics.segment_seconds.labels(segment=key, shared=str(engine.is_shared(key)).lower()).inc(delta)
+                seen[key] = st["seconds"]
 
 
 Mutask.add_asgi_middleware(ErrorObjects)
+Mutask.add_asgi_middleware(live.HoldVersion, find_repository=lambda: getattr(bentoml.get_current_service(), "repo", None))

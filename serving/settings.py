@@ -17,6 +17,11 @@ from mutask.cores import available_cores as cpu_count
 from mutask.errors import MutaskError
 
 
+# the `mutask serve` flag of a setting, named in its error
+FLAGS = {"device": "--device", "ort_threads": "--threads", "max_batch": "--max-batch", "max_wait_ms": "--max-wait-ms",
+         "max_image_bytes": "--max-image-bytes", "version": "--version", "poll_s": "--poll-s"}
+
+
 class SettingsError(MutaskError):
     """A ``MUTASK_*`` setting that cannot be used; the message names it and the fix."""
 
@@ -29,7 +34,7 @@ def default_threads() -> int:
 class Settings(BaseSettings):
     """Every setting of the server; the environment variable is ``MUTASK_`` + the upper-cased name."""
 
-    model_config = SettingsConfigDict(env_prefix="MUTASK_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="MUTASK_", frozen=True, extra="ignore", env_ignore_empty=True)  # empty: the default
 
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA where onnxruntime-gpu finds a GPU
     ort_threads: int = Field(0, ge=0)  # 0: every core but one (left to the event loop and decoding)
@@ -54,6 +59,9 @@ class Settings(BaseSettings):
     # (each costs ~0.1 ms of a ~1 ms request); 1 turns either on
     access_log: bool = False
     tracing: bool = False
+    # the model repository (mutask.serving.repository), for a directory of numbered versions
+    version: int | None = Field(None, ge=1)  # pin this version (--version N); None: the newest, following new ones
+    poll_s: float = Field(2.0, gt=0)  # look for a new (or removed) version every this many seconds (--poll-s S)
 
     @property
     def threads(self) -> int:
@@ -66,9 +74,11 @@ class Settings(BaseSettings):
             return cls(**{k: v for k, v in overrides.items() if v is not None})
         except ValidationError as e:
             err = e.errors()[0]
-            name = f"MUTASK_{str(err['loc'][0]).upper()}" if err["loc"] else "MUTASK_*"
-            raise SettingsError(f"{name}={err.get('input')!r}: {err['msg']}") from None
+            field = str(err["loc"][0]) if err["loc"] else ""
+            name = f"MUTASK_{field.upper()}" if field else "MUTASK_*"
+            flag = f" ({FLAGS[field]})" if field in FLAGS else ""
+            raise SettingsError(f"{name}={err.get('input')!r}{flag}: {err['msg']}") from None
 
     def to_env(self) -> dict[str, str]:
         """The environment that makes :meth:`from_env` return these settings."""
-        return {f"MUTASK_{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v) for k, v in self.model_dump().items()}
+        return {f"MUTASK_{k.upper()}": "" if v is None else str(v).lower() if isinstance(v, bool) else str(v) for k, v in self.model_dump().items()}
