@@ -235,14 +235,18 @@ def _plt():
 
 
 def plot_accuracy_vs_params(doc: dict, path: Path) -> None:
-    """This run only: each task's test accuracy over HTTP against its accounted parameters,
-    the task's chance level under it, and this run's average."""
+    """This run: each task's test accuracy over HTTP against its accounted parameters, the
+    task's chance level under it, this run's average, and (a red x at the same place) the toy
+    demo's recorded accuracy for the task, the bar this run has to clear."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     rows = doc["tasks"].values()
     par = [r["accounted_params"] for r in rows]
     ax.scatter(par, [r["test_accuracy_http"] for r in rows], label="muNet, per task (this run)", color="tab:blue", zorder=3)
     ax.scatter(par, [r["chance"] for r in rows], marker="_", s=120, label="the task's chance level", color="grey", zorder=2)
+    toy = [(r["accounted_params"], r["toy_demo_accuracy"]) for r in rows if r.get("toy_demo_accuracy") is not None]
+    if toy:
+        ax.scatter(*zip(*toy), marker="x", s=40, color="tab:red", zorder=3, label="the toy demo's record (earlier default root)")
     for name, r in doc["tasks"].items():
         ax.annotate(name, (r["accounted_params"], r["test_accuracy_http"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.plot([r["accounted_params"]] * 2, [r["chance"], r["test_accuracy_http"]], color="lightgrey", linewidth=0.8, zorder=1)
