@@ -220,3 +220,14 @@ def test_newcomers_default_path_is_the_real_root(capsys):
         main(["--help"])
     listing = " ".join(capsys.readouterr().out.split())
     assert "pretrain pretrain a toy ViT root (tests and experiments; not the default root)" in listing
+
+
+def test_demo_tasks_are_the_suite_plus_installed_optional_tasks(monkeypatch):
+    from mutask import demo
+    from mutask.evolve.suite import TASKS
+    from mutask.evolve.tasks import EMBEDDED_TASKS
+
+    monkeypatch.setitem(TASKS, "mnist", TASKS["mnist"].__class__(**{**TASKS["mnist"].__dict__, "available": lambda: True}))
+    monkeypatch.setitem(TASKS, "fashion", TASKS["fashion"].__class__(**{**TASKS["fashion"].__dict__, "available": lambda: False}))
+    assert demo.demo_tasks() == list(EMBEDDED_TASKS) + ["mnist"]
+    assert set(demo.TOY_DEMO_ACCURACY) == set(EMBEDDED_TASKS)  # every suite task has the bar it must clear
