@@ -22,7 +22,9 @@ REAL_ROOT_IMAGE_SIZE = {"efficientnet-lite0": 64, "efficientnet-lite1": 64, "eff
 BUDGETS = {
     "tiny": dict(rounds=1, children=3, generation_size=3, steps=6, validations=1, batch_size=32),
     # `mutask demo` / `make demo`: the embedded suite on the default root within 15 minutes on 2 CPU cores
-    "demo": dict(rounds=1, children=4, generation_size=4, steps=60, validations=2, batch_size=32),
+    # children 8 in generations of 4, 120 steps: chosen from short trials (benchmarks/results/demo-sizing.md), the
+    # smallest tried that beat the toy demo on its hardest tasks (orientation, font_style); a second generation matters
+    "demo": dict(rounds=1, children=8, generation_size=4, steps=120, validations=2, batch_size=32),
     "quick": dict(rounds=2, children=8, generation_size=4, steps=200, validations=3, batch_size=64),
     "full": dict(rounds=2, children=24, generation_size=8, steps=200, validations=3, batch_size=64),
     # a GPU (docs/gpu.md): more and longer children, large batches
