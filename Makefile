@@ -19,8 +19,10 @@ $(BIN)/mutask: pyproject.toml
 
 venv: $(BIN)/mutask
 
+# the embedded suite on the ImageNet EfficientNet-Lite0 root, `demo` budget: <= 15 minutes on 2 CPU cores
+# (`mutask demo --help`); progress bars print plain lines every ~30 s when the output is a file
 demo: venv
-	$(BIN)/mutask demo
+	$(BIN)/mutask demo --budget demo
 
 test: venv
 	$(BIN)/python -m pytest -q

