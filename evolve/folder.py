@@ -131,14 +131,14 @@ def _probe(path: Path) -> tuple[int, int, int, int] | None:
 def _probe_all(paths: list[Path], desc: str, show_progress: bool | None) -> list:
     """:func:`_probe` of every path, in order, by a few threads (reading headers waits on the
     disk), with a progress bar."""
-    from tqdm.auto import tqdm
+    from mutask.progress import bar as progress_bar
 
     chunk = 256
     chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
     out: list = []
     disable = None if show_progress is None else not show_progress
     workers = min(16, 4 * available_cores())
-    with tqdm(total=len(paths), desc=desc, unit="file", disable=disable, leave=False) as bar, ThreadPoolExecutor(workers) as pool:
+    with progress_bar(total=len(paths), desc=desc, unit="file", disable=disable, leave=False) as bar, ThreadPoolExecutor(workers) as pool:
         for probed in pool.map(lambda ps: [_probe(p) for p in ps], chunks):
             out += probed
             bar.update(len(probed))

@@ -72,9 +72,9 @@ class ProgressBar(Hook):
         self.bar = None
 
     def visit_started(self, task: str, round_: int, rounds: int, done: int, total: int) -> None:
-        from tqdm.auto import tqdm
+        from mutask.progress import bar
 
-        self.bar = tqdm(total=total, initial=done, desc=f"round {round_ + 1}/{rounds} {task}", unit="child", leave=True)
+        self.bar = bar(total=total, initial=done, desc=f"round {round_ + 1}/{rounds} {task}", unit="child", leave=True)
 
     def child_done(self) -> None:
         self.bar.update(1)

@@ -203,7 +203,7 @@ def build(directory: Path, paths: list[str], size: int, resize: str, *, source: 
     """Decode and resize ``paths`` (the files of ``split`` of the folder ``source``) into the
     cache at ``directory`` for ``size``/``resize`` and return its sidecar. Raises
     :class:`MutaskError`, with nothing written, when the disk lacks the space."""
-    from tqdm.auto import tqdm
+    from mutask.progress import bar as progress_bar
 
     stem = _stem(size, resize)
     row_bytes = size * size * 3
@@ -221,7 +221,7 @@ def build(directory: Path, paths: list[str], size: int, resize: str, *, source: 
         zeros = bytes(row_bytes)
         disable = None if show_progress is None else not show_progress
         decoded = closing(_decoded_rows(paths, size, resize, workers))  # closing it ends its worker pool
-        with os.fdopen(fd, "wb") as f, decoded as rows, tqdm(total=len(paths), desc=desc, unit="img", disable=disable, leave=False) as bar:
+        with os.fdopen(fd, "wb") as f, decoded as rows, progress_bar(total=len(paths), desc=desc, unit="img", disable=disable, leave=False) as bar:
             for i, row in enumerate(rows):
                 if row is None:
                     invalid.append(i)

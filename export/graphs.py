@@ -257,13 +257,13 @@ def write_segment_graphs(segments: dict, paths: dict, modules: dict, byte_ranges
     ``dest / files[sid]``. ``paths``: task -> its TaskPath; ``modules``: component id -> CPU
     module; ``byte_ranges``: content key -> (offset, length) in the weights file. A segment's
     example input is its first task's image run through the components before it."""
-    from tqdm.auto import tqdm
+    from mutask.progress import bar as progress_bar
 
     from mutask.evolve.model import SegmentModule
 
     hash_cache: dict = {}
     out = {}
-    bar = tqdm(list(segments), desc="export graphs", unit="segment", disable=not show_progress, leave=False)
+    bar = progress_bar(iterable=list(segments), desc="export graphs", unit="segment", disable=not show_progress, leave=False)
     for sid in bar:
         seg = segments[sid]
         p = paths[seg["tasks"][0]]

@@ -43,13 +43,13 @@ def check_parity(system, paths: dict, modules: dict, chains: dict, task_graphs: 
     each segment of its chain in turn), so memory stays at one session's weights and working
     set beyond the sample. Raises :class:`MutaskError` naming every failing task (and saying
     that nothing was written to ``out``) when one is outside the bounds."""
-    from tqdm.auto import tqdm
+    from mutask.progress import bar
 
     from mutask.evolve.model import PathModel
 
     tasks = list(paths)
     parity: dict[str, TaskParity] = {}
-    for t in tqdm(tasks, desc="parity", unit="task", disable=not show_progress, leave=False):
+    for t in bar(iterable=tasks, desc="parity", unit="task", disable=not show_progress, leave=False):
         p = paths[t]
         batches, _, source = check_inputs(task_data[t], task_preprocessing(system, p), samples)
         model = PathModel([system.store[c].name for c in p.components], [modules[c] for c in p.components]).eval()

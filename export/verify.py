@@ -118,11 +118,11 @@ def verify_artifact(path, data=None, *, samples: int = DEFAULT_SAMPLES, show_pro
     """Check an artifact's own consistency on ``samples`` test images per task (0: all); returns
     the report, raises :class:`ArtifactError` on any failure (with ``raise_on_failure``).
     One ONNX Runtime session is alive at a time."""
-    from tqdm.auto import tqdm
+    from mutask.progress import bar
 
     art = load_artifact(path, verify=True)
     report = {"path": str(art.path), "integrity": "ok: format version, files, sha256, external-data references", "tasks": {}}
-    for task in tqdm(list(art.tasks), desc="verify", unit="task", disable=not show_progress, leave=False):
+    for task in bar(iterable=list(art.tasks), desc="verify", unit="task", disable=not show_progress, leave=False):
         entry = art.tasks[task]
         batches, labels, source = check_inputs(check_data(task, entry.spec, entry.seed, data), entry.preprocessing, samples)
         try:
