@@ -147,10 +147,9 @@ class Evolution:
             v.child_counts[plan[-1][0].id] = v.child_counts.get(plan[-1][0].id, 0) + 1
         children = [self.make_child(task, parent, mutate, data_keys, init_seed(batch_seed, i)) for i, (parent, mutate) in enumerate(plan)]
         if self.pool is None:
-            records = []
-            for child, fresh in children:
-                records.append(self.train_child(task, child, fresh, batch_seed))
-                bar.update(1)
+            from .generation import train_children  # all of the generation's children at once, frozen work shared
+
+            records = train_children(self, task, children, batch_seed, on_done=lambda: bar.update(1))
         else:
             records = self.pool.train_generation(self, task, children, batch_seed, on_done=lambda: bar.update(1))
         for (parent, mutate), (child, fresh), record in zip(plan, children, records):
