@@ -4,8 +4,9 @@ one after another with a plain timm loop, frozen the same way.
     python -m mutask.benchmarks.generation_bench [--pairs 10] [--steps 30] [--children 4] [--image-size 64]
 
 The root is the ImageNet EfficientNet-Lite0 (``--root``), the task ``digits`` at ``--image-size``
-(64 px), batch 64, ``--threads`` torch threads (2), ``--precision`` (the evolution's default,
-``auto``) for both sides. The generation is the first one of a task visit, made by
+(64 px), batch 64, ``--threads`` torch threads (2), ``--precision`` (fp32) for both sides; where
+mutask's default (``auto``) resolves to another precision (bf16 on a CPU with native bf16, for this
+channels-last root), a third side, ``mutask_auto``, runs it. The generation is the first one of a task visit, made by
 :class:`~mutask.evolve.evolution.Evolution`: the root as a seed, unmutated, then children of the
 root mutated with the evolution's RNG (its clones and adapters are what make their frozen
 prefixes). Both sides start every repeat from copies of the same initial components and train
@@ -22,8 +23,9 @@ checkpoint kept:
 Paired and interleaved: each pair runs both sides back to back (the order alternating between
 pairs); the ratio is timm's wall time over mutask's (training and validation), its median over
 the pairs with a 95 % percentile-bootstrap interval. Before the pairs, the plain timm loop is
-pinned (full training and frozen forward, images/s); after them, one extra run of each side
-under cProfile says where its time goes. Writes ``results/generation.{json,md}``.
+pinned (full training and frozen forward, images/s); each side's warm-up run (untimed) runs
+under cProfile and says where its time goes. ``--val-images`` and ``--max-minutes`` shorten a run
+on a busy machine (the record says how many pairs ran). Writes ``results/generation.{json,md}``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mutask.benchmarks.common import machine, write
+from mutask.evolve.data import Split
 from mutask.evolve.evolution import Evolution, EvolveConfig, init_seed
 from mutask.evolve.generation import train_generation
 from mutask.evolve.model import Component, PathModel
@@ -142,7 +145,7 @@ def run_mutask(ev, kids, data, pre, steps, validations, seed, precision) -> list
 # ----------------------------------------------------------------------------- measuring
 
 
-def pin_timm(model: nn.Module, image_size: int, dtype, repeats: int = 5) -> dict:
+def pin_timm(model: nn.Module, image_size: int, dtype, repeats: int = 3) -> dict:
     """The plain timm loop's images/s at batch 64: full training (every parameter) and frozen forward."""
     x, y = torch.randn(BATCH, 3, image_size, image_size), torch.randint(0, 10, (BATCH,))
     model = copy.deepcopy(model).requires_grad_(True)
@@ -202,15 +205,19 @@ def main(argv=None) -> None:
     ap.add_argument("--validations", type=int, default=2)
     ap.add_argument("--pairs", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--precision", default="fp32", help="both sides' precision (mutask's default, auto, is measured beside it where it differs)")
     ap.add_argument("--seed", type=int, default=0, help="the evolution's seed (which children the generation has)")
-    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--val-images", type=int, default=None, help="use only the first N validation images (a shorter run)")
+    ap.add_argument("--max-minutes", type=float, default=None, help="stop starting pairs when the next would likely end past this")
     ap.add_argument("--name", default="generation", help="results/<name>.{json,md}")
     ap.add_argument("--note", default="", help="a line on the machine's conditions for the record")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     root = load_root(args.root)
     data = load_task(args.task, seed=0, show_progress=False)
+    if args.val_images:
+        v = data.validation
+        data.validation = Split(v.images[: args.val_images], v.labels[: args.val_images])
     ev, kids, seed = make_generation(root, data, args.children, args.image_size, args.steps, args.validations, args.seed)
     pre = root.preprocessing.at(args.image_size)
     dtype = autocast_dtype(args.precision, torch.device("cpu"))
@@ -228,59 +235,74 @@ def main(argv=None) -> None:
         "timm": lambda: run_timm(ev, kids, data, pre, args.steps, args.validations, seed, dtype),
         "mutask": lambda: run_mutask(ev, kids, data, pre, args.steps, args.validations, seed, args.precision),
     }
-    sides["mutask"]()  # warm-up: oneDNN's kernels for these shapes, allocator
+    auto = autocast_dtype("auto", torch.device("cpu"), channels_last=True)
+    if args.precision != "auto" and auto != dtype:  # mutask's own default where it differs: a third side
+        sides["mutask_auto"] = lambda: run_mutask(ev, kids, data, pre, args.steps, args.validations, seed, "auto")
+    # warm-up of every side (oneDNN's kernels for these shapes, the allocator), under cProfile: where its time goes
+    profiles = {side: profile(fn) for side, fn in sides.items()}
+    for side, prof in profiles.items():
+        print(side, "warm-up (profiled):", prof["seconds"], "s", flush=True)
     pairs = []
+    t_start = time.perf_counter()
     for i in range(args.pairs):
+        if args.max_minutes and i >= 2 and (time.perf_counter() - t_start) * (i + 1) / i > 60 * args.max_minutes:
+            print(f"stopping after {i} pairs: --max-minutes {args.max_minutes}", flush=True)
+            break
         row = {}
-        for side in (("timm", "mutask") if i % 2 == 0 else ("mutask", "timm")):
+        for side in (list(sides) if i % 2 == 0 else list(sides)[::-1]):
             t = time.perf_counter()
             acc = sides[side]()
             row[side] = round(time.perf_counter() - t, 3)
             row[f"{side}_val_accuracy"] = acc
-        row["ratio"] = round(row["timm"] / row["mutask"], 3)
+        for side in sides:
+            if side != "timm":
+                row[f"ratio_{side}"] = round(row["timm"] / row[side], 3)
         pairs.append(row)
-        print(f"pair {i + 1}: timm {row['timm']:.1f} s, mutask {row['mutask']:.1f} s, ratio {row['ratio']:.2f}", flush=True)
-    ratios = [p["ratio"] for p in pairs]
-    low, high = bootstrap_median(ratios)
-    profiles = {} if args.no_profile else {side: profile(fn) for side, fn in sides.items()}
+        print(f"pair {i + 1}:", {k: v for k, v in row.items() if "accuracy" not in k}, flush=True)
+    ratios = {side: [p[f"ratio_{side}"] for p in pairs] for side in sides if side != "timm"}
     doc = {
         "benchmark": "generation",
         "root": args.root, "task": args.task, "image_size": args.image_size, "batch_size": BATCH, "children": args.children,
-        "steps": args.steps, "validations": args.validations, "threads": args.threads, "precision": args.precision,
+        "steps": args.steps, "validations": args.validations, "validation_images": len(data.validation), "pairs_asked": args.pairs, "threads": args.threads, "precision": args.precision,
         "autocast": str(dtype) if dtype else "fp32",
         "generation": structure,
         "plain_timm_images_per_s": pins,
         "pairs": pairs,
         "median_seconds": {s: round(statistics.median(p[s] for p in pairs), 2) for s in sides},
-        "median_ratio": round(statistics.median(ratios), 3),
-        "ratio_95ci": [round(low, 3), round(high, 3)],
+        "median_ratio": {side: round(statistics.median(r), 3) for side, r in ratios.items()},
+        "ratio_95ci": {side: [round(v, 3) for v in bootstrap_median(r)] for side, r in ratios.items()},
+        "auto_autocast": str(auto) if auto else "fp32",
         "profiles": profiles,
         "note": args.note,
         "machine": machine(),
     }
     write(args.name, doc, markdown(doc))
-    print(f"median ratio {doc['median_ratio']:.2f} (95 % CI {low:.2f}-{high:.2f})")
+    print("median ratio (timm / side):", doc["median_ratio"], "95 % CI:", doc["ratio_95ci"])
 
 
 def markdown(doc: dict) -> str:
     lines = [
-        f"# A generation trained together vs one by one with a plain timm loop",
+        "# A generation trained together vs one by one with a plain timm loop",
         "",
         f"Root {doc['root']}, task {doc['task']} at {doc['image_size']} px, batch {doc['batch_size']}, {doc['children']} children x "
-        f"{doc['steps']} steps, {doc['validations']} validations each, {doc['threads']} torch threads, precision {doc['precision']} "
+        f"{doc['steps']} steps, {doc['validations']} validation(s) of {doc['validation_images']} images each, {doc['threads']} torch threads, precision {doc['precision']} "
         f"(autocast {doc['autocast']}) on both sides. {len(doc['pairs'])} pairs, interleaved (order alternating).",
         "",
         "| side | median wall time (s) |",
         "|---|---:|",
     ]
     lines += [f"| {s} | {v} |" for s, v in doc["median_seconds"].items()]
-    lines += ["", f"**Speed-up (timm / mutask): median {doc['median_ratio']:.2f} x, 95 % bootstrap interval "
-              f"{doc['ratio_95ci'][0]:.2f}-{doc['ratio_95ci'][1]:.2f}.**", "",
+    lines += [""]
+    for side, r in doc["median_ratio"].items():
+        what = f"mutask at its default precision (auto: autocast {doc['auto_autocast']})" if side == "mutask_auto" else f"mutask at {doc['precision']}"
+        lines += [f"**Speed-up of {what} over the plain timm loop at {doc['precision']}: median {r:.2f} x, 95 % bootstrap "
+                  f"interval {doc['ratio_95ci'][side][0]:.2f}-{doc['ratio_95ci'][side][1]:.2f}.**", ""]
+    lines += [
               f"Plain timm loop pinned (images/s, batch {doc['batch_size']}): {doc['plain_timm_images_per_s']}.", "",
               "The generation's children (components, frozen prefix length, trainable components):", ""]
     lines += [f"- {c['components']} components, frozen prefix {c['frozen_prefix']}, trainable {', '.join(c['trainable'])}" for c in doc["generation"]]
     for side, prof in doc["profiles"].items():
-        lines += ["", f"Where the time goes, {side} (one extra run under cProfile, {prof['seconds']} s):", "",
+        lines += ["", f"Where the time goes, {side} (its warm-up run, under cProfile, {prof['seconds']} s):", "",
                   "| function | s | share |", "|---|---:|---:|"]
         lines += [f"| `{r['function']}` | {r['seconds']} | {r['share']:.0%} |" for r in prof["top"]]
     lines += ["", f"Conditions: {doc['note'] or 'the machine was shared by other work while measuring'}."]

@@ -5,7 +5,7 @@ seed, so every step they see the same (augmented) batch. Most of a child is froz
 components before its first trainable one (root components, other tasks' components) run
 without autograd. :func:`train_generation` trains every child of a generation in one loop over
 the steps and gives each exactly what :func:`.train.train` would give it alone (same batches,
-same augmentation, same schedule, same best checkpoint), within float rounding, doing less:
+same augmentation, same schedule, same best checkpoint; see below), doing less:
 
 - **Shared frozen prefixes.** The children's frozen prefixes (their leading frozen modules)
   form a trie; each distinct prefix runs once per batch and its output feeds every child that
@@ -16,22 +16,22 @@ same augmentation, same schedule, same best checkpoint), within float rounding, 
   epochs; the validation split is never augmented, so its prefix outputs are computed once
   for all of the generation's evaluations and children. The cache is bounded
   (``cache_bytes``): prefixes that do not fit are recomputed each time (still shared).
-- **Channels-last** for convolutional roots (4-d activations) where oneDNN runs them faster:
-  modules are converted for the generation and back afterwards (the store keeps contiguous
-  tensors).
+- **Channels-last** (and with it bf16 autocast where ``auto`` picks it) for convolutional roots
+  on the CPU, as :func:`.train.train` does: modules are converted for the generation and back
+  afterwards (the store keeps contiguous tensors).
 
-What differs from training alone: a frozen prefix may run on a different grouping of images
-(a cache fill computes only the images not yet cached; validation runs all prefixes in one
-pass), and channels-last changes the order of float sums, so results agree to float rounding,
-not bit for bit (tests/test_generation.py holds the tolerance). Each child's
+Every batch a frozen prefix runs on is a batch training alone runs it on (a cache fill runs the
+whole batch and stores the rows not yet stored; validation runs the same batches as
+:func:`.train.predict`), so each child's results equal training it alone bit for bit where the
+kernels' results depend only on the shapes (tests/test_generation.py holds it, which keeps a
+run's STATE the same whether its children train here or on Ray workers). Each child's
 ``images_per_s`` is the generation's: all children's training images over the generation's
-training time, divided by the number of children (the time a child costs inside it).
+training time (the time a child costs inside it).
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,6 +50,8 @@ from .train import (
     _autocast,
     augment,
     autocast_dtype,
+    memory_format,
+    use_channels_last,
     batch_order,
     lr_scheduler,
     model_input,
@@ -127,9 +129,9 @@ def run_prefixes(x: torch.Tensor, top: Node, wanted: list[Node]) -> dict[int, to
 
 
 class PrefixCache:
-    """Frozen-prefix outputs of one split, per end node and image row, filled on demand. ``fits``
-    decides per node (on its first batch, from its per-image size) whether it is kept; a node
-    that does not fit is recomputed on every request."""
+    """Frozen-prefix outputs of one split, per end node and image row, filled on demand. A node is
+    admitted on its first batch if all its rows fit in what is left of the shared ``budget``
+    (bytes); a node that does not fit is recomputed on every request (still shared)."""
 
     def __init__(self, n: int, budget: list[int]):
         self.n, self.budget = n, budget  # budget: a one-item list shared by the generation's caches
@@ -153,64 +155,26 @@ class PrefixCache:
         return True
 
     def get(self, rows: np.ndarray, inputs, top: Node, nodes: list[Node]) -> dict[int, torch.Tensor]:
-        """The outputs of ``nodes`` for images ``rows``; ``inputs(rows)`` gives their model input."""
+        """The outputs of ``nodes`` for images ``rows``; ``inputs(rows)`` gives their model input.
+        Where a node lacks any of the rows, the whole batch runs (as training alone runs it, so
+        every stored row is what that run computes) and the missing rows are stored."""
         idx = torch.as_tensor(rows, dtype=torch.long)
         ready = {id(n): self.store[id(n)][idx] for n in nodes if id(n) in self.store and bool(self.filled[id(n)][idx].all())}
         todo = [n for n in nodes if id(n) not in ready]
-        if not todo:
-            return ready
-        # rows any cached node still lacks, plus all rows for nodes that are recomputed
-        cached_todo = [n for n in todo if id(n) in self.store]
-        if len(cached_todo) == len(todo):
-            missing = torch.zeros(len(idx), dtype=torch.bool)
+        if todo:
+            out = run_prefixes(inputs(rows), top, todo)
             for n in todo:
-                missing |= ~self.filled[id(n)][idx]
-            sub = idx[missing]
-        else:
-            missing, sub = None, idx
-        out = run_prefixes(inputs(sub.numpy()), top, todo)
-        for n in todo:
-            key, h = id(n), out[id(n)]
-            if self._admit(key, h):
-                self.store[key][sub] = h
-                self.filled[key][sub] = True
-                ready[key] = self.store[key][idx]
-            else:
-                ready[key] = h if missing is None else None
-        if any(v is None for v in ready.values()):  # a node refused while others filled a subset
-            again = [n for n in nodes if ready[id(n)] is None]
-            ready.update(run_prefixes(inputs(rows), top, again))
+                key, h = id(n), out[id(n)]
+                if self._admit(key, h):
+                    missing = ~self.filled[key][idx]
+                    self.store[key][idx[missing].to(h.device)] = h[missing.to(h.device)]
+                    self.filled[key][idx[missing]] = True
+                ready[key] = h
         return ready
 
 
 def _format_of(t: torch.Tensor):
     return torch.channels_last if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() else torch.contiguous_format
-
-
-# ------------------------------------------------------------------------ channels-last
-
-
-def use_channels_last(models: list, dev: torch.device) -> bool:
-    """Channels-last pays for convolutional roots on the CPU (oneDNN's NHWC kernels): a root
-    whose first module is a convolution over images and whose activations stay 4-d."""
-    first = models[0].steps[0]
-    return dev.type == "cpu" and isinstance(first, nn.Conv2d)
-
-
-@contextmanager
-def memory_format(models: list, channels_last: bool):
-    """Convert every module of ``models`` to channels-last for the block, and back after."""
-    if not channels_last:
-        yield
-        return
-    mods = {id(m): m for model in models for m in model.steps}
-    for m in mods.values():
-        m.to(memory_format=torch.channels_last)
-    try:
-        yield
-    finally:
-        for m in mods.values():
-            m.to(memory_format=torch.contiguous_format)
 
 
 # ------------------------------------------------------------------------ training
@@ -267,9 +231,9 @@ def train_generation(
     on for a convolutional root on the CPU. ``progress(step, steps)`` after every step."""
     _check(models, params_list, hps, pre)
     dev = next(models[0].parameters()).device
-    dtype = autocast_dtype(precision, dev)
     if channels_last is None:
         channels_last = use_channels_last(models, dev)
+    dtype = autocast_dtype(precision, dev, channels_last)
     images = split_images(train_split, pre)
     labels = np.asarray(train_split.labels, dtype=np.int64)
     gen = torch.Generator().manual_seed(seed)
