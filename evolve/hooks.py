@@ -1,6 +1,6 @@
 """What the evolution loop tells the outside (:class:`Hook`), and the two hooks ``mutask
 evolve`` plugs in: :class:`Checkpoint` (save the STATE at every boundary, so ``--resume``
-continues from the last one) and :class:`ProgressBar` (a tqdm bar per visit). The loop
+continues from the last one) and :class:`ProgressBar` (a progress bar per visit). The loop
 (:class:`~.evolution.Evolution`) calls them; they change nothing it decides."""
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class Checkpoint(Hook):
 
 
 class ProgressBar(Hook):
-    """One tqdm bar per visit: children trained, and the best path's accuracy, score and size."""
+    """One progress bar per visit: children trained, and the best path's accuracy, score and size."""
 
     def __init__(self):
         self.bar = None

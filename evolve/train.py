@@ -10,6 +10,7 @@ its best evaluation (its parameters at that point).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,14 +31,31 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def autocast_dtype(precision: str, dev: torch.device) -> torch.dtype | None:
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX; Linux's /proc/cpuinfo flags),
+    where oneDNN's bf16 kernels beat fp32; elsewhere bf16 autocast is emulated and slower."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def autocast_dtype(precision: str, dev: torch.device, channels_last: bool = False) -> torch.dtype | None:
     """The autocast dtype of ``precision`` on ``dev``, None for plain fp32. ``auto``: bf16 on a
-    CUDA GPU (fp16, with loss scaling, where the GPU has no bf16), fp32 on the CPU, where
-    autocast is slower than fp32. Parameters, gradients and the optimizer stay fp32."""
+    CUDA GPU (fp16, with loss scaling, where the GPU has no bf16); on the CPU bf16 only for a
+    model that runs ``channels_last`` on a CPU that computes bf16 natively
+    (:func:`cpu_has_native_bf16`), where it measured faster (benchmarks/results/generation.md);
+    else fp32 (bf16 convolutions in NCHW measured slower than fp32, and emulated bf16 is).
+    Parameters, gradients and the optimizer stay fp32."""
     if precision not in PRECISIONS:
         raise MutaskError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}.")
     if precision == "auto":
-        precision = "bf16" if dev.type == "cuda" else "fp32"
+        precision = "bf16" if dev.type == "cuda" or (channels_last and cpu_has_native_bf16()) else "fp32"
     if precision == "fp32":
         return None
     if dev.type == "cuda":
@@ -142,6 +160,37 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, total: int, hp: dict) -> Sche
     return CosineLRScheduler(optimizer, t_initial=cycle, cycle_limit=cycles, warmup_prefix=True, **common)
 
 
+def use_channels_last(models: list, dev: torch.device) -> bool:
+    """Channels-last (NHWC) for convolutional roots on the CPU, where oneDNN's NHWC kernels run
+    faster (benchmarks/results/generation.md): paths whose first step is a convolution over images."""
+    first = models[0].steps[0] if hasattr(models[0], "steps") else next(models[0].children(), None)
+    return dev.type == "cpu" and isinstance(first, nn.Conv2d)
+
+
+def _input_format(model: nn.Module):
+    """channels-last when ``model``'s first step is a convolution converted to it (inside :func:`memory_format`)."""
+    first = model.steps[0] if hasattr(model, "steps") else None
+    w = getattr(first, "weight", None)
+    cl = isinstance(first, nn.Conv2d) and w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+@contextmanager
+def memory_format(models: list, channels_last: bool):
+    """Convert every module of ``models`` to channels-last for the block, and back after."""
+    if not channels_last:
+        yield
+        return
+    mods = {id(m): m for model in models for m in (model.steps if hasattr(model, "steps") else [model])}
+    for m in mods.values():
+        m.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        for m in mods.values():
+            m.to(memory_format=torch.contiguous_format)
+
+
 EVAL_PIXELS_ON_CPU = 1 << 21  # pixels per evaluation batch on the CPU: bounds activation memory at large sizes
 
 
@@ -152,14 +201,15 @@ def predict(model: nn.Module, split: Split, pre: Preprocessing, batch_size: int 
     images on a GPU; on the CPU to as many as make :data:`EVAL_PIXELS_ON_CPU` pixels (8 to
     256), so that evaluating a ViT-S at 224 px holds tens, not hundreds, of images' activations."""
     dev = next(model.parameters()).device
-    dtype = autocast_dtype(precision, dev)
+    fmt = _input_format(model)
+    dtype = autocast_dtype(precision, dev, fmt == torch.channels_last)
     if batch_size is None:
         batch_size = 256 if dev.type == "cuda" else max(8, min(256, EVAL_PIXELS_ON_CPU // (pre.image_size * pre.image_size)))
     images = split_images(split, pre)
     out = []
     with _autocast(dev, dtype):
         for i in range(0, len(images), batch_size):
-            out.append(model(model_input(images[i : i + batch_size], pre, dev)).float().cpu())
+            out.append(model(model_input(images[i : i + batch_size], pre, dev).contiguous(memory_format=fmt)).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
@@ -240,13 +290,16 @@ def train(
     ``seed`` fixes batch order and augmentation, so children of one generation see the same
     data. ``precision`` (:data:`PRECISIONS`) sets autocast for training and validation; fp16
     scales the loss. The model's trainable parameters end at their best evaluation, and so do
-    the buffers of the modules that own them (a cloned BatchNorm's running statistics)."""
+    the buffers of the modules that own them (a cloned BatchNorm's running statistics). A
+    convolutional path on the CPU trains channels-last (:func:`use_channels_last`), its modules
+    converted back afterwards."""
     import time
 
     if pre.image_size != int(hp["image_size"]):
         raise ValueError(f"train: preprocessing at image size {pre.image_size} for a path at {hp['image_size']}; pass root.preprocessing.at({hp['image_size']})")
     dev = next(model.parameters()).device
-    dtype = autocast_dtype(precision, dev)
+    channels_last = use_channels_last([model], dev)
+    dtype = autocast_dtype(precision, dev, channels_last)
     scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
     images = split_images(train_split, pre)
     labels = np.asarray(train_split.labels, dtype=np.int64)
@@ -256,37 +309,39 @@ def train(
     eval_at = sorted({max(1, round(steps * (k + 1) / validations)) for k in range(max(1, validations))})
     owned = {id(p) for p in params}
     buffers = [b for m in model.modules() if any(id(p) in owned for p in m.parameters(recurse=False)) for b in m.buffers(recurse=False)]
+    model.train()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     best = (-1.0, 0, None, None)
     curve = []
-    model.train()
-    t0 = time.perf_counter()
     seen, evaluating = 0, 0.0
-    for step, (x, y) in enumerate(Batches(images, labels, batch_order(len(labels), batch_size, steps, gen), pre, dev), start=1):
-        x = augment(x, hp, gen, pre)
-        sched.step_update(step - 1)
-        with _autocast(dev, dtype):
-            loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        scaler.step(opt)
-        scaler.update()
-        seen += len(y)
-        if step in eval_at:
-            t_eval = time.perf_counter()
-            model.eval()
-            acc = accuracy(model, val_split, pre, precision=precision)
-            model.train()
-            evaluating += time.perf_counter() - t_eval
-            curve.append((step, acc))
-            if acc > best[0]:
-                best = (acc, step, [p.detach().clone() for p in params], [b.detach().clone() for b in buffers])
-        if progress is not None:
-            progress(step, steps, loss.item())
-    elapsed = time.perf_counter() - t0 - evaluating  # training steps only
-    model.eval()
-    with torch.no_grad():
-        for p, v in zip(list(params) + buffers, best[2] + best[3]):
-            p.copy_(v)
+    with memory_format([model], channels_last):
+        t0 = time.perf_counter()
+        for step, (x, y) in enumerate(Batches(images, labels, batch_order(len(labels), batch_size, steps, gen), pre, dev), start=1):
+            x = augment(x, hp, gen, pre).contiguous(memory_format=fmt)
+            sched.step_update(step - 1)
+            with _autocast(dev, dtype):
+                loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            scaler.step(opt)
+            scaler.update()
+            seen += len(y)
+            if step in eval_at:
+                t_eval = time.perf_counter()
+                model.eval()
+                acc = accuracy(model, val_split, pre, precision=precision)
+                model.train()
+                evaluating += time.perf_counter() - t_eval
+                curve.append((step, acc))
+                if acc > best[0]:
+                    best = (acc, step, [p.detach().clone() for p in params], [b.detach().clone() for b in buffers])
+            if progress is not None:
+                progress(step, steps, loss.item())
+        elapsed = time.perf_counter() - t0 - evaluating  # training steps only
+        model.eval()
+        with torch.no_grad():
+            for p, v in zip(list(params) + buffers, best[2] + best[3]):
+                p.copy_(v)
     return TrainResult(best[0], best[1], steps, seen / max(elapsed, 1e-9), curve)

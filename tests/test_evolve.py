@@ -7,7 +7,6 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from mutask.evolve.dispatch import InProcess
 from mutask.evolve.evolution import EvolveConfig, Evolution
 from mutask.evolve.model import PathModel
 from mutask.evolve.report import draw_system, report
@@ -132,18 +131,20 @@ def test_interrupted_run_resumes(tiny_root, tmp_path, monkeypatch):
     s = new_system(tiny_root, ["a", "b"], data, children=4, generation_size=2)
     out = tmp_path / "st"
     calls = {"n": 0}
-    original = InProcess.train_child
+    from mutask.evolve import generation
 
-    def crashing(self, *a, **k):
+    original = generation.train_children  # the in-process dispatch trains a generation's children together
+
+    def crashing(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 6:  # in the middle of b's first generation
+        if calls["n"] == 3:  # b's first generation
             raise KeyboardInterrupt
-        return original(self, *a, **k)
+        return original(*a, **k)
 
-    monkeypatch.setattr(InProcess, "train_child", crashing)
+    monkeypatch.setattr(generation, "train_children", crashing)
     with pytest.raises(KeyboardInterrupt):
         Evolution(s, data, out, show_progress=False).run(["a", "b"])
-    monkeypatch.setattr(InProcess, "train_child", original)
+    monkeypatch.setattr(generation, "train_children", original)
 
     saved = System.load(out)
     assert saved.progress is not None and saved.progress.visit.task == "b"
