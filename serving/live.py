@@ -14,7 +14,6 @@ import logging
 
 import numpy as np
 
-from . import metrics
 from .api import TaskRecord
 from .batcher import MicroBatcher
 from .repository import HoldVersion, Repository, Version, held, open_served  # noqa: F401 (the service's names)
@@ -84,7 +83,7 @@ def start(service, root) -> Repository:
     m.version.set(first.number or 0)
     m.init_tasks(first.payload.engine.tasks)
     log.info("mutask: serving version %s of %s%s", first.number, root,
-             f" (pinned)" if pin else f", polling every {poll_s:g} s" if repo.versioned else "")
+             " (pinned)" if pin else f", polling every {poll_s:g} s" if repo.versioned else "")
     return repo
 
 
