@@ -236,7 +236,7 @@ signature.
 ## Guarantees checked at export (nothing is written when one fails)
 
 - per task: ONNX Runtime (CPU) on the task graph against the PyTorch path on a sample of the
-  task's test split: max |logit difference| <= {ATOL:g} and the same arg-max on >= {MIN_ARGMAX_AGREEMENT:.1%}
+  task's test split: max |logit difference| <= {ATOL:g} x max(1, the largest |logit|) and the same arg-max on >= {MIN_ARGMAX_AGREEMENT:.1%}
   of examples;
 - per task: its segment chain against its task graph, same bounds;
 - the reader below accepts the result. The directory appears atomically (built next to ART,

@@ -78,7 +78,7 @@ def check_parity(system, paths: dict, modules: dict, chains: dict, task_graphs: 
             for t in failures
         ]
         raise MutaskError(
-            f"export parity failed (needs max |logit diff| <= {ATOL:g} and arg-max agreement >= {MIN_ARGMAX_AGREEMENT:.1%}); nothing was written to {out}:\n"
+            f"export parity failed (needs max |logit diff| <= {ATOL:g} x max(1, max |logit|) and arg-max agreement >= {MIN_ARGMAX_AGREEMENT:.1%}); nothing was written to {out}:\n"
             + "\n".join(lines)
         )
     return parity

@@ -151,5 +151,5 @@ def verify_artifact(path, data=None, *, samples: int = DEFAULT_SAMPLES, show_pro
             f"arg-max agreement {report['tasks'][t]['chain_vs_graph_argmax_agreement']:.4f}, outputs {len(art.tasks[t].labels)} labels"
             for t in bad
         ]
-        raise ArtifactError(f"artifact {art.path} is inconsistent (segment chains must match task graphs within {ATOL:g}):\n" + "\n".join(lines) + "\nRe-export it with `mutask export STATE --out ART --force`.")
+        raise ArtifactError(f"artifact {art.path} is inconsistent (segment chains must match task graphs within {ATOL:g} x the logits' scale):\n" + "\n".join(lines) + "\nRe-export it with `mutask export STATE --out ART --force`.")
     return report

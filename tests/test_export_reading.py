@@ -208,6 +208,8 @@ def test_chain_agreement_rule_and_unreadable_graph_bytes():
     assert agreement(ref + ATOL / 2, ref).ok
     off = agreement(ref + 10 * ATOL, ref)
     assert not off.ok and off.max_abs_diff == pytest.approx(10 * ATOL, rel=1e-3) and off.argmax_agreement == 1.0
+    big = ref * 20  # logits up to 60: float32 rounding grows with them, and so does the bound
+    assert agreement(big + 10 * ATOL, big).ok and not agreement(big + 100 * ATOL, big).ok
     flipped = ref.copy()
     flipped[0, 0] = 5.0  # same tolerance broken, arg-max moved
     assert agreement(flipped, ref).argmax_agreement == 0.5 and not agreement(flipped, ref).ok
