@@ -65,7 +65,7 @@ def make_generation(root, data, n: int, image_size: int, steps: int, validations
     s.config["evolve"] = asdict(EvolveConfig(steps=steps, validations=validations, batch_size=BATCH, generation_size=n, children=n))
     s.config["order"] = [data.name]
     s.tasks[data.name] = {"spec": data.name, "seed": 0, "num_classes": data.num_classes, "start_image_size": image_size}
-    ev = Evolution(s, {data.name: data}, "/nonexistent", show_progress=False)
+    ev = Evolution(s, {data.name: data}, "/nonexistent", show_progress=False).ops  # the operators: making children as a visit does
     hp = ev.default_hparams(data.name)
     keys = {k: hp[k] for k in H.DATA_KEYS}
     batch_seed = s.rng.randrange(2**31)
