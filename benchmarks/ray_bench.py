@@ -43,14 +43,14 @@ def overhead(task: str, budget: str, root: str | None, threads: int, temp: Path)
     """One visit of ``task`` on one Ray worker in this process; Ray's cost per child."""
     from mutask.evolve.config import EvolveConfig
     from mutask.evolve.evolution import Evolution
-    from mutask.evolve.pretrain import default_root
+    from mutask.evolve.pretrain import toy_root
     from mutask.evolve.roots import load_root
     from mutask.evolve.run import resolve_tasks, start_image_size
     from mutask.evolve.state import System
     from mutask.evolve.workers import RayPool
 
     cfg = EvolveConfig.from_budget(budget, rounds=1)
-    r = load_root(root) if root else default_root()
+    r = load_root(root) if root else toy_root()
     s = System.new(r, seed=cfg.seed)
     names, data, records = resolve_tasks([task], 0, show_progress=False)
     records[task]["start_image_size"] = start_image_size(data[task].image_size, r)
@@ -99,9 +99,9 @@ def main(argv=None) -> dict:
     tasks = list(EMBEDDED_TASKS[: a.tasks])
     resolve_tasks(tasks, 0, show_progress=False)  # the suite's cache built before any run is timed
     if not a.root:
-        from mutask.evolve.pretrain import default_root
+        from mutask.evolve.pretrain import toy_root
 
-        default_root()  # pretrained now on first use, not inside the first timed run
+        toy_root()  # pretrained now on first use, not inside the first timed run
     cores = available_cores()
     per_worker = max(1, cores // a.workers)
     with tempfile.TemporaryDirectory(prefix="ray-bench-", dir=os.environ.get("TMPDIR", "/tmp")) as tmp:

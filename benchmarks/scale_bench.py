@@ -136,10 +136,10 @@ def main(argv=None) -> None:
     env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", MUTASK_CACHE=str(work / "cache"))
     os.environ["MUTASK_CACHE"] = env["MUTASK_CACHE"]
     if a.folder_root is None:
-        from mutask.evolve.pretrain import default_root, default_root_dir
+        from mutask.evolve.pretrain import toy_root, toy_root_dir
 
-        default_root()
-        a.folder_root = str(default_root_dir())
+        toy_root()
+        a.folder_root = str(toy_root_dir())
     sizes = [int(x) for x in a.images.split(",") if x]
     doc = json.loads((a.results / "scale.json").read_text()) if a.cache_only else \
         {"benchmark": "scale", "root": a.root, "folder_root": a.folder_root, "budget": "tiny", "repeats": 1, "folders": {}}

@@ -106,7 +106,3 @@ def toy_root(budget: str = "quick"):
         log.warning("no cached toy root at %s: pretraining it now (budget %s)", d, budget)
         pretrain(d, budget=budget)
     return load_root_dir(d)
-
-
-# the names the benchmarks know it by (it was the default root before efficientnet-lite0)
-default_root, default_root_dir = toy_root, toy_root_dir
