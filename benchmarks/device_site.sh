@@ -15,7 +15,7 @@ PYV="${1:-3.12}"
 SEEDS="${2:-3}"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 # a python with pip, numpy and scikit-learn (to build digits): $PYTHON, else the team's venv, else python3
-PY="${PYTHON:-/work/main/.venv/bin/python}"
+PY="${PYTHON:-$ROOT/.venv/bin/python}"
 [ -x "$PY" ] || PY="$(command -v python3)"
 SITE="$ROOT/.device/site"
 WHEELS="$ROOT/.device/wheels"
