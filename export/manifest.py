@@ -140,7 +140,7 @@ class TaskParity(Strict):
 class Parity(Strict):
     """The parity check export ran before writing the artifact."""
 
-    atol: float = _f("bound on max |logit difference|")
+    atol: float = _f("bound on max |logit difference|, times max(1, the largest |logit| of the reference)")
     min_argmax_agreement: float = _f("bound on the share of images with the same arg-max")
     provider: str = _f("the ONNX Runtime execution provider the graphs ran on")
     tasks: dict[str, TaskParity] = _f("task -> its check")
