@@ -65,14 +65,29 @@ LRS = {
 }
 
 
+# Method changes tried on muNet (issue 25), each a set of `mutask evolve` flags; a job labelled
+# ``BASE+CHANGE`` (``--also munet-s1+lr``) is muNet job BASE run with CHANGE's flags, and the record
+# pairs it with BASE seed by seed (its before/after row).
+CHANGES = {
+    # the lr prior: every baseline's LR sweep that trains more than a head picks 0.02 or 0.05,
+    # where muNet starts at 0.01 and its winners stay there (quality-real's first record)
+    "lr": ["--lr", "0.02"],
+    # the lr prior, and mu pinned at 0.3 (the top of mu2Net's list): more clones and adapters per child
+    "lr-mu": ["--lr", "0.02", "--mutation-prob", "0.3"],
+    # the lr prior, and a task's second visit spends its root seed on the population instead
+    "lr-noreseed": ["--lr", "0.02", "--no-root-reseed"],
+}
+
+
 def label(strategy: str, scale_factor: float | None = None) -> str:
     if strategy == "munet":
         return f"munet-s{scale_factor:g}"
     return strategy.replace(":", "-")
 
 
-def plan(p: dict, tasks: list[str]) -> list[dict]:
-    """Every job, seed-major (a run cut short keeps whole seeds), muNet first within a seed."""
+def plan(p: dict, tasks: list[str], also: list[str] = ()) -> list[dict]:
+    """Every job, seed-major (a run cut short keeps whole seeds), muNet first within a seed;
+    ``also``: muNet jobs with a method change, ``BASE+CHANGE`` (see CHANGES)."""
     images = p["rounds"] * p["children"] * p["steps"] * p["batch_size"]
     k = p["lr_candidates"]
     steps_each = p["rounds"] * p["children"] * p["steps"] // k
@@ -83,6 +98,12 @@ def plan(p: dict, tasks: list[str]) -> list[dict]:
         for s in p["scale_factors"]:
             jobs.append(dict(name=label("munet", s), kind="munet", strategy="munet", scale_factor=s, seed=seed))
         jobs.append(dict(name="munet-noseed", kind="munet", strategy="munet-noseed", scale_factor=1.0, seed=seed))
+        base = {j["name"]: j for j in jobs if j["seed"] == seed and j["kind"] == "munet"}
+        for name in also:
+            first, _, change = name.partition("+")
+            if first not in base or change not in CHANGES:
+                raise SystemExit(f"--also {name!r}: use BASE+CHANGE, BASE one of {sorted(base)}, CHANGE one of {sorted(CHANGES)}")
+            jobs.append(dict(base[first], name=name, change=change, before=first))
         for b in p["baselines"]:
             kind = b.partition(":")[0]
             jobs.append(dict(name=label(b), kind="baseline", strategy=b, seed=seed, lrs=LRS[kind][:k], steps=steps_each))
@@ -119,7 +140,7 @@ def prepare_data(work: Path, tasks: list[str], seeds: int) -> None:
 
 def job_command(j: dict, p: dict, tasks: list[str], work: Path, threads: int | None) -> list[str]:
     if j["kind"] == "munet":
-        return evolve_command(j["strategy"], j["scale_factor"], tasks, j["seed"], work / "runs" / f"{j['name']}-seed{j['seed']}.state", p, threads)
+        return evolve_command(j["strategy"], j["scale_factor"], tasks, j["seed"], work / "runs" / f"{j['name']}-seed{j['seed']}.state", p, threads) + CHANGES.get(j.get("change"), [])
     cmd = [sys.executable, "-m", "mutask.benchmarks.protocol_baselines", "--strategy", j["strategy"], "--root", p["root"],
            "--image-size", str(p["image_size"]), "--lrs", ",".join(map(str, j["lrs"])), "--steps", str(j["steps"]),
            "--batch-size", str(p["batch_size"]), "--validations", str(p["validations"]), "--seed", str(j["seed"]),
@@ -141,6 +162,8 @@ def finish(j: dict, rc: int, seconds: float, work: Path, cmd: list[str]) -> dict
         return dict(doc, failed=f"exit status {rc}: {log_tail}")
     if j["kind"] == "munet":
         doc.update(read_state(f"{stem}.state"), engine="mutask evolve (command line)", scale_factor=j["scale_factor"])
+        if j.get("change"):
+            doc.update(change=j["change"], change_flags=CHANGES[j["change"]], before=j["before"])
         off = {t: r["train_images"] for t, r in doc["tasks"].items() if r["train_images"] != j["train_images_per_task"]}
         if off:  # the evolve engine trained another number of images than planned (e.g. children stopped early)
             doc["compute_mismatch"] = f"planned {j['train_images_per_task']} training images per task, trained {off}"
@@ -203,7 +226,10 @@ def main(argv=None) -> None:
     ap.add_argument("--jobs", type=int, help="jobs at once (default: the preset's)")
     ap.add_argument("--seeds", type=int, help="paired seeds (default: the preset's)")
     ap.add_argument("--steps", type=int, help="steps per muNet child (default: the preset's); baselines follow")
+    ap.add_argument("--job-timeout-s", type=float, help="kill a job after this many seconds (default: the preset's)")
     ap.add_argument("--only", help="comma-separated strategy labels to run (e.g. munet-s1,probe); default: all of the preset's")
+    ap.add_argument("--also", default="", help="comma-separated muNet jobs with a method change, BASE+CHANGE (e.g. munet-s1+lr; "
+                    f"changes: {', '.join(CHANGES)}); each is paired with BASE in the record")
     ap.add_argument("--fresh", action="store_true", help="remove --work first instead of reusing finished jobs")
     ap.add_argument("--note", default="", help="a line for the record (e.g. 'the machine was shared by other work')")
     a = ap.parse_args(argv)
@@ -218,7 +244,7 @@ def main(argv=None) -> None:
     if a.preset is None:
         ap.error("--preset is required (or --render RECORD.json)")
     p = dict(PRESETS[a.preset])
-    for k in ("jobs", "seeds", "steps"):
+    for k in ("jobs", "seeds", "steps", "job_timeout_s"):
         if getattr(a, k) is not None:
             p[k] = getattr(a, k)
     work = Path(a.work or f"runs/protocol-{a.preset}")
@@ -227,9 +253,10 @@ def main(argv=None) -> None:
     tasks, skipped = available_tasks(p)
     t0 = time.time()
     prepare_data(work, tasks, p["seeds"])
-    jobs = plan(p, tasks)
+    also = [x for x in a.also.split(",") if x]
+    jobs = plan(p, tasks, also)
     if a.only:
-        keep = set(a.only.split(","))
+        keep = set(a.only.split(",")) | set(also)
         unknown = keep - {j["name"] for j in jobs}
         if unknown:
             raise SystemExit(f"--only: unknown strategy label(s) {sorted(unknown)}; the preset has {sorted({j['name'] for j in jobs})}")

@@ -66,6 +66,7 @@ def summarize(recs: list[dict], tasks: list[str]) -> dict:
             "train_images_per_task": rs[0]["train_images_per_task"],
             "wall_seconds_per_job": statistics.fmean(r["wall_seconds"] for r in rs),
             "scale_factor": rs[0].get("scale_factor"),
+            "change": rs[0].get("change"), "change_flags": rs[0].get("change_flags"), "before": rs[0].get("before"),
         }
     return summary
 
@@ -96,6 +97,9 @@ def comparisons(recs: list[dict], tasks: list[str], summary: dict) -> tuple[str 
                 out.append(paired(recs, tasks, n, b))
     if "munet-s1" in summary and "munet-noseed" in summary:
         out.append(paired(recs, tasks, "munet-s1", "munet-noseed"))
+    for n, s in summary.items():  # each method change against the same job without it: its before/after row
+        if s.get("before") in summary:
+            out.append(dict(paired(recs, tasks, n, s["before"]), change=s["change"]))
     return best, out
 
 
@@ -142,7 +146,7 @@ def markdown(meta: dict, summary: dict, best: str | None, comps: list[dict], rec
              f"{p['lr_candidates']} distinct learning-rate candidates from the root, {p['rounds'] * p['children'] * p['steps'] // p['lr_candidates']} "
              f"steps each, and keeps the one with the best validation accuracy). Validation: {p['validations']} per child or candidate.")
     L.append("Learning-rate candidates: " + "; ".join(f"{k} {v}" for k, v in meta["lr_candidates"].items())
-             + ". muNet searches its own (its lr list, one step per mutation, from 0.01).")
+             + ". muNet searches its own (its lr list, one step per mutation, from 0.01, or from `--lr` where a method change sets it).")
     L.append("Engines: muNet and its ablation run `mutask evolve` (command line); the baselines are plain torch loops over the same data and "
              "preprocessing with mutask's trainer (mutask.benchmarks.protocol_baselines; LoRA through peft).")
     L.append(f"Seeds: {p['seeds']} paired seeds; seed N is the evolution / initialisation seed and the data-split seed of every strategy. "
@@ -161,6 +165,15 @@ def markdown(meta: dict, summary: dict, best: str | None, comps: list[dict], rec
     L.append("|---|---|---|" + "---|" * len(tasks))
     for c in comps:
         L.append(f"| {c['strategy']} - {c['against']} | {len(c['seeds'])} | {fmt(c['avg'], True)} | " + " | ".join(fmt(c["tasks"][t], True) for t in tasks) + " |")
+    changes = [c for c in comps if c.get("change")]
+    if changes:
+        L.append("\n## Method changes tried: after minus before, paired (points)\n")
+        L.append("| change (`mutask evolve` flags) | before | after | before points | after points | after - before [95 % CI] | unique new params/task before -> after |")
+        L.append("|---|---|---|---|---|---|---|")
+        for c in changes:
+            a, b = summary[c["strategy"]], summary[c["against"]]
+            L.append(f"| {c['change']} (`{' '.join(a['change_flags'] or [])}`) | {c['against']} | {c['strategy']} | {fmt(b['avg_points'])} | "
+                     f"{fmt(a['avg_points'])} | {fmt(c['avg'], True)} | {b['params_per_task']['unique_new']:,.0f} -> {a['params_per_task']['unique_new']:,.0f} |")
     L.append("\n## Winning paths (seed 0)\n")
     L.append("| strategy | " + " | ".join(tasks) + " |")
     L.append("|---|" + "---|" * len(tasks))
@@ -199,7 +212,7 @@ def picture(path: Path, summary: dict, tasks: list[str]) -> str | None:
         return f"no picture: matplotlib is not installed here ({e})"
     fig, ax = plt.subplots(figsize=(8, 5.5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    curve = []
+    curves: dict = {}  # muNet's s sweep, one curve per method change (none: the reference)
     for i, (n, s) in enumerate(summary.items()):
         c = colours[i % len(colours)]
         iv = s["avg_points"]
@@ -211,12 +224,13 @@ def picture(path: Path, summary: dict, tasks: list[str]) -> str | None:
         yerr = None if iv["lo"] is None else [[iv["mean"] - iv["lo"]], [iv["hi"] - iv["mean"]]]
         ax.errorbar([x], [iv["mean"]], yerr=yerr, fmt="o" if s["kind"] == "munet" else "s", color=c, capsize=4, ms=7, label=n)
         if n.startswith("munet-s"):
-            curve.append((s["scale_factor"], x, iv["mean"]))
-    if len(curve) > 1:
-        curve.sort()
-        ax.plot([c[1] for c in curve], [c[2] for c in curve], "k--", lw=1, label="muNet s sweep")
-        for sf, x, y in curve:
-            ax.annotate(f"s={sf:g}", (x, y), textcoords="offset points", xytext=(5, -12), fontsize=8)
+            curves.setdefault(s.get("change"), []).append((s["scale_factor"], x, iv["mean"]))
+    for (change, curve), style in zip(curves.items(), ("k--", "k:", "k-.", "k-")):
+        if len(curve) > 1:
+            curve.sort()
+            ax.plot([c[1] for c in curve], [c[2] for c in curve], style, lw=1, label="muNet s sweep" + (f" +{change}" if change else ""))
+            for sf, x, y in curve:
+                ax.annotate(f"s={sf:g}", (x, y), textcoords="offset points", xytext=(5, -12), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("unique new parameters per task (log)")
     ax.set_ylabel(f"test accuracy, points (mean over {len(tasks)} tasks)")

@@ -43,6 +43,12 @@ class EvolveConfig:
     batch_size: int = 64
     scale_factor: float = 1.0
     mutation_prob: float | None = None  # None: auto-tuned (mu2Net)
+    # The learning rate a task's first paths start from (None: hparams.DEFAULTS' 0.01); muNet's
+    # mutations move it along its list from there. A prior, like the starting image size.
+    lr: float | None = None
+    # Whether a task's later visits seed from the root again (the reference does); False spends
+    # that child on the population instead (a task with a best path has already tried the root).
+    reseed_root: bool = True
     seed: int = 0
     strategy: str = "munet"  # munet | finetune | freeze:K | adapters:W
     budget: str = "quick"
@@ -67,6 +73,8 @@ class EvolveConfig:
             raise MutaskError(f"--scale-factor must be in (0, 1] (got {self.scale_factor}); 1.0 scores accuracy alone.")
         if self.mutation_prob is not None and not 0.0 <= self.mutation_prob <= 1.0:
             raise MutaskError(f"--mutation-prob must be in [0, 1] (got {self.mutation_prob}).")
+        if self.lr is not None and not 0.0 < self.lr <= 1.0:
+            raise MutaskError(f"--lr must be in (0, 1] (got {self.lr}).")
         from .strategies import parse_strategy  # torch; the CLI's help reads BUDGETS without it
 
         parse_strategy(self.strategy)

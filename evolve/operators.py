@@ -63,7 +63,10 @@ class Operators:
         if task in s.best:
             for cid in s.best_path(task).components:
                 s.store[cid].locks.discard(task)
-        seeds = self.pick_seeds(self.strategy.seed_candidates([s.best[t] for t in s.best if t != task]))
+        candidates = self.strategy.seed_candidates([s.best[t] for t in s.best if t != task])
+        if not self.cfg.reseed_root and task in s.best:
+            candidates = [c for c in candidates if c != "root"]
+        seeds = self.pick_seeds(candidates)
         return Visit(task=task, population=[s.best[task]] if task in s.best else [], seeds=seeds, started=time.time())
 
     def best(self, v: Visit) -> TaskPath | None:
@@ -146,6 +149,8 @@ class Operators:
             hp["image_size"] = int(start)
         if self.cfg.mutation_prob is not None:
             hp["mu"] = self.cfg.mutation_prob
+        if self.cfg.lr is not None:
+            hp["lr"] = H.snap("lr", self.cfg.lr)
         return hp
 
     def mu_of(self, hp: dict) -> float:

@@ -72,6 +72,7 @@ def _cmd_evolve(a):
         rounds=a.rounds, children=a.children, generation_size=a.generation_size, steps=a.steps,
         validations=a.validations, batch_size=a.batch_size, scale_factor=a.scale_factor,
         mutation_prob=a.mutation_prob, seed=a.seed, strategy=a.strategy, precision=a.precision,
+        lr=a.lr, reseed_root=False if a.no_root_reseed else None,
     )
     system = evolve(
         a.task or [], a.out, root=a.root, pretrained=a.pretrained, budget=a.budget,
@@ -154,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, help="training batch size (default: the budget's)")
     e.add_argument("--scale-factor", type=float, help="s in score = acc * s^(accounted/root params); below 1 favours sharing (default 1.0)")
     e.add_argument("--mutation-prob", type=float, help="fixed mutation probability mu (default: auto-tuned per path, mu2Net)")
+    e.add_argument("--lr", type=float, help="the learning rate new tasks' first paths start from; mutations move it along muNet's lr list (default 0.01)")
+    e.add_argument("--no-root-reseed", action="store_true", help="a task's later visits do not try the root again as a seed; that child goes to the population (default: they do, as in the reference)")
     e.add_argument("--precision", choices=_precisions(), help="training and evaluation precision: auto (default: bf16 autocast on a CUDA GPU, fp16 with loss scaling where it has no bf16; fp32 on the CPU), fp32, bf16, fp16")
     e.add_argument("--strategy", help="munet (default), or a baseline through the same engine: finetune, freeze:K, adapters:W")
     e.add_argument("--image-size", type=int, metavar="N", help="every new task's starting image size up to 384: for a ViT root a multiple of its patch size, for a CNN root at least 16 (default: 64 on the EfficientNet-Lite roots; on others per task, min(the root's size, the median min(H, W) of its images), at least 2 patches for a ViT, 32 px for a CNN); muNet's mutations move it")

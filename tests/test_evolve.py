@@ -64,6 +64,21 @@ def test_seeds_take_at_most_half_of_a_visit(tiny_root, tmp_path):
     assert all(h["seed"] for h in s.history[:1]) and s.history[0]["parent"] == "root"
 
 
+def test_start_lr_and_no_root_reseed(tiny_root, tmp_path):
+    """--lr sets where a task's first paths start; --no-root-reseed: a second visit seeds only
+    from other tasks' best paths (the first visit still starts from the root)."""
+    data = {"a": synthetic_task("a", 3, 1), "b": synthetic_task("b", 3, 2)}
+    s = new_system(tiny_root, ["a", "b"], data, rounds=2, children=4, lr=0.02, reseed_root=False)
+    Evolution(s, data, tmp_path / "st", show_progress=False).run(["a", "b"])
+    seeds = [(h["round"], h["task"], h["parent"]) for h in s.history if h["seed"]]
+    assert seeds[0] == (1, "a", "root") and (1, "b", "root") in seeds
+    assert not any(r == 2 and p == "root" for r, _, p in seeds)  # round 2: no root seed
+    assert any(r == 2 and t == "b" for r, t, _ in seeds)  # but a's best path still seeds b
+    assert s.history[0]["hparams"]["lr"] == 0.02
+    with pytest.raises(MutaskError, match="--lr"):
+        EvolveConfig(lr=0.0).validate()
+
+
 def test_children_only_train_their_own_clones(tiny_root, tmp_path):
     data = {"a": synthetic_task("a", 4, 1)}
     s = new_system(tiny_root, ["a"], data, children=2, mutation_prob=1.0)

@@ -79,16 +79,23 @@ def test_tiny_preset_writes_a_complete_record(tmp_path):
     from mutask.benchmarks.protocol import main
 
     out = tmp_path / "quality-tiny"
-    main(["--preset", "tiny", "--out", str(out), "--work", str(tmp_path / "work"), "--only", "munet-s1,probe"])
+    main(["--preset", "tiny", "--out", str(out), "--work", str(tmp_path / "work"), "--only", "munet-s1,probe", "--also", "munet-s1+lr"])
     doc = json.loads(out.with_suffix(".json").read_text())
-    assert doc["jobs_finished"] == doc["jobs_planned"] == 4, [j.get("failed") for j in doc["jobs"]]
+    assert doc["jobs_finished"] == doc["jobs_planned"] == 6, [j.get("failed") for j in doc["jobs"]]
+    # a method change: its jobs run with its flags, and the record pairs it with the same job without it
+    changed = [j for j in doc["jobs"] if j["name"] == "munet-s1+lr"]
+    assert all("--lr 0.02" in j["command"] and j["history"][0]["hparams"]["lr"] == 0.02 for j in changed)
+    assert [j["history"][0]["hparams"]["lr"] for j in doc["jobs"] if j["name"] == "munet-s1"] == [0.01, 0.01]
+    row = [c for c in doc["paired"] if c.get("change") == "lr"]
+    assert len(row) == 1 and row[0]["against"] == "munet-s1" and row[0]["seeds"] == [0, 1]
+    assert "Method changes tried" in out.with_suffix(".md").read_text()
     for name in ("munet-s1", "probe"):
         s = doc["summary"][name]
         assert s["seeds"] == [0, 1] and s["avg_points"]["lo"] is not None  # a t-interval over 2 seeds
         assert s["params_per_task"]["unique_new"] > 0 and s["system_params"] >= s["params_per_task"]["accounted"] > 0
     assert doc["best_baseline"] == "probe"
     assert any(c["strategy"] == "munet-s1" and c["avg"]["lo"] is not None for c in doc["paired"])
-    munet = [j for j in doc["jobs"] if j["kind"] == "munet"]
+    munet = [j for j in doc["jobs"] if j["name"] == "munet-s1"]
     assert all(len(j["history"]) == 8 and {"hparams", "val_accuracy", "accepted", "adapters"} <= set(j["history"][0]) for j in munet)
     assert all(t["train_images"] == 64 for j in doc["jobs"] for t in j["tasks"].values())
     assert "points" in out.with_suffix(".md").read_text()
