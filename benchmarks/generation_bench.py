@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mutask.benchmarks.harness import SHARED, fmt_ratio, median, paired_ratio, write_record
+from mutask.benchmarks.harness import SHARED, fmt_ratio, median, paired_ratio, times, write_record
 from mutask.evolve.data import Split
 from mutask.evolve.evolution import Evolution, EvolveConfig, init_seed
 from mutask.evolve.generation import train_generation
@@ -162,16 +162,7 @@ def pin_timm(model: nn.Module, image_size: int, dtype, repeats: int = 3) -> dict
         with torch.no_grad(), _autocast(torch.device("cpu"), dtype):
             model(x)
 
-    out = {}
-    for name, fn in (("full_training", full), ("frozen_forward", frozen)):
-        fn()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        out[name] = round(BATCH / median(times), 1)
-    return out
+    return {name: round(BATCH / median(times(fn, repeats, warmup=1)), 1) for name, fn in (("full_training", full), ("frozen_forward", frozen))}
 
 
 def profile(fn, top: int = 10) -> dict:
@@ -285,7 +276,7 @@ def markdown(doc: dict) -> str:
     lines += [""]
     for side, r in doc["ratio"].items():
         what = f"mutask at its default precision (auto: autocast {doc['auto_autocast']})" if side == "mutask_auto" else f"mutask at {doc['precision']}"
-        lines += [f"**Speed-up of {what} over the plain timm loop at {doc['precision']}: {fmt_ratio(r)}** (paired ratios, timm / mutask; {r['method']}).", ""]
+        lines += [f"**Speed-up of {what} over the plain timm loop at {doc['precision']}: {fmt_ratio(r)}** (per pair, timm's wall time / mutask's; {r['method']}).", ""]
     lines += [
               f"Plain timm loop pinned (images/s, batch {doc['batch_size']}): {doc['plain_timm_images_per_s']}.", "",
               "The generation's children (components, frozen prefix length, trainable components):", ""]

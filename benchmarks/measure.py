@@ -1,8 +1,7 @@
 """Client-side measurements shared by the serving benchmarks (torch-free).
 
-Images per task, a task's model input by the artifact's own preprocessing contract, the run
-times of an onnxruntime session, sequential HTTP latency against ``POST /predict``, and a closed
-loop of concurrent clients over mixed tasks.
+Images per task, a task's model input by the artifact's own preprocessing contract, one
+``POST /predict``, and a closed loop of concurrent clients over mixed tasks.
 """
 
 from __future__ import annotations
@@ -42,35 +41,9 @@ def model_input(art, task: str, png: bytes) -> np.ndarray:
     return art.tasks[task].preprocessing.image(Image.open(io.BytesIO(png)))
 
 
-def run_times(session, x: np.ndarray, n: int, warmup: int = 5) -> list[float]:
-    """Seconds of each of ``n`` runs of ``session`` on ``x`` (after ``warmup`` runs)."""
-    feed = {session.get_inputs()[0].name: x}
-    for _ in range(warmup):
-        session.run(None, feed)
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        session.run(None, feed)
-        out.append(time.perf_counter() - t0)
-    return out
-
-
-def _post(client, task: str, png: bytes):
+def post_predict(client, task: str, png: bytes):
+    """``POST /predict`` of ``png`` for ``task`` (an ``httpx`` client, sync or async)."""
     return client.post("/predict", data={"task": task}, files={"image": ("x.png", png, "image/png")})
-
-
-def http_latency(client, task: str, png: bytes, n: int, max_seconds: float, warmup: int = 5) -> list[float]:
-    """Seconds of each of up to ``n`` sequential ``/predict`` requests (stopping after
-    ``max_seconds``) with an ``httpx.Client``, after ``warmup`` requests; raises on a non-200."""
-    for _ in range(warmup):
-        _post(client, task, png).raise_for_status()
-    out, t_end = [], time.monotonic() + max_seconds
-    while len(out) < n and time.monotonic() < t_end:
-        t0 = time.perf_counter()
-        r = _post(client, task, png)
-        out.append(time.perf_counter() - t0)
-        r.raise_for_status()
-    return out
 
 
 async def _closed_loop(url: str, jobs: list, concurrency: int, n: int, max_seconds: float) -> dict:
@@ -81,14 +54,14 @@ async def _closed_loop(url: str, jobs: list, concurrency: int, n: int, max_secon
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as c:
         for task, png in dict(jobs).items():  # warm: every task once
-            (await _post(c, task, png)).raise_for_status()
+            (await post_predict(c, task, png)).raise_for_status()
 
         async def client():
             while state["next"] < n and time.monotonic() < t_end:
                 task, png = jobs[state["next"] % len(jobs)]
                 state["next"] += 1
                 try:
-                    r = await _post(c, task, png)
+                    r = await post_predict(c, task, png)
                 except httpx.TransportError:  # a reset or closed connection: counted, the client goes on
                     state["errors"] += 1
                     state["transport_errors"] += 1

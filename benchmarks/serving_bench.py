@@ -34,8 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from mutask.benchmarks.harness import RESULTS, fmt_ratio, interleave, median, paired_ratio, write_record
-from mutask.benchmarks.measure import closed_loop, http_latency, model_input, noise_pngs, pct, run_times
+from mutask.benchmarks.harness import RESULTS, fmt_ratio, interleave, median, paired_ratio, times, write_record
+from mutask.benchmarks.measure import closed_loop, model_input, noise_pngs, pct, post_predict
 from mutask.server_process import ServerProcess, child_env
 
 # cProfile functions whose cumulative time makes each stage of a request (on the event loop)
@@ -113,11 +113,12 @@ def latency(art, pngs: dict, tmp: Path, pairs: int, n: int) -> dict:
     from mutask.serving.settings import default_threads
 
     task = next(iter(pngs))
-    x = model_input(art, task, pngs[task])
     bare = ort.InferenceSession(str(art.graph_path(task)), session_options(default_threads()), providers=["CPUExecutionProvider"])
+    feed = {bare.get_inputs()[0].name: model_input(art, task, pngs[task])}
     series = {"http": [], "bare": []}
     with start(art.path, tmp, "latency") as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
-        blocks = {"http": lambda: http_latency(c, task, pngs[task], n, float("inf"), warmup=0), "bare": lambda: run_times(bare, x, n)}
+        blocks = {"http": lambda: times(lambda: post_predict(c, task, pngs[task]).raise_for_status(), n),
+                  "bare": lambda: times(lambda: bare.run(None, feed), n, warmup=5)}
 
         def block(name):
             series[name].append(blocks[name]())

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .harness import SHARED, fmt_ratio, paired_ratio, write_record
-from .measure import noise_pngs, pct
+from .measure import noise_pngs, pct, post_predict
 
 POLL_S = 0.5
 CLIENTS = 4
@@ -85,7 +85,7 @@ class Clients:
                 task, png = self.jobs[i % len(self.jobs)]
                 t0 = time.perf_counter()
                 try:
-                    status = c.post("/predict", data={"task": task}, files={"image": ("x.png", png, "image/png")}).status_code
+                    status = post_predict(c, task, png).status_code
                 except Exception:
                     status = -1
                 self.records.append((t0, time.perf_counter() - t0, status))
