@@ -22,9 +22,9 @@ checkpoint kept:
 
 Paired and interleaved: each pair runs both sides back to back (the order alternating between
 pairs); the ratio is timm's wall time over mutask's (training and validation), its median over
-the pairs with a 95 % percentile-bootstrap interval. Before the pairs, the plain timm loop is
-pinned (full training and frozen forward, images/s); each side's warm-up run (untimed) runs
-under cProfile and says where its time goes. ``--val-images`` and ``--max-minutes`` shorten a run
+the pairs with a 95 % percentile-bootstrap interval (:func:`harness.paired_ratio`: none under 10
+pairs). Before the pairs, the plain timm loop is pinned (full training and frozen forward,
+images/s); each side's warm-up run (untimed) runs under cProfile and says where its time goes. ``--val-images`` and ``--max-minutes`` shorten a run
 on a busy machine (the record says how many pairs ran). Writes ``results/generation.{json,md}``.
 """
 
@@ -35,8 +35,6 @@ import copy
 import cProfile
 import io
 import pstats
-import random
-import statistics
 import time
 from dataclasses import asdict
 
@@ -45,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mutask.benchmarks.common import machine, write
+from mutask.benchmarks.harness import SHARED, fmt_ratio, median, paired_ratio, times, write_record
 from mutask.evolve.data import Split
 from mutask.evolve.evolution import Evolution, EvolveConfig, init_seed
 from mutask.evolve.generation import train_generation
@@ -164,22 +162,7 @@ def pin_timm(model: nn.Module, image_size: int, dtype, repeats: int = 3) -> dict
         with torch.no_grad(), _autocast(torch.device("cpu"), dtype):
             model(x)
 
-    out = {}
-    for name, fn in (("full_training", full), ("frozen_forward", frozen)):
-        fn()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        out[name] = round(BATCH / statistics.median(times), 1)
-    return out
-
-
-def bootstrap_median(values, n: int = 10_000, seed: int = 0) -> tuple[float, float]:
-    rng = random.Random(seed)
-    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(n))
-    return meds[int(0.025 * n)], meds[int(0.975 * n) - 1]
+    return {name: round(BATCH / median(times(fn, repeats, warmup=1)), 1) for name, fn in (("full_training", full), ("frozen_forward", frozen))}
 
 
 def profile(fn, top: int = 10) -> dict:
@@ -211,6 +194,7 @@ def main(argv=None) -> None:
     ap.add_argument("--max-minutes", type=float, default=None, help="stop starting pairs when the next would likely end past this")
     ap.add_argument("--name", default="generation", help="results/<name>.{json,md}")
     ap.add_argument("--note", default="", help="a line on the machine's conditions for the record")
+    ap.add_argument("--idle", action="store_true", help="the record says the machine was idle (default: shared with other work)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     root = load_root(args.root)
@@ -259,7 +243,6 @@ def main(argv=None) -> None:
                 row[f"ratio_{side}"] = round(row["timm"] / row[side], 3)
         pairs.append(row)
         print(f"pair {i + 1}:", {k: v for k, v in row.items() if "accuracy" not in k}, flush=True)
-    ratios = {side: [p[f"ratio_{side}"] for p in pairs] for side in sides if side != "timm"}
     doc = {
         "benchmark": "generation",
         "root": args.root, "task": args.task, "image_size": args.image_size, "batch_size": BATCH, "children": args.children,
@@ -268,16 +251,14 @@ def main(argv=None) -> None:
         "generation": structure,
         "plain_timm_images_per_s": pins,
         "pairs": pairs,
-        "median_seconds": {s: round(statistics.median(p[s] for p in pairs), 2) for s in sides},
-        "median_ratio": {side: round(statistics.median(r), 3) for side, r in ratios.items()},
-        "ratio_95ci": {side: [round(v, 3) for v in bootstrap_median(r)] for side, r in ratios.items()},
+        "median_seconds": {s: round(median([p[s] for p in pairs]), 2) for s in sides},
+        "ratio": {side: paired_ratio([p["timm"] for p in pairs], [p[side] for p in pairs]) for side in sides if side != "timm"},
         "auto_autocast": str(auto) if auto else "fp32",
         "profiles": profiles,
-        "note": args.note,
-        "machine": machine(),
+        "note": args.note or ("nothing else ran on the machine" if args.idle else "the machine was shared by other work while measuring"),
     }
-    write(args.name, doc, markdown(doc))
-    print("median ratio (timm / side):", doc["median_ratio"], "95 % CI:", doc["ratio_95ci"])
+    write_record(args.name, doc, markdown(doc), shared_machine=None if args.idle else SHARED)
+    print(markdown(doc))
 
 
 def markdown(doc: dict) -> str:
@@ -293,10 +274,9 @@ def markdown(doc: dict) -> str:
     ]
     lines += [f"| {s} | {v} |" for s, v in doc["median_seconds"].items()]
     lines += [""]
-    for side, r in doc["median_ratio"].items():
+    for side, r in doc["ratio"].items():
         what = f"mutask at its default precision (auto: autocast {doc['auto_autocast']})" if side == "mutask_auto" else f"mutask at {doc['precision']}"
-        lines += [f"**Speed-up of {what} over the plain timm loop at {doc['precision']}: median {r:.2f} x, 95 % bootstrap "
-                  f"interval {doc['ratio_95ci'][side][0]:.2f}-{doc['ratio_95ci'][side][1]:.2f}.**", ""]
+        lines += [f"**Speed-up of {what} over the plain timm loop at {doc['precision']}: {fmt_ratio(r)}** (per pair, timm's wall time / mutask's; {r['method']}).", ""]
     lines += [
               f"Plain timm loop pinned (images/s, batch {doc['batch_size']}): {doc['plain_timm_images_per_s']}.", "",
               "The generation's children (components, frozen prefix length, trainable components):", ""]
@@ -305,7 +285,7 @@ def markdown(doc: dict) -> str:
         lines += ["", f"Where the time goes, {side} (its warm-up run, under cProfile, {prof['seconds']} s):", "",
                   "| function | s | share |", "|---|---:|---:|"]
         lines += [f"| `{r['function']}` | {r['seconds']} | {r['share']:.0%} |" for r in prof["top"]]
-    lines += ["", f"Conditions: {doc['note'] or 'the machine was shared by other work while measuring'}."]
+    lines += ["", f"Conditions: {doc['note']}."]
     return "\n".join(lines)
 
 

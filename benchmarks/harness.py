@@ -1,5 +1,6 @@
 """The one place where benchmarks repeat, summarise and record.
 
+- :func:`times` times ``n`` calls of one function.
 - :func:`interleave` runs variants in turn, ``n`` repeats, the order reversed every other
   repeat (A B, B A, A B, ...), so that drift on a shared machine hits every variant alike and
   repeat ``i`` of each variant forms a pair.
@@ -35,6 +36,18 @@ MIN_PAIRS = 10
 RESAMPLES = 10_000
 METHOD = f"median of paired ratios; 95 % percentile bootstrap over the pairs ({RESAMPLES:,} resamples, seed 0)"
 SHARED = "other work ran on this machine while this was measured"
+
+
+def times(fn: Callable[[], object], n: int, warmup: int = 0) -> list[float]:
+    """Seconds of each of ``n`` calls of ``fn()``, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
 
 
 def interleave(variants: dict[str, Callable[[int], float]], n: int, warmup: int = 0) -> dict[str, list[float]]:

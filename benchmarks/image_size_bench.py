@@ -8,9 +8,9 @@ and the cost of the frozen forward (images/s, all splits, batch 128). The suite'
 32 x 32, so larger sizes upsample (bicubic, the root's own filter): what changes is how well the
 ImageNet features, trained at 224 px, fit objects of that many pixels.
 
-    PYTHONPATH=. python -m benchmarks.image_size_bench [--tasks latin orientation counting]
+    python -m mutask.benchmarks.image_size_bench [--tasks latin orientation counting] [--results DIR]
 
-Writes results/image-size.{json,md}.
+Writes image-size.{json,md} in benchmarks/results.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def probe(task: str, model, root_spec: dict, size: int, train_cap: int, test_cap
     from sklearn.linear_model import RidgeClassifier
     from sklearn.preprocessing import StandardScaler
 
-    from mutask.evolve.root import root_preprocessing
+    from mutask.evolve.roots.base import root_preprocessing
     from mutask.evolve.tasks import load_task
     from mutask.evolve.train import split_images
 
@@ -87,12 +87,13 @@ def main(argv=None) -> None:
     p.add_argument("--sizes", nargs="+", type=int, default=list(SIZES))
     p.add_argument("--train-cap", type=int, default=800, help="train images per task at most (default 800)")
     p.add_argument("--test-cap", type=int, default=300, help="test images per task at most (default 300)")
+    p.add_argument("--results", help="results directory (default benchmarks/results)")
     a = p.parse_args(argv)
     import torch
 
-    from benchmarks.common import machine, write
+    from mutask.benchmarks.harness import write_record
     from mutask.cores import available_cores
-    from mutask.evolve.realroot import load_real_root
+    from mutask.evolve.roots.efficientnet_lite import load_real_root
 
     torch.set_num_threads(available_cores())
     spec, model = load_real_root("efficientnet-lite0")
@@ -124,7 +125,7 @@ def main(argv=None) -> None:
         "",
         decision(mean, a.sizes),
     ])
-    write("image-size", {"rows": rows, "mean_accuracy": mean, "median_images_per_s": rate, "shared_machine": True, "decision": decision(mean, a.sizes), "machine": machine()}, md)
+    write_record("image-size", {"rows": rows, "mean_accuracy": mean, "median_images_per_s": rate, "decision": decision(mean, a.sizes)}, md, a.results)
     print(md)
 
 

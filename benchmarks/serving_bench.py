@@ -34,8 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from mutask.benchmarks.harness import RESULTS, fmt_ratio, interleave, median, paired_ratio, write_record
-from mutask.benchmarks.measure import closed_loop, model_input, noise_pngs, pct, run_times
+from mutask.benchmarks.harness import RESULTS, fmt_ratio, interleave, median, paired_ratio, times, write_record
+from mutask.benchmarks.measure import closed_loop, model_input, noise_pngs, pct, post_predict
 from mutask.server_process import ServerProcess, child_env
 
 # cProfile functions whose cumulative time makes each stage of a request (on the event loop)
@@ -48,7 +48,7 @@ STAGES = {
 }
 
 
-def profile(art_path: Path, n: int) -> dict:
+def profile(art_path: Path, pngs: dict, n: int) -> dict:
     import os
 
     import httpx
@@ -56,13 +56,10 @@ def profile(art_path: Path, n: int) -> dict:
     os.environ["MUTASK_ARTIFACT"] = str(art_path)
     from mutask.serving.service import Mutask
 
-    png = next(iter(noise_pngs_for(art_path).values()))
-    task = next(iter(noise_pngs_for(art_path)))
+    task, png = next(iter(pngs.items()))
     app = Mutask.to_asgi()
 
     async def run():
-        from starlette.testclient import TestClient  # noqa: F401 (lifespan handled below)
-
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://mutask") as c:
@@ -98,60 +95,36 @@ def profile(art_path: Path, n: int) -> dict:
     }
 
 
-def noise_pngs_for(art_path: Path) -> dict:
-    from mutask.export.artifact import load_artifact
-
-    art = load_artifact(art_path)
-    return {t: v[0] for t, v in noise_pngs(art).items()}
-
-
-def start(art_path: Path, tmp: Path, name: str, pythonpath: str | None = None, extra_env: dict | None = None) -> ServerProcess:
-    env = {"BENTOML_HOME": tmp / f"home-{name}", "PROMETHEUS_MULTIPROC_DIR": tmp / f"prom-{name}", **(extra_env or {})}
+def start(art_path: Path, tmp: Path, name: str, pythonpath: str | None = None) -> ServerProcess:
+    """A ready ``mutask serve`` on CPU with its own BentoML home and Prometheus directory;
+    ``pythonpath``: run another checkout's code."""
     (tmp / f"prom-{name}").mkdir(parents=True, exist_ok=True)
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath
+    env = {"BENTOML_HOME": tmp / f"home-{name}", "PROMETHEUS_MULTIPROC_DIR": tmp / f"prom-{name}", **({"PYTHONPATH": pythonpath} if pythonpath else {})}
     srv = ServerProcess(art_path, log_path=tmp / f"server-{name}.log", env=child_env(env), args=["--device", "cpu"])
     srv.wait_ready(300)
     return srv
 
 
-def latency(art_path: Path, tmp: Path, pairs: int, n: int) -> dict:
+def latency(art, pngs: dict, tmp: Path, pairs: int, n: int) -> dict:
     import httpx
+    import onnxruntime as ort
 
-    from mutask.export.artifact import load_artifact
     from mutask.serving.sessions import session_options
     from mutask.serving.settings import default_threads
 
-    import onnxruntime as ort
-
-    art = load_artifact(art_path)
-    pngs = noise_pngs_for(art_path)
     task = next(iter(pngs))
-    x = model_input(art, task, pngs[task])
     bare = ort.InferenceSession(str(art.graph_path(task)), session_options(default_threads()), providers=["CPUExecutionProvider"])
-    srv = start(art_path, tmp, "latency")
+    feed = {bare.get_inputs()[0].name: model_input(art, task, pngs[task])}
     series = {"http": [], "bare": []}
-    try:
-        with httpx.Client(base_url=srv.url, timeout=60) as c:
-            files = {"image": ("x.png", pngs[task], "image/png")}
+    with start(art.path, tmp, "latency") as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        blocks = {"http": lambda: times(lambda: post_predict(c, task, pngs[task]).raise_for_status(), n),
+                  "bare": lambda: times(lambda: bare.run(None, feed), n, warmup=5)}
 
-            def http_block(i):
-                out = []
-                for _ in range(n):
-                    t0 = time.perf_counter()
-                    c.post("/predict", data={"task": task}, files=files).raise_for_status()
-                    out.append(time.perf_counter() - t0)
-                series["http"].append(out)
-                return pct(out, 50)
+        def block(name):
+            series[name].append(blocks[name]())
+            return pct(series[name][-1], 50)
 
-            def bare_block(i):
-                out = run_times(bare, x, n)
-                series["bare"].append(out)
-                return pct(out, 50)
-
-            runs = interleave({"http": http_block, "bare": bare_block}, pairs, warmup=1)
-    finally:
-        srv.stop()
+        runs = interleave({name: (lambda i, name=name: block(name)) for name in blocks}, pairs, warmup=1)
     flat = {k: [t for block in v[1:] for t in block] for k, v in series.items()}  # the warm-up block dropped
     diffs = [1e3 * (a - b) for a, b in zip(runs["http"], runs["bare"])]
     return {
@@ -162,13 +135,9 @@ def latency(art_path: Path, tmp: Path, pairs: int, n: int) -> dict:
     }
 
 
-def throughput(art_path: Path, tmp: Path, before: str, pairs: int, clients: list[int], seconds: float) -> dict:
-    from mutask.export.artifact import load_artifact
-
-    art = load_artifact(art_path)
-    pngs = noise_pngs_for(art_path)
-    jobs = [(t, pngs[t], None) for t in art.tasks]
-    servers = {"this": start(art_path, tmp, "this"), "before": start(art_path, tmp, "before", pythonpath=before)}
+def throughput(art, pngs: dict, tmp: Path, before: str, pairs: int, clients: list[int], seconds: float) -> dict:
+    jobs = list(pngs.items())
+    servers = {"this": start(art.path, tmp, "this"), "before": start(art.path, tmp, "before", pythonpath=before)}
     out = {}
     try:
         for k in clients:
@@ -229,6 +198,24 @@ def to_markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def measure(art_path: Path, parts, pairs: int = 10, requests: int = 200, before: str = "/tmp/old-serve",
+            clients=(1, 8, 32), seconds: float = 3.0) -> dict:
+    """The record's document: each of ``parts`` (profile, latency, throughput) measured."""
+    from mutask.export.artifact import load_artifact
+
+    art = load_artifact(Path(art_path).resolve())
+    pngs = {t: v[0] for t, v in noise_pngs(art).items()}
+    doc = {"artifact": str(art.path), "artifact_name": art.path.name, "tasks": list(art.tasks)}
+    with tempfile.TemporaryDirectory(prefix="mutask-serving-bench-") as tmp:
+        if "latency" in parts:
+            doc["latency"] = latency(art, pngs, Path(tmp), pairs, requests)
+        if "throughput" in parts:
+            doc["throughput"] = throughput(art, pngs, Path(tmp), before, pairs, list(clients), seconds)
+    if "profile" in parts:  # last: it imports the service into this process
+        doc["profile"] = profile(art.path, pngs, requests)
+    return doc
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mutask.benchmarks.serving_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("artifact", metavar="ART", type=Path, help="artifact directory written by `mutask export`")
@@ -241,23 +228,9 @@ def main(argv=None) -> int:
     p.add_argument("--name", default="serving", help="results file name")
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     a = p.parse_args(argv)
-    art_path = a.artifact.resolve()
-    from mutask.export.artifact import load_artifact
-
-    art = load_artifact(art_path)
-    doc = {"artifact": str(art_path), "artifact_name": art_path.name, "tasks": list(art.tasks)}
-    parts = a.part.split(",")
-    with tempfile.TemporaryDirectory(prefix="mutask-serving-bench-") as tmp:
-        if "latency" in parts:
-            doc["latency"] = latency(art_path, Path(tmp), a.pairs, a.requests)
-            print(doc["latency"], flush=True)
-        if "throughput" in parts:
-            doc["throughput"] = throughput(art_path, Path(tmp), a.before, a.pairs, [int(c) for c in a.clients.split(",")], a.seconds)
-    if "profile" in parts:  # last: it imports the service into this process
-        doc["profile"] = profile(art_path, a.requests)
-    md = to_markdown(doc)
-    write_record(a.name, doc, md, a.out)
-    print(md)
+    doc = measure(a.artifact, a.part.split(","), a.pairs, a.requests, a.before, [int(c) for c in a.clients.split(",")], a.seconds)
+    write_record(a.name, doc, to_markdown(doc), a.out)
+    print(to_markdown(doc))
     return 0
 
 

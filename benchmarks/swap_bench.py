@@ -25,9 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import serving_machine, write
-from .measure import noise_pngs, pct
-from .harness import paired_ratio
+from .harness import SHARED, fmt_ratio, paired_ratio, write_record
+from .measure import noise_pngs, pct, post_predict
 
 POLL_S = 0.5
 CLIENTS = 4
@@ -86,7 +85,7 @@ class Clients:
                 task, png = self.jobs[i % len(self.jobs)]
                 t0 = time.perf_counter()
                 try:
-                    status = c.post("/predict", data={"task": task}, files={"image": ("x.png", png, "image/png")}).status_code
+                    status = post_predict(c, task, png).status_code
                 except Exception:
                     status = -1
                 self.records.append((t0, time.perf_counter() - t0, status))
@@ -113,7 +112,7 @@ def served_version(client) -> int:
     return next(iter(client.post("/tasks").json().values()))["version"]
 
 
-def run(art: Path | None, swaps: int, pairs: int, results: Path | None) -> dict:
+def run(art: Path | None, swaps: int, pairs: int, results: Path | None, idle: bool = False) -> dict:
     import httpx
 
     from mutask.export.artifact import artifact_stats, load_artifact
@@ -171,23 +170,22 @@ def run(art: Path | None, swaps: int, pairs: int, results: Path | None) -> dict:
             metrics = client.get("/metrics").text
             counts = {"swaps": metric_value(metrics, "mutask_version_swaps_total"), "refusals": metric_value(metrics, "mutask_version_refusals_total")}
         failed = sum(1 for _, _, st in clients.records if st != 200)
-        doc = summarize(rows, mem, counts, failed, len(clients.records), artifact_stats(art), swaps, pairs)
-        write("swap", doc, markdown(doc), results)
+        doc = summarize(rows, mem, counts, failed, len(clients.records), artifact_stats(art), swaps, pairs, idle)
+        write_record("swap", doc, markdown(doc), results, shared_machine=None if idle else SHARED)
         return doc
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def summarize(rows, mem, counts, failed, total, stats, swaps, pairs) -> dict:
+def summarize(rows, mem, counts, failed, total, stats, swaps, pairs, idle) -> dict:
     paired = [r for r in rows if "swap_p50_ms" in r]
 
     def ratio(key: str) -> dict:  # during a swap / the steady window just before it, per pair
-        r = paired_ratio([x[f"swap_{key}_ms"] for x in paired], [x[f"steady_{key}_ms"] for x in paired])
-        return {"median": r["median"], "ci95": (r["low"], r["high"]), "method": r["method"]}
+        return paired_ratio([x[f"swap_{key}_ms"] for x in paired], [x[f"steady_{key}_ms"] for x in paired])
 
     return {
         "benchmark": "swap",
-        "settings": {"swaps": swaps, "pairs": pairs, "poll_s": POLL_S, "clients": CLIENTS, "steady_window_s": 2.0,
+        "settings": {"swaps": swaps, "pairs": pairs, "poll_s": POLL_S, "clients": CLIENTS, "steady_window_s": 2.0, "idle_machine": idle,
                      "swap_window": "from the rename to 0.5 s after /tasks shows the new version"},
         "artifact": {"weights_bytes": stats["weights_file_bytes"], "total_bytes": stats["total_bytes"], "tasks": stats["num_tasks"]},
         "swaps": rows,
@@ -197,7 +195,6 @@ def summarize(rows, mem, counts, failed, total, stats, swaps, pairs) -> dict:
         "p99_ratio": ratio("p99"),
         "memory": mem,
         "counts": dict(counts, failed_requests=failed, requests=total),
-        "machine": dict(serving_machine(), shared="yes: other work ran on this 2-core machine while measuring"),
     }
 
 
@@ -220,10 +217,10 @@ def markdown(doc: dict) -> str:
         "",
         f"Latency during a swap against a steady window just before it ({s['pairs']} pairs, interleaved; median of paired ratios, 95 % bootstrap interval):",
         "",
-        "| | ratio swap / steady | 95 % interval |",
-        "|---|---:|---:|",
-        f"| p50 | {doc['p50_ratio']['median']:.2f} | {doc['p50_ratio']['ci95'][0]:.2f} - {doc['p50_ratio']['ci95'][1]:.2f} |",
-        f"| p99 | {doc['p99_ratio']['median']:.2f} | {doc['p99_ratio']['ci95'][0]:.2f} - {doc['p99_ratio']['ci95'][1]:.2f} |",
+        "| | ratio swap / steady [95 % interval] |",
+        "|---|---:|",
+        f"| p50 | {fmt_ratio(doc['p50_ratio'])} |",
+        f"| p99 | {fmt_ratio(doc['p99_ratio'])} |",
         "",
         "| worker memory (MiB) | RSS | PSS |",
         "|---|---:|---:|",
@@ -238,7 +235,7 @@ def markdown(doc: dict) -> str:
               "The rise from \"after traffic\" to \"after swap 1\" does not repeat with later swaps: it is the allocator's high-water "
               "mark from holding two versions while the new one loads (and the loader thread's own malloc arena); the old "
               "engine itself is freed (tests/test_live.py::test_swapped_out_engine_is_freed checks that nothing refers to it).",
-              "", "The machine was shared with other work while measuring (2 cores, several helpers running tests)."]
+              "", "The machine was idle (nothing else ran)." if s.get("idle_machine") else "The machine was shared with other work while measuring."]
     return "\n".join(lines)
 
 
@@ -248,8 +245,9 @@ def main(argv=None) -> None:
     p.add_argument("--swaps", type=int, default=20)
     p.add_argument("--pairs", type=int, default=10)
     p.add_argument("--results", type=Path, help="results directory (default benchmarks/results)")
+    p.add_argument("--idle", action="store_true", help="the record says the machine was idle (default: shared with other work)")
     a = p.parse_args(argv)
-    doc = run(a.art, a.swaps, min(a.pairs, a.swaps), a.results)
+    doc = run(a.art, a.swaps, min(a.pairs, a.swaps), a.results, a.idle)
     print(markdown(doc))
 
 

@@ -14,6 +14,12 @@ def test_interleave_alternates_the_order():
     assert runs == {"a": [1.0, 1.0, 1.0], "b": [2.0, 2.0, 2.0]}
 
 
+def test_times_warms_up_untimed():
+    calls = []
+    out = harness.times(lambda: calls.append(1), 3, warmup=2)
+    assert len(calls) == 5 and len(out) == 3 and all(t >= 0 for t in out)
+
+
 def test_paired_ratio_interval_contains_the_true_ratio():
     rng = np.random.default_rng(1)
     drift = rng.uniform(0.5, 2.0, 12)  # the shared machine's speed, the same for both in a pair
