@@ -31,31 +31,17 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX; Linux's /proc/cpuinfo flags),
-    where oneDNN's bf16 kernels beat fp32; elsewhere bf16 autocast is emulated and slower."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
-
-
 def autocast_dtype(precision: str, dev: torch.device, channels_last: bool = False) -> torch.dtype | None:
     """The autocast dtype of ``precision`` on ``dev``, None for plain fp32. ``auto``: bf16 on a
-    CUDA GPU (fp16, with loss scaling, where the GPU has no bf16); on the CPU bf16 only for a
-    model that runs ``channels_last`` on a CPU that computes bf16 natively
-    (:func:`cpu_has_native_bf16`), where it measured faster (benchmarks/results/generation.md);
-    else fp32 (bf16 convolutions in NCHW measured slower than fp32, and emulated bf16 is).
+    CUDA GPU (fp16, with loss scaling, where the GPU has no bf16), fp32 on the CPU: bf16
+    autocast measured slower there, even channels-last on a CPU with native bf16 (a generation
+    of the real root: 7.57 s against 5.71 s at fp32, benchmarks/results/generation.md).
+    ``channels_last`` is the model's memory format (kept for callers; no longer decides).
     Parameters, gradients and the optimizer stay fp32."""
     if precision not in PRECISIONS:
         raise MutaskError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}.")
     if precision == "auto":
-        precision = "bf16" if dev.type == "cuda" or (channels_last and cpu_has_native_bf16()) else "fp32"
+        precision = "bf16" if dev.type == "cuda" else "fp32"
     if precision == "fp32":
         return None
     if dev.type == "cuda":

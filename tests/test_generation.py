@@ -160,12 +160,12 @@ def test_children_must_share_their_data_keys(tiny_root):
                          [p.hparams for p, _ in kids], pre=tiny_root.preprocessing.at(32), **SETTINGS)
 
 
-def test_auto_precision_is_bf16_on_the_cpu_only_channels_last_with_native_bf16(monkeypatch):
+def test_auto_precision_is_fp32_on_the_cpu():
+    """bf16 autocast measured slower than fp32 on the CPU even channels-last with native bf16
+    (generation.md), so ``auto`` there is fp32; ``bf16`` still autocasts when asked."""
     from mutask.evolve import train as T
 
     cpu = torch.device("cpu")
-    for native in (True, False):
-        monkeypatch.setattr(T, "cpu_has_native_bf16", lambda: native)
-        assert T.autocast_dtype("auto", cpu, channels_last=True) == (torch.bfloat16 if native else None)
-        assert T.autocast_dtype("auto", cpu) is None and T.autocast_dtype("fp32", cpu, channels_last=True) is None
+    assert T.autocast_dtype("auto", cpu, channels_last=True) is None and T.autocast_dtype("auto", cpu) is None
+    assert T.autocast_dtype("fp32", cpu, channels_last=True) is None
     assert T.autocast_dtype("bf16", cpu) == torch.bfloat16
