@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mutask.benchmarks.harness import RESULTS, fmt_ratio, interleave, median, paired_ratio, times, write_record
+from mutask.benchmarks.harness import RESULTS, SHARED, fmt_ratio, interleave, median, paired_ratio, times, write_record
 from mutask.benchmarks.measure import closed_loop, model_input, noise_pngs, pct, post_predict
 from mutask.server_process import ServerProcess, child_env
 
@@ -227,9 +227,10 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=3.0, help="seconds per throughput measurement")
     p.add_argument("--name", default="serving", help="results file name")
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    p.add_argument("--idle", action="store_true", help="the record says the machine was idle (default: shared with other work)")
     a = p.parse_args(argv)
     doc = measure(a.artifact, a.part.split(","), a.pairs, a.requests, a.before, [int(c) for c in a.clients.split(",")], a.seconds)
-    write_record(a.name, doc, to_markdown(doc), a.out)
+    write_record(a.name, doc, to_markdown(doc), a.out, shared_machine=None if a.idle else SHARED)
     print(to_markdown(doc))
     return 0
 
