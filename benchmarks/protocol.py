@@ -76,6 +76,10 @@ CHANGES = {
     "lr-mu": ["--lr", "0.02", "--mutation-prob", "0.3"],
     # the lr prior, and a task's second visit spends its root seed on the population instead
     "lr-noreseed": ["--lr", "0.02", "--no-root-reseed"],
+    # the lr prior, and each generation's first mutated slot continues the best path unmutated
+    # (the per-child histories: at 10 steps a child's new clones and adapters rarely beat their
+    # parent; what wins is a lineage trained longer)
+    "lr-cont": ["--lr", "0.02", "--continue-best"],
 }
 
 

@@ -49,6 +49,11 @@ class EvolveConfig:
     # Whether a task's later visits seed from the root again (the reference does); False spends
     # that child on the population instead (a task with a best path has already tried the root).
     reseed_root: bool = True
+    # Whether each generation's first child after the seeds is the visit's best path, unmutated:
+    # it trains what the best path trains a little longer (children of a lineage inherit their
+    # parent's trained clones and adapters), where the short children of a small budget stop
+    # before their new components converge.
+    continue_best: bool = False
     seed: int = 0
     strategy: str = "munet"  # munet | finetune | freeze:K | adapters:W
     budget: str = "quick"

@@ -73,7 +73,7 @@ class Evolution:
 
     def generation(self, task: str, v: Visit, n: int, round_: int) -> None:
         data_keys, batch_seed = self.ops.generation_draws(task, v)
-        parents = [self.ops.next_parent(v) for _ in range(n)]  # (parent, mutate)
+        parents = [self.ops.next_parent(v, i) for i in range(n)]  # (parent, mutate)
         children = [self.ops.make_child(task, p, mutate, data_keys, init_seed(batch_seed, i)) for i, (p, mutate) in enumerate(parents)]
         records = self.dispatch.train_generation(self.ops, task, children, batch_seed, on_done=self.hooks.child_done)
         for (parent, mutate), (child, fresh), record in zip(parents, children, records):

@@ -107,10 +107,14 @@ class Operators:
             data_keys = {k: moved[k] for k in H.DATA_KEYS}
         return data_keys, self.sys.rng.randrange(2**31)
 
-    def next_parent(self, v: Visit) -> tuple[TaskPath, bool]:
-        """(parent, mutate) of the next child: the next seed unmutated, else a sampled parent."""
+    def next_parent(self, v: Visit, index: int = 0) -> tuple[TaskPath, bool]:
+        """(parent, mutate) of the generation's child ``index``: the next seed unmutated, else
+        (``--continue-best``, the generation's first child) the visit's best path unmutated, else
+        a sampled parent."""
         if v.seeds:
             parent, mutate = self.sys.paths[v.seeds.pop(0)], False
+        elif self.cfg.continue_best and index == 0 and self.best(v) is not None and self.best(v).task == v.task:
+            parent, mutate = self.best(v), False
         else:
             parent, mutate = self.sample_parent(v), True
         v.child_counts[parent.id] = v.child_counts.get(parent.id, 0) + 1

@@ -72,7 +72,7 @@ def _cmd_evolve(a):
         rounds=a.rounds, children=a.children, generation_size=a.generation_size, steps=a.steps,
         validations=a.validations, batch_size=a.batch_size, scale_factor=a.scale_factor,
         mutation_prob=a.mutation_prob, seed=a.seed, strategy=a.strategy, precision=a.precision,
-        lr=a.lr, reseed_root=False if a.no_root_reseed else None,
+        lr=a.lr, reseed_root=False if a.no_root_reseed else None, continue_best=a.continue_best or None,
     )
     system = evolve(
         a.task or [], a.out, root=a.root, pretrained=a.pretrained, budget=a.budget,
@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--scale-factor", type=float, help="s in score = acc * s^(accounted/root params); below 1 favours sharing (default 1.0)")
     e.add_argument("--mutation-prob", type=float, help="fixed mutation probability mu (default: auto-tuned per path, mu2Net)")
     e.add_argument("--lr", type=float, help="the learning rate new tasks' first paths start from; mutations move it along muNet's lr list (default 0.01)")
+    e.add_argument("--continue-best", action="store_true", help="each generation's first child after the seeds is the visit's best path unmutated, trained further (default: every such child is mutated, as in the reference)")
     e.add_argument("--no-root-reseed", action="store_true", help="a task's later visits do not try the root again as a seed; that child goes to the population (default: they do, as in the reference)")
     e.add_argument("--precision", choices=_precisions(), help="training and evaluation precision: auto (default: bf16 autocast on a CUDA GPU, fp16 with loss scaling where it has no bf16; fp32 on the CPU), fp32, bf16, fp16")
     e.add_argument("--strategy", help="munet (default), or a baseline through the same engine: finetune, freeze:K, adapters:W")

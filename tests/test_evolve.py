@@ -79,6 +79,19 @@ def test_start_lr_and_no_root_reseed(tiny_root, tmp_path):
         EvolveConfig(lr=0.0).validate()
 
 
+def test_continue_best_makes_each_generations_first_child_an_unmutated_child_of_the_best(tiny_root, tmp_path):
+    data = {"a": synthetic_task("a", 3, 1)}
+    s = new_system(tiny_root, ["a"], data, children=5, generation_size=2, continue_best=True)
+    Evolution(s, data, tmp_path / "st", show_progress=False).run(["a"])
+    h = s.history
+    assert h[0]["seed"] and h[0]["parent"] == "root"  # the root seed first
+    for g in (1, 2):  # later generations: first child continues the best path, unmutated
+        first = [x for x in h if x["generation"] == g][0]
+        assert first["seed"] is True and first["parent"] != "root"
+        earlier = [x for x in h if x["generation"] < g and x["accepted"]]
+        assert first["parent"] == max(earlier, key=lambda x: x["score"])["child"]  # seed=True: unmutated
+
+
 def test_children_only_train_their_own_clones(tiny_root, tmp_path):
     data = {"a": synthetic_task("a", 4, 1)}
     s = new_system(tiny_root, ["a"], data, children=2, mutation_prob=1.0)
