@@ -1,11 +1,7 @@
-"""Reading an exported artifact, without torch (``serving`` imports this module).
-
-Only json, hashlib, pydantic and the ``onnx`` package (protobuf): no torch. The manifest is
-parsed by its schema (:mod:`mutask.export.manifest`); each ONNX graph is parsed with ``onnx``
-without loading its external data (:func:`external_refs` lists every initializer's
-external-data reference), so :func:`load_artifact` can prove that every weight a graph reads
-lies inside ``weights.safetensors`` on exactly one tensor's bytes. The format is documented in
-``export/FORMAT.md`` (generated from the manifest model: ``python -m mutask.export.format``).
+"""Reading an exported artifact, without torch (``serving`` imports this module; nothing here
+writes one). :func:`load_artifact` validates the manifest with its schema
+(:mod:`mutask.export.manifest`) and proves that every weight a graph reads is exactly one
+tensor of ``weights.safetensors``. The format: ``export/FORMAT.md``.
 """
 
 from __future__ import annotations
@@ -17,17 +13,12 @@ import struct
 
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, ArtifactError, ComponentEntry, Manifest, SegmentEntry, TaskEntry
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "WEIGHTS", "Artifact", "ArtifactError", "load_artifact", "artifact_stats"]
-
-
-def reexport_command(path) -> str:
-    """The command that rewrites the artifact at ``path``, in backticks."""
-    return f"`mutask export STATE --out {path} --force`"
+__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "WEIGHTS", "Artifact", "ArtifactError", "load_artifact"]
 
 
 def reexport_hint(path) -> str:
     """The fix for an artifact at ``path`` that cannot be read as it is."""
-    return f"Re-export it: {reexport_command(path)}."
+    return f"Re-export it: `mutask export STATE --out {path} --force`."
 
 
 def sha256_file(path, chunk: int = 1 << 22) -> str:
@@ -163,7 +154,7 @@ def load_artifact(path, verify: bool = True) -> Artifact:
     try:
         return _open_artifact(pathlib.Path(path), verify)
     except OSError as e:  # unreadable file or directory (permissions, I/O error)
-        raise ArtifactError(f"cannot read {e.filename or path}: {e.strerror or e}. Check its permissions, or re-export it: {reexport_command(path)}.") from None
+        raise ArtifactError(f"cannot read {e.filename or path}: {e.strerror or e}. Check its permissions. {reexport_hint(path)}") from None
 
 
 def _open_artifact(d: pathlib.Path, verify: bool) -> Artifact:
@@ -176,7 +167,7 @@ def _open_artifact(d: pathlib.Path, verify: bool) -> Artifact:
     art = Artifact(d, manifest)
     for name in [manifest.weights, *manifest.graph_files()]:
         if not (d / name).is_file():
-            raise ArtifactError(f"artifact {str(d)!r} is missing {name}. Copy the whole directory, or re-export it: {reexport_command(d)}.")
+            raise ArtifactError(f"artifact {str(d)!r} is missing {name}. Copy the whole directory. {reexport_hint(d)}")
     wpath = art.weights_path
     size = wpath.stat().st_size
     if size != manifest.weights_bytes:
@@ -220,38 +211,3 @@ def _verify_files(art: Artifact, size: int) -> None:
                     f"{gpath}: initializer {r['name']!r} reads bytes {r['offset']}..{r['offset'] + (r['length'] or 0)} of {wpath.name}, "
                     f"which are not one tensor of that file ({size} bytes). {reexport_hint(d)}"
                 )
-
-
-def artifact_stats(path) -> dict:
-    """Byte accounting of an artifact: files, unique tensor bytes, and the naive alternative
-    (one full model file per task: the sum over tasks of the bytes of the tensors its path uses)."""
-    art = load_artifact(path, verify=False)
-    start, header = read_safetensors_header(art.weights_path)
-    nbytes = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
-    unique = sum(nbytes.values())
-    graphs = {n: (art.path / n).stat().st_size for n in art.manifest.graph_files()}
-    manifest_bytes = (art.path / MANIFEST).stat().st_size
-    weights_bytes = art.weights_path.stat().st_size
-    naive = 0
-    per_task = {}
-    for t, rec in art.tasks.items():
-        b = sum(nbytes[k] for cid in dict.fromkeys(rec.components) for k in art.components[cid].tensors)
-        per_task[t] = b
-        naive += b
-    total = weights_bytes + sum(graphs.values()) + manifest_bytes
-    return {
-        "total_bytes": total,
-        "weights_file_bytes": weights_bytes,
-        "unique_param_bytes": unique,
-        "graph_bytes": sum(graphs.values()),
-        "task_graph_bytes": sum(graphs[t.graph] for t in art.tasks.values()),
-        "segment_graph_bytes": sum(graphs[s.graph] for s in art.segments.values()),
-        "manifest_bytes": manifest_bytes,
-        "ratio_total_to_unique": total / unique if unique else float("nan"),
-        "naive_bytes": naive,
-        "naive_over_total": naive / total if total else float("nan"),
-        "task_param_bytes": per_task,
-        "num_tasks": len(art.tasks),
-        "num_segments": len(art.segments),
-        "num_graphs": len(graphs),
-    }

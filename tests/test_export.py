@@ -10,7 +10,8 @@ import pytest
 
 from mutask.evolve.model import PathModel
 from mutask.evolve.train import predict
-from mutask.export.artifact import WEIGHTS, artifact_stats, external_refs, load_artifact
+from mutask.export.artifact import WEIGHTS, external_refs, load_artifact
+from mutask.export.sizes import artifact_stats
 from mutask.export.manifest import INLINE_LIMIT
 from mutask.export.segments import plan_segments
 from mutask.export.verify import verify_artifact

@@ -50,7 +50,7 @@ def add_task_c(s, data) -> None:
 def export_into(s, data, repo: Path) -> Path:
     """What `mutask export STATE --into repo` does: the next version, written atomically."""
     from mutask.export.build import export_system
-    from mutask.export.versions import next_version_path
+    from mutask.export.cli import next_version_path
 
     return export_system(s, next_version_path(repo), data=data, parity_samples=8, show_progress=False)
 
