@@ -90,6 +90,21 @@ def prediction(task: str, labels: list[str], logits: np.ndarray, k: int = 5) -> 
     return Prediction(task=task, label=labels[index], index=index, scores={labels[int(j)]: float(p[j]) for j in order})
 
 
+def task_records(engine, number: int | None = None) -> dict[str, TaskRecord]:
+    """Each task's record as ``POST /tasks`` answers it, naming the version serving it."""
+    out = {}
+    for tid, task in engine.tasks.items():
+        shared = [sid for sid in task.segments if engine.segments[sid].shared]
+        components = dict.fromkeys(c for sid in shared for c in engine.segments[sid].components)
+        out[tid] = TaskRecord(
+            labels=task.labels, num_labels=len(task.labels), image_size=task.image_size, params=task.params,
+            accounted_params=task.accounted_params, val_accuracy=task.metrics.val_accuracy, test_accuracy=task.metrics.test_accuracy,
+            segments=task.segments, shared_segments=shared, version=number,
+            shared_params=sum(engine.artifact.components[c].num_params for c in components),
+        )
+    return out
+
+
 # ---- reading request bodies -----------------------------------------------------------------
 
 

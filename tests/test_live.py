@@ -169,14 +169,14 @@ def test_swapped_out_engine_is_freed(repo_dir):
     import gc
     import weakref
 
-    from mutask.serving import live
     from mutask.serving.engine import Engine
     from mutask.serving.repository import Repository
+    from mutask.serving.service import Payload
 
     def build(art, number):
-        return live.Payload(Engine(art, threads=1), number)
+        return Payload(Engine(art, threads=1), number)
 
-    repo = Repository(repo_dir, build=build, close=live.Payload.close)
+    repo = Repository(repo_dir, build=build, close=Payload.close)
     first = weakref.ref(repo.start(poll=False).payload.engine)
     held = repo.acquire()
     shutil.copytree(repo_dir / "2", repo_dir / "3")
