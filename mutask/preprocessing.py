@@ -1,22 +1,16 @@
 """The image preprocessing contract: how an image becomes a task's input, written once.
 
-Evolution evaluates (and trains) with it, export records it in the manifest and checks parity
-with it, and the server applies it to every upload: all three call this module, so they agree
-bit for bit. It needs Pillow and numpy only (no torch), so the server can import it.
+Evolution evaluates with it, export records it in the manifest and checks parity with it, and
+the server applies it to every upload, so all three agree bit for bit (Pillow and numpy only):
 
-1. decode, apply the EXIF orientation, convert to RGB (grayscale is tiled, alpha dropped);
-2. resize to S x S with Pillow's bilinear or bicubic filter (skipped when the image already is
-   S x S);
-3. per channel c, float32 ``(x / 255 - mean[c]) / std[c]``, computed as
-   ``x * scale[c] + offset[c]`` with ``scale = 1 / (255 std)`` and ``offset = -mean / std``
-   (both computed in float64, then rounded to float32); channels first (NCHW).
+1. decode, apply the EXIF orientation, convert to RGB (grayscale tiled, alpha dropped);
+2. resize to S x S with Pillow's bilinear or bicubic filter (skipped at S x S already);
+3. per channel c, float32 ``(x / 255 - mean[c]) / std[c]``, computed as ``x * scale[c] +
+   offset[c]`` (``scale = 1 / (255 std)``, ``offset = -mean / std``, in float64, then rounded
+   to float32); channels first (NCHW).
 
-``mean`` and ``std`` are in [0, 1] pixel units, as timm's data configs give them. A
-:class:`Preprocessing` is the contract's parameters for one task (the root's mean, std and
-filter at the task's image size S); the export manifest stores it as it is
-(``tasks.<task>.preprocessing``). With mean = std = 0.5 and bilinear resizing
-(:meth:`Preprocessing.signed_unit`, what ``mutask pretrain`` roots use) step 3 is
-``x * (1 / 127.5) - 1``: values in [-1, 1].
+A :class:`Preprocessing` is one task's parameters (the root's mean and std in [0, 1] pixel
+units, as timm gives them, and filter, at the task's image size S); the manifest stores it as it is.
 """
 
 from __future__ import annotations

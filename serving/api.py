@@ -1,15 +1,11 @@
 """The HTTP API's types: what each route takes (and how its body is read) and what it answers.
 
-Each route's input is a ``bentoml.IODescriptor`` that BentoML uses for the OpenAPI page and
-its clients, and whose :meth:`from_http_request` reads the body itself, on BentoML's one path
-to the service's handler. BentoML's generic multipart parsing would fetch a URL given in a
-file field, write every upload to a temporary file named after the client's file name (a long
-name fails), JSON-decode text fields without a depth limit (a nested one fails with
-RecursionError) and take the first of several files silently; here the body is bounded while
-it is read, the form is parsed in memory, and every malformed request becomes a clear 400.
-A request the parser refuses raises :class:`bentoml.exceptions.BadInput` (BentoML answers it
-400 with the message); the schema of each input states what the parser accepts (required
-fields, non-empty lists), so the OpenAPI document is the contract.
+Each route's input is a ``bentoml.IODescriptor`` (its schema states what the reader accepts,
+so the OpenAPI document is the contract) whose ``from_http_request`` reads the body itself:
+bounded while it is read, the form parsed in memory, every malformed request a
+:class:`~bentoml.exceptions.BadInput` (400) saying why. BentoML's generic multipart parsing
+would fetch a URL given in a file field, write uploads to files named by the client, JSON-decode
+text fields without a depth limit and take the first of several files silently.
 """
 
 from __future__ import annotations
@@ -141,8 +137,7 @@ async def read_body(request, limit: int, what: str) -> bytes:
 
 
 async def _drain(request, limit: int) -> None:
-    """Read and drop the rest of a refused body (up to a bound), so the client reads the 400
-    instead of a reset connection."""
+    """Read and drop the rest of a refused body (up to a bound): the client reads the 400, not a reset."""
     seen = 0
     try:
         async for chunk in request.stream():
@@ -154,8 +149,8 @@ async def _drain(request, limit: int) -> None:
 
 
 def task_text(raw: str) -> str:
-    """A task field as text: BentoML's clients JSON-encode text fields (``"digits"`` with the
-    quotes), other clients send them raw; only a JSON string literal is decoded."""
+    """A task field as text: BentoML's clients JSON-encode text fields (``"digits"``, quoted),
+    others send them raw."""
     if len(raw) >= 2 and raw[0] == raw[-1] == '"':
         try:
             value = json.loads(raw)
@@ -167,8 +162,8 @@ def task_text(raw: str) -> str:
 
 
 def task_names(raw: str) -> list[str]:
-    """Task ids from one ``tasks`` field: a JSON list (BentoML's clients send a list argument
-    so), else comma-separated text (curl's ``-F tasks=a,b``; repeated fields each give theirs)."""
+    """Task ids from one ``tasks`` field: a JSON list (as BentoML's clients send it), else
+    comma-separated text (curl's ``-F tasks=a,b``)."""
     if raw.startswith("["):
         try:
             value = json.loads(raw)
@@ -181,9 +176,8 @@ def task_names(raw: str) -> list[str]:
 
 
 async def read_form(request, max_image_bytes: int, many: bool = False) -> tuple:
-    """(task, image bytes) of a /predict multipart form, or with ``many`` (tasks, image bytes)
-    of a /predict_tasks one (tasks: the ids asked for, in order, each once; empty when the
-    form names none, meaning every task); BadInput with the reason."""
+    """(task, image bytes) of a /predict form, or with ``many`` (tasks, image bytes) of a
+    /predict_tasks one (the ids in order, each once; none: every task); BadInput with the reason."""
     from starlette.formparsers import FormParser, MultiPartParser
 
     usage, route = (TASKS_USAGE, "/predict_tasks") if many else (FORM_USAGE, "/predict")

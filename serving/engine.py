@@ -1,19 +1,12 @@
 """The inference engine: an exported system's ONNX graphs over one copy of its weights.
 
-An export holds, for every task, its own graph (root to head), and the same paths cut into
-*segments* (see ``export/FORMAT.md``): maximal runs of steps that the same tasks pass, forming
-a directed acyclic graph. :meth:`Engine.run` takes a mixed batch of (task, rows) items and
-runs it two ways, by what the rows are:
-
-* rows asked for one task (``/predict``, ``/predict_batch``, and any mix of such requests):
-  each task's own graph runs once over all of that task's rows;
-* one array asked for several tasks (``/predict_tasks``): the segment DAG, where every segment
-  the tasks share runs once on the image's rows, and each task's remaining segments on its own.
-
-On CPU every session reads its weights from one copy: a pool of pre-packed weights made at
-start (:mod:`mutask.serving.prepack`). On CUDA (where each session copies its weights to the
-device anyway), or where ONNX Runtime cannot pre-pack, each session loads its own. The manifest was validated when the artifact was
-loaded, so the engine only builds sessions, checks each task once, and runs them. Torch-free.
+:meth:`Engine.run` takes a mixed batch of (task, rows) items and runs it two ways: rows asked
+for one task (``/predict``, ``/predict_batch``) through each task's own graph, once over all
+of that task's rows; one array asked for several tasks (``/predict_tasks``) through the
+segment DAG (``export/FORMAT.md``), each shared segment once. On CPU every session reads its
+weights from one pre-packed copy (:mod:`mutask.serving.prepack`); on CUDA, or where ONNX
+Runtime cannot pre-pack, each session loads its own. The manifest was validated when the
+artifact was loaded: the engine builds sessions, checks each task once, and runs them.
 """
 
 from __future__ import annotations
@@ -35,10 +28,8 @@ log = logging.getLogger("mutask.serving")
 
 class Engine:
     """ONNX Runtime sessions for an artifact (an :class:`mutask.export.artifact.Artifact`): one
-    per task graph and one per segment, over one copy of the weights (the pre-packed pool, on CPU
-    unless ``prepack=False``; else each session owns its weights). ``run`` is
-    synchronous and not re-entrant (the batcher calls it from one thread); ``stats`` counts
-    rows, ONNX Runtime runs and seconds per session."""
+    per task graph and one per segment. ``run`` is synchronous and not re-entrant (the batcher
+    calls it from one thread); ``stats`` counts rows, runs and seconds per session."""
 
     def __init__(self, artifact, *, device: str = "auto", threads: int = 1, verify: bool = True, prepack: bool = True):
         import onnxruntime as ort
@@ -98,11 +89,10 @@ class Engine:
     # ---- inference --------------------------------------------------------------------------
 
     def run(self, items: list) -> list:
-        """Logits for a mixed batch: ``items`` is a list of (task id, float32 (n, 3, S, S));
-        returns one float32 (n, num_labels) array per item. Items that pass the same array for
-        several tasks sharing a segment go through the segment DAG together (every shared
-        segment once on those rows); every other item through its task's graph, each task's
-        rows in one run. The two ways agree to float rounding (~1e-6)."""
+        """One float32 (n, num_labels) array of logits per item of ``items`` (task id, float32
+        (n, 3, S, S)). Items that pass the same array for tasks sharing a segment go through the
+        segment DAG together; every other item through its task's graph, each task's rows in one
+        run. The two ways agree to float rounding (~1e-6)."""
         by_array: dict[int, set] = {}
         for task, x in items:
             by_array.setdefault(id(x), set()).add(task)
@@ -144,9 +134,8 @@ class Engine:
         return results
 
     def _run_segments(self, items: list) -> list:
-        """The segment DAG in topological order. Each segment runs once on the rows of every
-        item whose chain passes it; items share rows while they carry the same ones (from the
-        same array, until their chains part)."""
+        """The segment DAG in topological order, each segment once on the rows of every item
+        whose chain passes it (items share rows from the same array until their chains part)."""
         where = [(id(x), x) for _, x in items]  # each item's rows now: (what they are, the array)
         for sid in self.order:
             idx = [i for i, (task, _) in enumerate(items) if sid in self.tasks[task].segments]
@@ -209,9 +198,8 @@ class Engine:
 
 
 def _prepacked_pool(units: list, threads: int, providers: list) -> tuple:
-    """(pool, {key: pooled model path}): every unit's graph optimized and pre-packed once, the
-    packs pooled (:mod:`mutask.serving.prepack`); (None, {}) with a warning where this ONNX
-    Runtime cannot (each session then loads its own weights)."""
+    """(pool, {key: pooled model path}), or (None, {}) with a warning where this ONNX Runtime
+    cannot pre-pack (each session then loads its own weights)."""
     pool = PrepackedPool()
     try:
         for key, path, _ in units:

@@ -1,10 +1,6 @@
-"""Where the served artifact comes from, and refusing a bad one before anything starts.
-
-The artifact is named by ``MUTASK_ARTIFACT`` (an export directory) or ``MUTASK_BENTOML_MODEL``
-(a BentoML model tag, as written by ``mutask export --bentoml-model``). :func:`open_artifact`
-loads and verifies it (:func:`mutask.export.artifact.load_artifact`: the manifest's schema,
-every file's sha256, every weight reference): a missing, truncated or tampered artifact raises
-:class:`ServingError` naming the problem, and the server refuses to start (the CLI exits 2).
+"""Where the served artifact comes from (``MUTASK_ARTIFACT``: a directory; ``MUTASK_BENTOML_MODEL``:
+a BentoML model tag, as ``mutask export --bentoml-model`` writes it), and refusing a missing,
+truncated or tampered one with a :class:`ServingError` before anything starts (exit code 2).
 """
 
 from __future__ import annotations
@@ -58,9 +54,9 @@ def resolve_artifact_path(artifact: str | os.PathLike | None = None) -> Path:
 
 
 def open_artifact(artifact: str | os.PathLike | None = None, *, cache: bool = True):
-    """Load and verify the artifact (see :func:`resolve_artifact_path`); :class:`ServingError`
-    (exit code 2) when it is missing, truncated or tampered with. Verified artifacts are
-    cached (the last one only), so a process that opens it twice verifies it once."""
+    """The artifact (see :func:`resolve_artifact_path`), verified
+    (:func:`mutask.export.artifact.load_artifact`); :class:`ServingError` when it cannot be
+    served. The last one is cached: a process that opens it twice verifies it once."""
     from mutask.export.artifact import ArtifactError, load_artifact
 
     path = resolve_artifact_path(artifact)

@@ -1,27 +1,14 @@
 """Pre-packed weights, one copy for every session: ONNX Runtime's own optimized models, pooled.
 
-ONNX Runtime runs a MatMul fastest from a weight it has *pre-packed* (re-laid out for its GEMM
-kernels) when the session is created; by default every session packs its own copy. Its
-prepacked-weights container, which lets sessions share those packs, is not in the Python API,
-and sessions that read their initializers from one shared buffer
-(:mod:`mutask.serving.weights`) must turn pre-packing off: a run then costs up to 2x more on a
-small system (the demo's task graphs: 0.80-0.87 ms against 0.44 ms).
-
-This module gets both: each graph is optimized once at engine start with ONNX Runtime's
-``session.save_external_prepacked_constant_initializers``, which writes the optimized model
-with every initializer, *and its pre-packed form*, in an external data file; the blobs of all
-those files are then pooled into one file, each distinct blob once (a component's weight reached
-by a segment and by two task graphs is stored once), and each optimized model is pointed at the
-pool. Sessions load the pooled models with optimizations off (they are done): ONNX Runtime maps
-their initializers and packs from the file instead of packing again, so every session runs at
-the speed of a session that owns and packs its weights, and every weight is in memory once, as
-pages of the pool file shared by every session of the process (each server worker process
-makes its own pool).
-
-The pool is made for this machine (packing depends on the CPU's instruction set) in a temporary
-directory at every start and deleted once the sessions have mapped it (POSIX keeps a deleted
-file's pages while they are mapped), so nothing is left behind. CPU only: on CUDA, sessions copy
-their weights to the device anyway.
+ONNX Runtime runs a MatMul fastest from a weight it has *pre-packed* for its GEMM kernels, and
+by default every session packs its own copy (its shared prepacked-weights container is not in
+the Python API; turning pre-packing off costs up to 2x per run). So each graph is optimized once
+at engine start with ``session.save_external_prepacked_constant_initializers``, which writes its
+initializers and their packed forms to an external data file; the blobs of all those files are
+pooled into one file, each distinct blob once, and every optimized model points at the pool.
+Sessions load them with optimizations off and map the pool's pages: every weight in memory once,
+at the speed of sessions that own their packs. The pool is made for this CPU in a temporary
+directory at each start and deleted once mapped (POSIX keeps the pages). CPU only.
 """
 
 from __future__ import annotations
@@ -49,13 +36,10 @@ class PrepackError(RuntimeError):
 
 
 class PrepackedPool:
-    """Optimized, pre-packed copies of graphs, all reading one pool file.
-
-    ``add(key, graph_path, options)`` optimizes one graph (``options``: the session options
-    it will run with, optimizations on); ``finish()`` writes the pool and returns
-    {key: path of the pooled optimized model}; ``close()`` deletes the directory (call it once
-    every session is created). ``blob_bytes`` (what the graphs' data files held in all) and
-    ``pool_bytes`` (what the pool holds) say what pooling saved."""
+    """Optimized, pre-packed copies of graphs, all reading one pool file: ``add`` each graph
+    (with the session options it will run with), ``finish()`` for {key: pooled model path},
+    ``close()`` once every session is created. ``blob_bytes`` (the graphs' data files in all)
+    against ``pool_bytes`` says what pooling saved."""
 
     def __init__(self):
         self.dir = pathlib.Path(tempfile.mkdtemp(prefix="mutask-prepacked-"))

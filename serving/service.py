@@ -49,12 +49,6 @@ BENTOML_PATHS = ("/", "/livez", "/healthz", "/readyz", "/metrics", "/docs.json",
 ASSETS_PREFIX = "/static_content/"
 
 
-def served_paths() -> set[str]:
-    """Every path the service answers but the assets under ASSETS_PREFIX (the HTTP guard answers
-    any other with a 404)."""
-    return {api.route for api in Mutask.apis.values()} | set(BENTOML_PATHS) | page.PATHS
-
-
 def _startup_failed(exc: BaseException) -> None:
     """A worker that cannot start takes the whole server down (BentoML would restart it in a
     loop behind a listening socket); the message goes to the log and to
@@ -186,7 +180,8 @@ class Mutask:
         for handler in logging.getLogger("bentoml").handlers or logging.getLogger().handlers:
             if one_line_client_errors not in handler.filters:
                 handler.addFilter(one_line_client_errors)
-        http.configure(s, served_paths(), prefixes=(ASSETS_PREFIX,))
+        # the paths served: the HTTP guard answers any other with a 404
+        http.configure(s, {api.route for api in Mutask.apis.values()} | set(BENTOML_PATHS) | page.PATHS, prefixes=(ASSETS_PREFIX,))
         m = self.metrics = metrics.get()
         self._decode_pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(4, cpu_count())), thread_name_prefix="mutask-decode")
         self.repo = Repository(resolve_artifact_path(), build=self._build_version, close=Payload.close, pin=s.version, poll_s=s.poll_s,
@@ -224,7 +219,6 @@ class Mutask:
     engine = property(lambda self: self.version.payload.engine)
     batcher = property(lambda self: self.version.payload.batcher)
     records = property(lambda self: self.version.payload.records)
-    artifact = property(lambda self: self.version.artifact)
 
     # ---- the API ----
 

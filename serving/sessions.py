@@ -1,11 +1,9 @@
 """ONNX Runtime sessions for the engine: which execution providers, and how sessions use threads.
 
-Sequential execution, inter-op 1, one inference at a time (the batcher's one worker thread),
-each session with an intra-op pool of ``threads`` threads that does not spin, so the pools of
-the sessions that are not running sleep and never oversubscribe the cores (the price: idle
-threads, sessions x (threads - 1); ``--threads`` bounds it). ONNX Runtime's global pool would
-be one pool for every session, but its threads spin between runs and its Python API cannot turn
-that off (~4 ms of CPU per request in the server on 2 cores).
+Sequential execution, one inference at a time (the batcher's thread), each session with its own
+intra-op pool of ``threads`` threads that do not spin, so idle sessions' pools sleep and never
+oversubscribe the cores. ONNX Runtime's global pool spins between runs and its Python API cannot
+turn that off (~4 ms of CPU per request on 2 cores).
 """
 
 from __future__ import annotations
