@@ -32,9 +32,6 @@ def sha256_file(path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-# ------------------------------------------------------------------------- safetensors header
-
-
 def read_safetensors_header(path) -> tuple[int, dict]:
     """(data start offset, header dict) of a safetensors file, read with the standard library.
     A tensor's absolute byte range in the file is ``start + begin`` .. ``start + end``."""
@@ -66,9 +63,6 @@ def read_safetensors_header(path) -> tuple[int, dict]:
     return start, header
 
 
-# ------------------------------------------------------------------------------- ONNX graphs
-
-
 def external_refs(model_bytes: bytes) -> list[dict]:
     """Every initializer of an ONNX model's main graph: ``{"name", "external": bool,
     "location", "offset", "length", "inline_bytes"}``, read with ``onnx`` without loading any
@@ -94,9 +88,6 @@ def external_refs(model_bytes: bytes) -> list[dict]:
             "inline_bytes": len(t.raw_data),
         })
     return out
-
-
-# ----------------------------------------------------------------------------- the artifact
 
 
 class Artifact:
@@ -141,16 +132,11 @@ class Artifact:
         """The task's segment ids, first (image in) to last (logits out)."""
         return list(self._task(task).segments)
 
-    def __repr__(self) -> str:
-        return f"Artifact({str(self.path)!r}, tasks={sorted(self.tasks)}, segments={len(self.segments)})"
-
-
 def load_artifact(path, verify: bool = True) -> Artifact:
-    """Open an artifact directory. Always validates the manifest (its schema, format version
-    and cross references) and checks that every file exists; with ``verify`` also the weights'
-    and graphs' sha256, the weights header, and that every external-data reference of every
-    graph is exactly one tensor of the weights file. Raises :class:`ArtifactError` naming the file
-    (and the field, for a manifest that does not validate) and the fix."""
+    """Open an artifact directory: validate the manifest and check that every file exists; with
+    ``verify`` also every sha256, the weights header, and that every external-data reference of
+    every graph is exactly one tensor of the weights file. :class:`ArtifactError` naming the
+    file (and the field, for a manifest that does not validate) and the fix."""
     try:
         return _open_artifact(pathlib.Path(path), verify)
     except OSError as e:  # unreadable file or directory (permissions, I/O error)
@@ -206,7 +192,7 @@ def _verify_files(art: Artifact, size: int) -> None:
                 continue
             if r["location"] != manifest.weights:
                 raise ArtifactError(f"{gpath}: initializer {r['name']!r} reads {r['location']!r}, not {manifest.weights}.")
-            if r["length"] is None or r["offset"] < start or r["offset"] + r["length"] > size or (r["offset"], r["length"]) not in ranges:
+            if (r["offset"], r["length"]) not in ranges:  # the header's ranges all lie inside the file
                 raise ArtifactError(
                     f"{gpath}: initializer {r['name']!r} reads bytes {r['offset']}..{r['offset'] + (r['length'] or 0)} of {wpath.name}, "
                     f"which are not one tensor of that file ({size} bytes). {reexport_hint(d)}"

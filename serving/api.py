@@ -27,14 +27,18 @@ from .settings import Settings, SettingsError
 FORM_USAGE = "send multipart/form-data with a text field `task` and a file field `image`"
 TASKS_USAGE = "send multipart/form-data with a file field `image` and a text field `tasks` (task ids, comma-separated or repeated; leave it out for every task)"
 BATCH_USAGE = 'send JSON {"task": TASK, "images": [BASE64, ...]}'
+TASKS_INPUT_USAGE = "send /tasks no body or an empty JSON object {}"
 SMALL_BODY = 64 * 1024  # POST /tasks
 FORM_OVERHEAD = 256 * 1024  # a /predict body: the image plus the form around it
 DRAIN_FACTOR = 4  # an over-size body is read (and dropped) up to this many limits, so the client sees the answer
 
 
-def refuse(message: str, task: str | None = None) -> BadInput:
-    """A request the server refuses (400, ``message`` the answer), counted in the metrics."""
-    metrics.get().errors.labels(task=task or "_invalid", kind="bad_request").inc()
+def refuse(message: str, *tasks: str, kind: str = "bad_request") -> BadInput:
+    """A request the server refuses (400, ``message`` the answer), counted in the metrics for
+    each of ``tasks`` (none: ``_invalid``)."""
+    errors = metrics.get().errors
+    for task in tasks or ("_invalid",):
+        errors.labels(task=task, kind=kind).inc()
     return BadInput(message)
 
 
@@ -228,18 +232,26 @@ async def read_form(request, max_image_bytes: int, many: bool = False) -> tuple:
         await form.close()
 
 
-async def read_batch(request, max_body_bytes: int, max_images: int) -> tuple[str, list[str]]:
-    """(task, base64 images) of a /predict_batch JSON body; BadInput with the reason."""
+async def read_json(request, limit: int, what: str, usage: str):
+    """The JSON document of a body of at most ``limit`` bytes, None for an empty body;
+    BadInput (naming ``usage``) for another media type or invalid JSON."""
     media = media_type(request)
     if media not in ("", "application/json"):
-        raise refuse(f"send /predict_batch a JSON body (Content-Type: application/json), not {media}")
-    body = await read_body(request, max_body_bytes, "/predict_batch (MUTASK_MAX_BODY_BYTES)")
+        raise refuse(f"{usage} (Content-Type: application/json), not {media}")
+    body = await read_body(request, limit, what)
     if not body.strip():
-        raise refuse(f"empty body: {BATCH_USAGE}")
+        return None
     try:
-        doc = json.loads(body)
+        return json.loads(body)
     except (ValueError, RecursionError) as e:
-        raise refuse(f"the body is not valid JSON ({type(e).__name__}): {BATCH_USAGE}") from None
+        raise refuse(f"the body is not valid JSON ({type(e).__name__}): {usage}") from None
+
+
+async def read_batch(request, max_body_bytes: int, max_images: int) -> tuple[str, list[str]]:
+    """(task, base64 images) of a /predict_batch JSON body; BadInput with the reason."""
+    doc = await read_json(request, max_body_bytes, "/predict_batch (MUTASK_MAX_BODY_BYTES)", BATCH_USAGE)
+    if doc is None:
+        raise refuse(f"empty body: {BATCH_USAGE}")
     if not isinstance(doc, dict):
         raise refuse(f"the body is JSON but not an object: {BATCH_USAGE}")
     task, images = doc.get("task"), doc.get("images")
@@ -320,15 +332,6 @@ class TasksInput(bentoml.IODescriptor):
 
     @classmethod
     async def from_http_request(cls, request, serde) -> "TasksInput":
-        media = media_type(request)
-        if media not in ("", "application/json"):
-            raise refuse(f"send /tasks no body or a JSON one (Content-Type: application/json), not {media}")
-        body = await read_body(request, SMALL_BODY, "/tasks")
-        if body:
-            try:
-                doc = json.loads(body)
-            except (ValueError, RecursionError):
-                doc = None
-            if doc != {}:
-                raise refuse("send /tasks no body or an empty JSON object {}")
+        if await read_json(request, SMALL_BODY, "/tasks", TASKS_INPUT_USAGE) not in (None, {}):
+            raise refuse(TASKS_INPUT_USAGE)
         return cls.model_construct()

@@ -40,22 +40,18 @@ class MicroBatcher:
             self._loop, self._queue, self._arrived = loop, asyncio.Queue(), asyncio.Event()
             self._collector = loop.create_task(self._collect(), name="mutask-batcher")
 
-    class _Expect:
-        def __init__(self, b):
-            self.b = b
+    def expect(self) -> "MicroBatcher":
+        """``with batcher.expect():`` around a request's decoding: while it runs, the collector
+        waits (up to max_wait_ms) for it instead of running a smaller batch."""
+        return self
 
-        def __enter__(self):
-            self.b.incoming += 1
+    def __enter__(self) -> None:
+        self.incoming += 1
 
-        def __exit__(self, *exc):
-            self.b.incoming -= 1
-            if self.b._arrived is not None:
-                self.b._arrived.set()
-
-    def expect(self):
-        """Context manager around a request's decoding: while it runs, the collector waits
-        (up to max_wait_ms) for it instead of running a smaller batch."""
-        return MicroBatcher._Expect(self)
+    def __exit__(self, *exc) -> None:
+        self.incoming -= 1
+        if self._arrived is not None:
+            self._arrived.set()
 
     async def submit_tasks(self, items: list) -> list:
         """Logits for each (task, x) of ``items``, batched with concurrent requests as one unit

@@ -12,13 +12,14 @@ artifact was loaded: the engine builds sessions, checks each task once, and runs
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import weakref
 
 import numpy as np
 
-from .prepack import PrepackedPool, can_delete_mapped_files
+from .prepack import PrepackedPool
 from .sessions import EngineError, choose_providers, session_options
 
 __all__ = ["Engine", "EngineError"]
@@ -56,16 +57,14 @@ class Engine:
                     path = models[key]
                     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # done once, in the pool
                 session = ort.InferenceSession(str(path), so, providers=self.providers)
-            except EngineError:
-                raise
             except Exception as e:
                 raise EngineError(f"{what}: onnxruntime cannot load {path}: {e}") from e
             if len(session.get_inputs()) != 1:
                 raise EngineError(f"{what}: expected one input, the graph has {[i.name for i in session.get_inputs()]}")
             self.sessions[key] = session
         if self.pool is not None:
-            if can_delete_mapped_files():
-                self.pool.close()  # the sessions keep the pool's pages mapped
+            if os.name == "posix":
+                self.pool.close()  # the sessions keep the deleted pool's pages mapped
             else:
                 weakref.finalize(self, self.pool.close)
         self.weights_mode = "prepacked" if self.pool is not None else "own"
@@ -85,8 +84,6 @@ class Engine:
         """Whether a ``stats`` key (a segment, or a task's own graph) serves more than one task."""
         seg = self.segments.get(key)
         return bool(seg is not None and seg.shared)
-
-    # ---- inference --------------------------------------------------------------------------
 
     def run(self, items: list) -> list:
         """One float32 (n, num_labels) array of logits per item of ``items`` (task id, float32

@@ -1,7 +1,6 @@
-"""The page at ``/ui``: try every task from a browser (``serving/ui/``: plain HTML and
-JavaScript, no build step). The page uses only the public HTTP API (``POST /tasks``,
-``POST /predict_tasks``, ``POST /predict``); these routes only hand out its two files, and
-:data:`PATHS` is what the service adds to the paths its HTTP guard lets through."""
+"""The page at ``/ui``: try every task from a browser (``serving/ui/``: plain HTML and JavaScript
+that call the public HTTP API only). These routes hand out its two files; :data:`PATHS` is what
+the service adds to the paths its HTTP guard lets through (the guard strips a trailing slash)."""
 
 from __future__ import annotations
 
@@ -11,12 +10,9 @@ from starlette.responses import FileResponse
 from starlette.routing import Route
 
 UI_DIR = Path(__file__).resolve().parent / "ui"
-FILES = {"/ui/app.js": ("app.js", "text/javascript; charset=utf-8"), "/ui/index.html": ("index.html", "text/html; charset=utf-8")}
-PATHS = frozenset({"/ui", *FILES})  # what the HTTP guard lets through (it strips a trailing slash)
-
-
-async def _index(request):
-    return FileResponse(UI_DIR / "index.html", media_type="text/html; charset=utf-8", headers={"cache-control": "no-cache"})
+HTML, JS = ("index.html", "text/html; charset=utf-8"), ("app.js", "text/javascript; charset=utf-8")
+FILES = {"/ui": HTML, "/ui/": HTML, "/ui/index.html": HTML, "/ui/app.js": JS}
+PATHS = frozenset(path.rstrip("/") for path in FILES)
 
 
 def _file(name: str, media: str):
@@ -26,6 +22,4 @@ def _file(name: str, media: str):
     return serve
 
 
-ROUTES = [Route("/ui", _index, methods=["GET"]), Route("/ui/", _index, methods=["GET"])] + [
-    Route(path, _file(name, media), methods=["GET"]) for path, (name, media) in FILES.items()
-]
+ROUTES = [Route(path, _file(*spec), methods=["GET"]) for path, spec in FILES.items()]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import pathlib
 import shutil
 import tempfile
@@ -115,8 +114,3 @@ def _pad_to(f, align: int) -> int:
     if at % align:
         f.write(b"\0" * (align - at % align))
     return f.tell()
-
-
-def can_delete_mapped_files() -> bool:
-    """Whether the pool can be deleted while sessions map it (POSIX; not Windows)."""
-    return os.name == "posix"

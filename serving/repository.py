@@ -1,14 +1,10 @@
-"""A model repository: numbered versions of an exported system, swapped while the server runs.
-
-``ART`` is one artifact (version-less: served as it is) or a directory of numbered versions
-(:mod:`mutask.export.versions`). The newest version that verifies (or the pinned one) is
-served, and a thread polls the directory every ``poll_s`` seconds: a new newest version (or
-the served one removed: rollback) is verified and built off the request path, warm-up
-included, then swapped in by one assignment. Each request holds the version it started on
-(:class:`HoldVersion`) until its answer is sent; a retired version is closed when its last
-request is done. A version that fails is refused (logged, ``on_refuse``) and tried again only
-when its directory changes. The service supplies ``build(artifact, number) -> payload`` and
-``close(payload)``. See ``docs/live.md``.
+"""A model repository: numbered versions of an exported system, swapped while the server runs
+(``docs/live.md``). ``ART`` is one artifact (served as it is) or a directory of numbered
+versions (:mod:`mutask.export.versions`): the newest that verifies (or the pinned one) is
+served, and a thread polls for a newer one (or the served one removed: rollback), builds it off
+the request path and swaps it in. Each request holds the version it started on
+(:class:`HoldVersion`); a retired version is closed when its last request is done. A version
+that fails is refused and tried again only when its directory changes.
 """
 
 from __future__ import annotations
@@ -65,8 +61,8 @@ def candidates(root: Path, pin: int | None = None) -> list[tuple[int | None, Pat
 
 
 def _first(root, pin: int | None, load: Callable, refuse: Callable):
-    """``load(number, path)`` of the first candidate that loads; each failure goes to
-    ``refuse(number, path, reason)``; the best candidate's :class:`ServingError` when none loads."""
+    """``load(number, path)`` of the first candidate that loads, each failure reported to
+    ``refuse(number, path, reason)``; the best one's :class:`ServingError` when none loads."""
     first = None
     for number, path in candidates(root, pin):
         try:
@@ -97,8 +93,9 @@ _HELD: contextvars.ContextVar = contextvars.ContextVar("mutask_version", default
 
 
 class Repository:
-    """Serves one version of ``root`` at a time and swaps in newer ones (see the module);
-    ``on_swap(old, new, seconds)`` and ``on_refuse(number, reason)`` report (metrics)."""
+    """Serves one version of ``root`` at a time and swaps in newer ones. ``build(artifact,
+    number) -> payload`` and ``close(payload)`` come from the service; ``on_swap(old, new,
+    seconds)`` and ``on_refuse(number, reason)`` report (metrics)."""
 
     def __init__(self, root, *, build: Callable, close: Callable, pin: int | None = None, poll_s: float = 2.0,
                  on_swap: Callable | None = None, on_refuse: Callable | None = None):
@@ -195,8 +192,6 @@ class Repository:
         if old is not None:
             self.release(old, hold=False)
 
-    # ---- requests ----
-
     def version(self) -> Version:
         """The version the current request holds (:class:`HoldVersion`), else the served one."""
         return _HELD.get() or self.current
@@ -220,16 +215,10 @@ class Repository:
                 v.refs -= 1
             if not (v.retired and v.refs == 0):
                 return
-        loop = self.loop
-        if loop is not None and loop.is_running():
-            try:
-                running = asyncio.get_running_loop()
-            except RuntimeError:
-                running = None
-            if running is not loop:
-                loop.call_soon_threadsafe(self._close, v)
-                return
-        self._close(v)
+        if self.loop is not None and self.loop.is_running():
+            self.loop.call_soon_threadsafe(self._close, v)
+        else:
+            self._close(v)
 
     def _close(self, v: Version) -> None:
         payload, v.payload, v.artifact = v.payload, None, None

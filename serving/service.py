@@ -1,13 +1,10 @@
 """The BentoML service: every task of an exported muNet system from one process (no torch).
 
-Run it with ``mutask serve ART`` or ``MUTASK_ARTIFACT=ART bentoml serve mutask.serving.service:Mutask``
-(or ``MUTASK_BENTOML_MODEL=TAG``); its routes and settings: ``docs/serving.md``. ``ART`` may be
-a directory of versions swapped while serving (:mod:`mutask.serving.repository`): each request
-reads the engine, batcher and task records of the version it holds. A request takes one path:
-BentoML's route, the input's body reader (:mod:`mutask.serving.api`), the handler below, the
-cross-task batcher, the engine. Bad input is answered with BentoML's own errors, never a 500:
-an unknown task is ``NotFound`` (404) naming the valid ids, anything else ``BadInput`` (400).
-A worker that cannot start stops the whole server.
+``mutask serve ART`` or ``MUTASK_ARTIFACT=ART bentoml serve mutask.serving.service:Mutask``;
+routes and settings: ``docs/serving.md``. A request takes one path: BentoML's route, the input's
+body reader (:mod:`mutask.serving.api`), the handler, the batcher, the engine of the version it
+holds (:mod:`mutask.serving.repository`). Bad input is BentoML's ``NotFound`` (404, an unknown
+task) or ``BadInput`` (400), never a 500. A worker that cannot start stops the whole server.
 """
 
 from __future__ import annotations
@@ -23,11 +20,11 @@ from pathlib import Path
 
 import bentoml
 import numpy as np
-from bentoml.exceptions import BadInput, BentoMLException, NotFound
+from bentoml.exceptions import BentoMLException, NotFound
 from starlette.applications import Starlette
 
 from . import http, images, metrics, page
-from .api import BatchInput, BatchPrediction, Prediction, PredictInput, PredictTasksInput, TaskRecord, TasksInput, TasksPrediction, prediction, task_records
+from .api import BatchInput, BatchPrediction, Prediction, PredictInput, PredictTasksInput, TaskRecord, TasksInput, TasksPrediction, prediction, refuse, task_records
 from .batcher import MicroBatcher
 from .engine import Engine, EngineError
 from .loader import ENV_MODEL, ServingError, artifact_source, resolve_artifact_path
@@ -36,23 +33,20 @@ from .settings import Settings, SettingsError, cpu_count
 
 log = logging.getLogger("bentoml.serve")
 
-# A lone small image is decoded on the event loop (a thread hop costs more than decoding it):
-# a PNG or JPEG of at most INLINE_BYTES and INLINE_PIXELS whose header holds nothing compressed
-# (a PNG's zTXt/iTXt/iCCP chunks are inflated while its header is read: 60 KB of them held the
-# loop for ~160 ms). Anything else is decoded in the decode pool.
+# A lone small PNG or JPEG (INLINE_BYTES, INLINE_PIXELS) is decoded on the event loop (a thread
+# hop costs more) unless its header holds compressed chunks (a PNG's zTXt/iTXt/iCCP are inflated
+# while the header is read: 60 KB of them held the loop ~160 ms); the rest in the decode pool.
 INLINE_PIXELS = 128 * 128
 INLINE_BYTES = 16 * 1024
 _PNG, _JPEG = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
-# What the service answers besides its APIs (BentoML's); the OpenAPI page's assets are under
-# /static_content/, which the service's configuration keeps out of the access log and metrics.
+# BentoML's own paths, and the prefix of the OpenAPI page's assets
 BENTOML_PATHS = ("/", "/livez", "/healthz", "/readyz", "/metrics", "/docs.json", "/schema.json")
 ASSETS_PREFIX = "/static_content/"
 
 
 def _startup_failed(exc: BaseException) -> None:
-    """A worker that cannot start takes the whole server down (BentoML would restart it in a
-    loop behind a listening socket); the message goes to the log and to
-    ``MUTASK_STARTUP_ERROR_FILE`` (``mutask serve`` reads it and exits 2)."""
+    """A worker that cannot start takes the server down (BentoML would restart it in a loop),
+    saying why in the log and in ``MUTASK_STARTUP_ERROR_FILE`` (``mutask serve`` exits 2)."""
     message = str(exc) if isinstance(exc, (ServingError, SettingsError, EngineError)) else f"{type(exc).__name__}: {exc}"
     log.error("mutask: the service cannot start: %s", message)
     path = os.environ.get("MUTASK_STARTUP_ERROR_FILE")
@@ -68,9 +62,8 @@ def _startup_failed(exc: BaseException) -> None:
 
 
 def one_line_client_errors(record: logging.LogRecord) -> bool:
-    """A log filter: BentoML logs every error its handlers raise with a traceback, a client's
-    4xx included (a flood of bad input, a flood of tracebacks); keep the line with the status
-    and message, drop the traceback."""
+    """A log filter: BentoML logs a client's 4xx with a traceback (a flood of bad input, a flood
+    of tracebacks); keep the line with the status and message, drop the traceback."""
     exc = record.exc_info[1] if record.exc_info else None
     if isinstance(exc, BentoMLException) and exc.error_code < 500:
         record.msg, record.args = f"{record.getMessage()}: {exc.error_code.value} {exc}", ()
@@ -111,16 +104,12 @@ class ErrorObjects:
 
 
 class Payload:
-    """One version's engine (warmed up: every task once, in one mixed batch), its own batcher
-    (whose batches it counts in the metrics) and its task records."""
+    """One version's engine (warm: :meth:`Engine.verify` ran every session at load), its own
+    batcher (whose batches it counts in the metrics) and its task records."""
 
     def __init__(self, engine, number: int | None, *, max_batch: int = 32, max_wait_ms: float = 2.0):
         self.engine, self.number = engine, number
         self.records = task_records(engine, number)
-        items = [(tid, np.full((1, 3, t.image_size, t.image_size), 0.25, np.float32)) for tid, t in engine.tasks.items()]
-        for (tid, _), y in zip(items, engine.run(items)):
-            if not np.isfinite(y).all():
-                raise ValueError(f"task {tid}: non-finite logits in the warm-up run")
         self.segment_seconds: dict[str, float] = {}  # what the metrics have counted of engine.stats
         self.batcher = MicroBatcher(engine, max_batch=max_batch, max_wait_ms=max_wait_ms, on_batch=self._count)
 
@@ -162,8 +151,7 @@ _TRACING = {} if _SETTINGS and _SETTINGS.tracing else {"excluded_urls": ["/predi
     logging={"access": _ACCESS}, tracing=_TRACING,
 )
 class Mutask:
-    """Every task of an exported muNet system (ONNX graphs over one copy of the weights);
-    concurrent requests for any tasks batched together."""
+    """Every task of an exported muNet system; concurrent requests for any tasks batched together."""
 
     if os.environ.get(ENV_MODEL, "").strip() and not os.environ.get("MUTASK_ARTIFACT", "").strip():
         bento_model = bentoml.models.BentoModel(os.environ[ENV_MODEL].strip())  # shipped in a Bento
@@ -273,7 +261,7 @@ class Mutask:
             try:
                 blobs.append(base64.b64decode(s, validate=True))
             except (binascii.Error, ValueError):
-                raise self._bad(f"images[{i}] is not valid base64", [task]) from None
+                raise refuse(f"images[{i}] is not valid base64", task) from None
         return BatchPrediction(task=task, predictions=(await self._infer([task], blobs, t0))[0])
 
     @bentoml.api(route="/tasks", input_spec=TasksInput)
@@ -294,14 +282,8 @@ class Mutask:
         for task in tasks:
             self.metrics.requests.labels(task=task).inc()
 
-    def _bad(self, message: str, tasks: list[str], kind: str = "bad_request") -> BadInput:
-        for task in tasks:
-            self.metrics.errors.labels(task=task, kind=kind).inc()
-        return BadInput(message)
-
     def _decode(self, pres: list, data: bytes | Path, budget: images.PixelBudget) -> list:
-        """One image (bytes, or a path from a Python caller) decoded once, one input per
-        preprocessing of ``pres``."""
+        """One image (bytes, or a Python caller's path), one input per preprocessing of ``pres``."""
         s = self.settings
         if isinstance(data, Path):
             try:
@@ -314,8 +296,7 @@ class Mutask:
         return images.preprocess_for(data, pres, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels, budget=budget)
 
     def _decode_small(self, pres: list, data) -> list | None:
-        """A lone small image decoded here, on the event loop (see INLINE_BYTES); None for
-        anything else (the decode pool's work)."""
+        """A lone small image decoded on the event loop (see INLINE_BYTES), else None."""
         if not isinstance(data, bytes) or len(data) > INLINE_BYTES:
             return None
         if not (data.startswith(_JPEG) or (data.startswith(_PNG) and not any(c in data for c in (b"zTXt", b"iTXt", b"iCCP")))):
@@ -328,9 +309,8 @@ class Mutask:
         return [images.to_input(image, pre) for pre in pres]
 
     async def _infer(self, tasks: list[str], sources: list, t0: float) -> list[list[Prediction]]:
-        """Decode ``sources`` (bytes or paths) once per distinct preprocessing of ``tasks``, run
-        them for every task batched with other requests, answer (one list of predictions per
-        task); the request's latency (from ``t0``) is observed per task when it succeeds."""
+        """One list of predictions per task for ``sources`` (bytes or paths), each decoded once per
+        distinct preprocessing, batched with other requests; latency from ``t0`` observed."""
         loop = asyncio.get_running_loop()
         held = self.version.payload  # the version this request holds, for its whole life
         specs, batcher = held.engine.tasks, held.batcher
@@ -344,7 +324,7 @@ class Mutask:
                     xs = [xi[0] if len(xi) == 1 else np.concatenate(xi, axis=0) for xi in zip(*per_image)]
             except images.ImageError as e:
                 which = "" if len(sources) == 1 else " (one of the images)"
-                raise self._bad(f"bad image{which}: {e}", tasks, kind="bad_image") from None
+                raise refuse(f"bad image{which}: {e}", *tasks, kind="bad_image") from None
         by_pre = dict(zip(pres, xs))
         try:
             logits = await batcher.submit_tasks([(t, by_pre[specs[t].preprocessing]) for t in tasks])
