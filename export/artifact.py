@@ -1,13 +1,14 @@
-"""Reading an exported artifact, without torch (``serving`` imports this module; nothing here
-writes one). :func:`load_artifact` validates the manifest with its schema
-(:mod:`mutask.export.manifest`) and proves that every weight a graph reads is exactly one
-tensor of ``weights.safetensors``. The format: ``export/FORMAT.md``.
+"""Reading an exported artifact, and a directory of numbered versions of one, without torch
+(``serving`` imports this module; nothing here writes an artifact). :func:`load_artifact`
+validates the manifest with its schema (:mod:`mutask.export.manifest`) and proves that every
+weight a graph reads is exactly one tensor of ``weights.safetensors`` (``export/FORMAT.md``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pathlib
 import struct
 
@@ -197,3 +198,23 @@ def _verify_files(art: Artifact, size: int) -> None:
                     f"{gpath}: initializer {r['name']!r} reads bytes {r['offset']}..{r['offset'] + (r['length'] or 0)} of {wpath.name}, "
                     f"which are not one tensor of that file ({size} bytes). {reexport_hint(d)}"
                 )
+
+
+# A directory of numbered versions (DIR/1, DIR/2, ...: each an artifact) is what `mutask export
+# --into DIR` writes and the server's model repository serves; only names of ASCII digits are
+# versions, so an export's temporary `.N.export-*` directory, renamed to DIR/N when complete, is not.
+
+
+def is_repository(root) -> bool:
+    """A directory of numbered versions: a directory without a manifest of its own."""
+    root = pathlib.Path(root)
+    return root.is_dir() and not (root / MANIFEST).exists()
+
+
+def version_numbers(root) -> list[int]:
+    """The numbered versions in ``root``, oldest first."""
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return []
+    return sorted(int(e.name) for e in entries if e.name.isascii() and e.name.isdigit() and e.is_dir())

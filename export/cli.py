@@ -32,7 +32,7 @@ def _cmd_export(a) -> None:
 
     if a.parity_samples < 0:
         raise MutaskError(f"--parity-samples must be 0 (all) or positive, got {a.parity_samples}.")
-    if a.into:  # a model repository's next version (export/versions.py)
+    if a.into:  # a model repository's next version
         if a.out or a.force or a.verify_only:
             raise MutaskError("--into DIR writes the next numbered version of DIR, never over an existing one; drop --out, --force and --verify-only.")
         a.out = str(next_version_path(a.into))
@@ -77,7 +77,7 @@ def next_version_path(root) -> pathlib.Path:
     from mutask.errors import MutaskError
 
     from .manifest import MANIFEST
-    from .versions import version_numbers
+    from .artifact import version_numbers
 
     root = pathlib.Path(root)
     if root.exists() and not root.is_dir():

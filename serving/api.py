@@ -232,15 +232,17 @@ async def read_form(request, max_image_bytes: int, many: bool = False) -> tuple:
         await form.close()
 
 
-async def read_json(request, limit: int, what: str, usage: str):
-    """The JSON document of a body of at most ``limit`` bytes, None for an empty body;
-    BadInput (naming ``usage``) for another media type or invalid JSON."""
+async def read_json(request, limit: int, what: str, usage: str, *, empty_ok: bool = False):
+    """The JSON document of a body of at most ``limit`` bytes (``{}`` for no body with
+    ``empty_ok``); BadInput naming ``usage`` for another media type, no body or invalid JSON."""
     media = media_type(request)
     if media not in ("", "application/json"):
         raise refuse(f"{usage} (Content-Type: application/json), not {media}")
     body = await read_body(request, limit, what)
+    if empty_ok and not body:
+        return {}
     if not body.strip():
-        return None
+        raise refuse(f"empty body: {usage}")
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as e:
@@ -250,8 +252,6 @@ async def read_json(request, limit: int, what: str, usage: str):
 async def read_batch(request, max_body_bytes: int, max_images: int) -> tuple[str, list[str]]:
     """(task, base64 images) of a /predict_batch JSON body; BadInput with the reason."""
     doc = await read_json(request, max_body_bytes, "/predict_batch (MUTASK_MAX_BODY_BYTES)", BATCH_USAGE)
-    if doc is None:
-        raise refuse(f"empty body: {BATCH_USAGE}")
     if not isinstance(doc, dict):
         raise refuse(f"the body is JSON but not an object: {BATCH_USAGE}")
     task, images = doc.get("task"), doc.get("images")
@@ -332,6 +332,6 @@ class TasksInput(bentoml.IODescriptor):
 
     @classmethod
     async def from_http_request(cls, request, serde) -> "TasksInput":
-        if await read_json(request, SMALL_BODY, "/tasks", TASKS_INPUT_USAGE) not in (None, {}):
+        if await read_json(request, SMALL_BODY, "/tasks", TASKS_INPUT_USAGE, empty_ok=True) != {}:
             raise refuse(TASKS_INPUT_USAGE)
         return cls.model_construct()

@@ -30,10 +30,6 @@ SAVE_CONFIG = {
 }
 
 
-class PrepackError(RuntimeError):
-    """This ONNX Runtime cannot write pre-packed optimized models (the engine falls back)."""
-
-
 class PrepackedPool:
     """Optimized, pre-packed copies of graphs, all reading one pool file: ``add`` each graph
     (with the session options it will run with), ``finish()`` for {key: pooled model path},
@@ -58,7 +54,7 @@ class PrepackedPool:
             options.add_session_config_entry(k, v)
         ort.InferenceSession(str(graph_path), options, providers=providers)  # writes the optimized model
         if not (self.dir / f"{stem}.onnx").exists():
-            raise PrepackError(f"onnxruntime {ort.__version__} wrote no optimized model for {graph_path}")
+            raise RuntimeError(f"onnxruntime {ort.__version__} wrote no optimized model for {graph_path}")
         self._models[key] = self.dir / f"{stem}.onnx"
 
     def finish(self) -> dict[str, pathlib.Path]:

@@ -1,6 +1,6 @@
 """A model repository: numbered versions of an exported system, swapped while the server runs
 (``docs/live.md``). ``ART`` is one artifact (served as it is) or a directory of numbered
-versions (:mod:`mutask.export.versions`): the newest that verifies (or the pinned one) is
+versions (:func:`mutask.export.artifact.version_numbers`): the newest that verifies (or the pinned one) is
 served, and a thread polls for a newer one (or the served one removed: rollback), builds it off
 the request path and swaps it in. Each request holds the version it started on
 (:class:`HoldVersion`); a retired version is closed when its last request is done. A version
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mutask.export.manifest import MANIFEST
-from mutask.export.versions import is_repository, version_numbers
+from mutask.export.artifact import is_repository, version_numbers
 
 from .loader import ServingError, clear_cache, open_artifact
 
