@@ -34,8 +34,7 @@ Shape = list[Union[int, Literal["batch"]]]
 
 
 class ArtifactError(MutaskError):
-    """An artifact that is missing, damaged, tampered with, or of another format version
-    (a manifest that is not valid JSON or does not validate included)."""
+    """An artifact that is missing, damaged, tampered with, or of another format version."""
 
 
 class Strict(BaseModel):

@@ -48,7 +48,7 @@ def add_parser(subparsers) -> None:
 
 
 def _check_port(host: str, port: int) -> None:
-    from .loader import ServingError
+    from .repository import ServingError
 
     if not 0 < port < 65536:
         raise ServingError(f"--port {port} is not a TCP port (1-65535)")
@@ -97,7 +97,7 @@ def _own_prometheus_dir() -> str:
 
 
 def _cmd_serve(a) -> None:
-    from .loader import ENV_ARTIFACT, ENV_MODEL, ServingError
+    from .repository import ENV_ARTIFACT, ENV_MODEL, ServingError
     from .settings import Settings
 
     for name, value in (("--threads", a.threads), ("--max-batch", a.max_batch), ("--max-image-bytes", a.max_image_bytes)):

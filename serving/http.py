@@ -1,8 +1,7 @@
-"""Connection limits on uvicorn's httptools protocol: what a production server bounds before a
-request reaches the application, and BentoML has no setting for (it gives uvicorn no protocol,
-header, connection or header-timeout option). :class:`GuardedHttpToolsProtocol` adds them,
-answering as uvicorn answers a malformed request (a short response, the connection closed),
-never reaching the application or its metrics (the settings: ``docs/serving.md``):
+"""Connection limits that BentoML has no setting for (it gives uvicorn no protocol, header,
+connection or header-timeout option): :class:`GuardedHttpToolsProtocol`, uvicorn's httptools
+protocol with them added, answers as uvicorn answers a malformed request (a short response,
+the connection closed), before the application and its metrics (settings: ``docs/serving.md``):
 
 * request line + headers over ``max_header_bytes``, or over ``max_headers`` headers: 431;
 * headers not complete within ``header_timeout_s`` of their first byte (or of the connection): 408;

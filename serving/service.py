@@ -22,13 +22,14 @@ import bentoml
 import numpy as np
 from bentoml.exceptions import BentoMLException, NotFound
 from starlette.applications import Starlette
+from starlette.responses import FileResponse
+from starlette.routing import Route
 
-from . import http, images, metrics, page
+from . import http, images, metrics
 from .api import BatchInput, BatchPrediction, Prediction, PredictInput, PredictTasksInput, TaskRecord, TasksInput, TasksPrediction, prediction, refuse, task_records
 from .batcher import MicroBatcher
 from .engine import Engine, EngineError
-from .loader import ENV_MODEL, ServingError, artifact_source, resolve_artifact_path
-from .repository import HoldVersion, Repository, open_served
+from .repository import ENV_MODEL, HoldVersion, Repository, ServingError, artifact_source, open_served, resolve_artifact_path
 from .settings import Settings, SettingsError, cpu_count
 
 log = logging.getLogger("bentoml.serve")
@@ -42,6 +43,17 @@ _PNG, _JPEG = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
 # BentoML's own paths, and the prefix of the OpenAPI page's assets
 BENTOML_PATHS = ("/", "/livez", "/healthz", "/readyz", "/metrics", "/docs.json", "/schema.json")
 ASSETS_PREFIX = "/static_content/"
+# The page at /ui (serving/ui/: HTML and JavaScript that call the public API only): its files
+UI_DIR = Path(__file__).resolve().parent / "ui"
+_HTML, _JS = ("index.html", "text/html; charset=utf-8"), ("app.js", "text/javascript; charset=utf-8")
+UI_FILES = {"/ui": _HTML, "/ui/": _HTML, "/ui/index.html": _HTML, "/ui/app.js": _JS}
+
+
+def _ui_file(name: str, media: str):
+    async def serve(request):
+        return FileResponse(UI_DIR / name, media_type=media, headers={"cache-control": "no-cache"})
+
+    return serve
 
 
 def _startup_failed(exc: BaseException) -> None:
@@ -145,7 +157,7 @@ _ACCESS = {"enabled": bool(_SETTINGS and _SETTINGS.access_log),
 _TRACING = {} if _SETTINGS and _SETTINGS.tracing else {"excluded_urls": ["/predict", "/predict_tasks", "/predict_batch", "/tasks", *BENTOML_PATHS]}
 
 
-@bentoml.asgi_app(Starlette(routes=page.ROUTES), path="/", name="mutask-ui")  # the page at /ui, beside BentoML's routes
+@bentoml.asgi_app(Starlette(routes=[Route(path, _ui_file(*f), methods=["GET"]) for path, f in UI_FILES.items()]), path="/", name="mutask-ui")
 @bentoml.service(
     name="mutask", workers=1, traffic={"timeout": 120, "max_concurrency": 1024}, metrics={"enabled": True},
     logging={"access": _ACCESS}, tracing=_TRACING,
@@ -168,8 +180,9 @@ class Mutask:
         for handler in logging.getLogger("bentoml").handlers or logging.getLogger().handlers:
             if one_line_client_errors not in handler.filters:
                 handler.addFilter(one_line_client_errors)
-        # the paths served: the HTTP guard answers any other with a 404
-        http.configure(s, {api.route for api in Mutask.apis.values()} | set(BENTOML_PATHS) | page.PATHS, prefixes=(ASSETS_PREFIX,))
+        # the paths served (the guard strips a trailing slash): it answers any other with a 404
+        served = {api.route for api in Mutask.apis.values()} | set(BENTOML_PATHS) | {p.rstrip("/") for p in UI_FILES}
+        http.configure(s, served, prefixes=(ASSETS_PREFIX,))
         m = self.metrics = metrics.get()
         self._decode_pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(4, cpu_count())), thread_name_prefix="mutask-decode")
         self.repo = Repository(resolve_artifact_path(), build=self._build_version, close=Payload.close, pin=s.version, poll_s=s.poll_s,

@@ -165,7 +165,7 @@ def test_version_in_flight_finishes_then_closes(repo_dir):
 
 def test_swapped_out_engine_is_freed(repo_dir):
     """With real engines: after a swap, once its last request is done, nothing refers to the old
-    version's engine (the loader's cache included)."""
+    version's engine (the artifact cache included)."""
     import gc
     import weakref
 
@@ -191,7 +191,7 @@ def test_swapped_out_engine_is_freed(repo_dir):
 
 
 def test_settings_and_candidates_refuse_clearly(repo_dir, tmp_path, monkeypatch):
-    from mutask.serving.loader import ServingError
+    from mutask.serving.repository import ServingError
     from mutask.serving.repository import candidates
     from mutask.serving.settings import Settings, SettingsError
 

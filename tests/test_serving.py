@@ -126,7 +126,7 @@ def test_artifact_from_a_bentoml_model(serving_artifact, monkeypatch):
 
     import bentoml
 
-    from mutask.serving.loader import open_artifact
+    from mutask.serving.repository import open_artifact
 
     with bentoml.models.create("mutask-serving-test") as model:
         for f in serving_artifact.iterdir():
@@ -136,7 +136,7 @@ def test_artifact_from_a_bentoml_model(serving_artifact, monkeypatch):
     art = open_artifact(cache=False)
     assert set(art.tasks) == {"a", "b", "c", "d"} and str(art.path).startswith(str(bentoml.models.get(model.tag).path))
     monkeypatch.setenv("MUTASK_BENTOML_MODEL", "no-such-model:v1")
-    from mutask.serving.loader import ServingError
+    from mutask.serving.repository import ServingError
 
     with pytest.raises(ServingError, match="no such BentoML model"):
         open_artifact(cache=False)
@@ -362,7 +362,7 @@ def _damaged(serving_artifact, tmp_path):
 
 
 def test_bad_artifacts_are_refused(serving_artifact, tmp_path, monkeypatch):
-    from mutask.serving.loader import ServingError, open_artifact
+    from mutask.serving.repository import ServingError, open_artifact
 
     bad = _damaged(serving_artifact, tmp_path)
     for name, path in bad.items():
