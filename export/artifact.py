@@ -65,9 +65,9 @@ def read_safetensors_header(path) -> tuple[int, dict]:
 
 
 def external_refs(model_bytes: bytes) -> list[dict]:
-    """Every initializer of an ONNX model's main graph: ``{"name", "external": bool,
-    "location", "offset", "length", "inline_bytes"}``, read with ``onnx`` without loading any
-    external data. ``ValueError`` for bytes that are not an ONNX model."""
+    """Every external-data reference of an ONNX model's initializers: ``{"name", "location",
+    "offset", "length"}``, read with ``onnx`` without loading the data. ``ValueError`` for bytes
+    that are not an ONNX model."""
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
@@ -77,18 +77,8 @@ def external_refs(model_bytes: bytes) -> list[dict]:
         raise ValueError(f"not an ONNX model: {e}") from None
     if not model.HasField("graph"):
         raise ValueError("no graph in the model")
-    out = []
-    for t in model.graph.initializer:
-        info = ExternalDataInfo(t) if uses_external_data(t) else None
-        out.append({
-            "name": t.name,
-            "external": info is not None,
-            "location": info.location if info else None,
-            "offset": (info.offset or 0) if info else 0,
-            "length": info.length if info else None,
-            "inline_bytes": len(t.raw_data),
-        })
-    return out
+    infos = [(t.name, ExternalDataInfo(t)) for t in model.graph.initializer if uses_external_data(t)]
+    return [{"name": name, "location": i.location, "offset": i.offset or 0, "length": i.length} for name, i in infos]
 
 
 class Artifact:
@@ -132,6 +122,7 @@ class Artifact:
     def chain(self, task: str) -> list[str]:
         """The task's segment ids, first (image in) to last (logits out)."""
         return list(self._task(task).segments)
+
 
 def load_artifact(path, verify: bool = True) -> Artifact:
     """Open an artifact directory: validate the manifest and check that every file exists; with
@@ -189,8 +180,6 @@ def _verify_files(art: Artifact, size: int) -> None:
         except ValueError as e:
             raise ArtifactError(f"{gpath} is not a readable ONNX model ({e}). {reexport_hint(d)}") from e
         for r in refs:
-            if not r["external"]:
-                continue
             if r["location"] != manifest.weights:
                 raise ArtifactError(f"{gpath}: initializer {r['name']!r} reads {r['location']!r}, not {manifest.weights}.")
             if (r["offset"], r["length"]) not in ranges:  # the header's ranges all lie inside the file

@@ -159,10 +159,6 @@ def content_digest(doc: dict) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()
 
 
-def _plain_name(name: str) -> bool:
-    return name not in ("", ".", "..") and "/" not in name and "\\" not in name and not os.path.isabs(name)
-
-
 class Manifest(Strict):
     """The whole manifest (``manifest.json``). No field outside the schema is allowed."""
 
@@ -185,7 +181,7 @@ class Manifest(Strict):
     @model_validator(mode="after")
     def _cross_references(self) -> "Manifest":
         for name in [self.weights, *self.graph_files()]:
-            if not _plain_name(name):
+            if name in ("", ".", "..") or "/" in name or "\\" in name or os.path.isabs(name):
                 raise ValueError(f"file {name!r} is not a plain file name inside the artifact directory")
         for name in self.graph_files():
             if name not in self.graphs:

@@ -1,11 +1,10 @@
 """The HTTP API's types: what each route takes (and how its body is read) and what it answers.
 
-Each route's input is a ``bentoml.IODescriptor`` (its schema states what the reader accepts,
-so the OpenAPI document is the contract) whose ``from_http_request`` reads the body itself:
-bounded while it is read, the form parsed in memory, every malformed request a
-:class:`~bentoml.exceptions.BadInput` (400) saying why. BentoML's generic multipart parsing
-would fetch a URL given in a file field, write uploads to files named by the client, JSON-decode
-text fields without a depth limit and take the first of several files silently.
+Each route's input is a ``bentoml.IODescriptor`` (its schema is the contract) that reads the
+body itself: bounded, parsed in memory, every malformed request a ``BadInput`` (400) saying why.
+BentoML's generic multipart parsing would fetch a URL given in a file field, write uploads to
+files named by the client, JSON-decode text fields without a depth limit and take the first of
+several files silently.
 """
 
 from __future__ import annotations
@@ -155,14 +154,11 @@ async def _drain(request, limit: int) -> None:
 def task_text(raw: str) -> str:
     """A task field as text: BentoML's clients JSON-encode text fields (``"digits"``, quoted),
     others send them raw."""
-    if len(raw) >= 2 and raw[0] == raw[-1] == '"':
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            return raw
-        if isinstance(value, str):
-            return value
-    return raw
+    try:
+        value = json.loads(raw) if len(raw) >= 2 and raw[0] == raw[-1] == '"' else raw
+    except ValueError:
+        return raw
+    return value if isinstance(value, str) else raw
 
 
 def task_names(raw: str) -> list[str]:
@@ -281,8 +277,8 @@ TASK = Field(description="Task id (see POST /tasks)", examples=["digits"])
 
 
 class PredictInput(bentoml.IODescriptor):
-    """POST /predict: multipart/form-data with ``task`` and one ``image`` file. Over HTTP the
-    upload reaches the handler as bytes; Python callers may pass a file path."""
+    """POST /predict: multipart/form-data with ``task`` and one ``image`` file (bytes over HTTP;
+    Python callers may pass a path)."""
 
     task: str = TASK
     image: Path = IMAGE

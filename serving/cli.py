@@ -113,7 +113,7 @@ def _cmd_serve(a) -> None:
 
     os.environ[ENV_ARTIFACT] = str(path)
     os.environ.pop(ENV_MODEL, None)
-    os.environ.update(settings.to_env())
+    os.environ.update(settings_env(settings))
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
     import tempfile
@@ -152,3 +152,9 @@ def _cmd_serve(a) -> None:
     if failure:
         raise ServingError(f"the service could not start, the server stopped: {failure}")
     print("mutask serve: stopped", file=sys.stderr)
+
+
+def settings_env(settings) -> dict[str, str]:
+    """The ``MUTASK_*`` environment that makes :meth:`Settings.from_env` return ``settings``
+    (how ``mutask serve`` hands its flags to the BentoML worker)."""
+    return {f"MUTASK_{k.upper()}": "" if v is None else str(v).lower() if isinstance(v, bool) else str(v) for k, v in settings.model_dump().items()}

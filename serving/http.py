@@ -1,7 +1,6 @@
-"""Connection limits that BentoML has no setting for (it gives uvicorn no protocol, header,
-connection or header-timeout option): :class:`GuardedHttpToolsProtocol`, uvicorn's httptools
-protocol with them added, answers as uvicorn answers a malformed request (a short response,
-the connection closed), before the application and its metrics (settings: ``docs/serving.md``):
+"""Connection limits BentoML has no setting for (``docs/serving.md``): uvicorn's httptools
+protocol with them added (:class:`GuardedHttpToolsProtocol`), answering as uvicorn answers a
+malformed request (a short response, the connection closed), before the application:
 
 * request line + headers over ``max_header_bytes``, or over ``max_headers`` headers: 431;
 * headers not complete within ``header_timeout_s`` of their first byte (or of the connection): 408;
@@ -12,8 +11,8 @@ the connection closed), before the application and its metrics (settings: ``docs
 * a path the service does not serve: 404 (BentoML's metrics label requests by their raw path: a
   scan of random URLs would add series without bound).
 
-:func:`install` makes it uvicorn's ``"auto"`` protocol (in a server worker, before uvicorn loads
-its configuration); :func:`configure` gives it the settings and paths when the service starts.
+:func:`install` makes it uvicorn's protocol (in a server worker, before uvicorn's configuration
+loads); :func:`configure` gives it the settings and paths when the service starts.
 """
 
 from __future__ import annotations
@@ -76,15 +75,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._arm(Limits.settings.header_timeout_s)
 
-    def _between_requests(self) -> bool:
-        """Kept alive after a response, its next request not begun."""
-        return not self._awaiting_headers and self.cycle is not None and self.cycle.response_complete
-
     def _evict_idle(self) -> bool:
         """Close the oldest idle connection (waiting for request headers: answered 408; between
         requests: closed, as its keep-alive expiring would); False if none is idle."""
         idle = [c for c in self.connections if isinstance(c, GuardedHttpToolsProtocol) and not c._refused
-                and (c._awaiting_headers or c._between_requests())]
+                and (c._awaiting_headers or (c.cycle is not None and c.cycle.response_complete))]  # or kept alive
         if not idle:
             return False
         oldest = min(idle, key=lambda c: c._opened)

@@ -1,14 +1,12 @@
 """Pre-packed weights, one copy for every session: ONNX Runtime's own optimized models, pooled.
 
-ONNX Runtime runs a MatMul fastest from a weight it has *pre-packed* for its GEMM kernels, and
-by default every session packs its own copy (its shared prepacked-weights container is not in
-the Python API; turning pre-packing off costs up to 2x per run). So each graph is optimized once
-at engine start with ``session.save_external_prepacked_constant_initializers``, which writes its
-initializers and their packed forms to an external data file; the blobs of all those files are
-pooled into one file, each distinct blob once, and every optimized model points at the pool.
-Sessions load them with optimizations off and map the pool's pages: every weight in memory once,
-at the speed of sessions that own their packs. The pool is made for this CPU in a temporary
-directory at each start and deleted once mapped (POSIX keeps the pages). CPU only.
+ONNX Runtime runs a MatMul fastest from a weight *pre-packed* for its kernels, and every session
+packs its own copy (sharing packs is not in the Python API; no pre-packing costs up to 2x). So
+each graph is optimized once at engine start with
+``session.save_external_prepacked_constant_initializers`` (initializers and their packs to an
+external data file), all those blobs pooled into one file, each distinct blob once, and the
+models pointed at it: sessions load them unoptimized and map the pool, every weight in memory
+once. The pool is made for this CPU at each start and deleted once mapped. CPU only.
 """
 
 from __future__ import annotations
@@ -68,7 +66,8 @@ class PrepackedPool:
                 digest = hashlib.blake2b(blob, digest_size=20).digest()
                 at = offsets.get(digest)
                 if at is None:
-                    at = offsets[digest] = _pad_to(pool, ALIGN)
+                    pool.write(b"\0" * (-pool.tell() % ALIGN))
+                    at = offsets[digest] = pool.tell()
                     pool.write(blob)
                     self.placed += 1
                 self.references += 1
@@ -104,9 +103,3 @@ class PrepackedPool:
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
-
-def _pad_to(f, align: int) -> int:
-    at = f.tell()
-    if at % align:
-        f.write(b"\0" * (align - at % align))
-    return f.tell()

@@ -1,14 +1,11 @@
-"""Where the served artifact comes from, and a model repository of its versions, swapped while
-the server runs (``docs/live.md``).
+"""Where the served artifact comes from, and its versions, swapped while serving (``docs/live.md``).
 
-``MUTASK_ARTIFACT`` names a directory (``MUTASK_BENTOML_MODEL`` a BentoML model, as ``mutask
-export --bentoml-model`` writes it): one artifact (served as it is) or a directory of numbered
-versions (:func:`mutask.export.artifact.version_numbers`). The newest that verifies (or the
-pinned one) is served; a missing, truncated or tampered one is a :class:`ServingError` before
-anything starts (exit code 2). A thread polls for a newer version (or the served one removed:
-rollback), builds it off the request path and swaps it in. Each request holds the version it
-started on (:class:`HoldVersion`); a retired version is closed when its last request is done.
-A version that fails is refused and tried again only when its directory changes.
+``MUTASK_ARTIFACT`` (or ``MUTASK_BENTOML_MODEL``, a BentoML model) names one artifact (served as
+it is) or a directory of numbered versions, whose newest that verifies (or the pinned one) is
+served; none is a :class:`ServingError` before anything starts (exit code 2). A thread polls for
+a newer version (or the served one removed: rollback), builds it off the request path and swaps
+it in. Each request holds the version it started on (:class:`HoldVersion`); a retired version
+closes after its last request. A version that fails is tried again only when its directory changes.
 """
 
 from __future__ import annotations
@@ -94,12 +91,6 @@ def open_artifact(artifact: str | os.PathLike | None = None, *, cache: bool = Tr
             _CACHE.clear()  # the last one only: a server that swaps versions keeps none of the old ones
             _CACHE[key] = art
         return art
-
-
-def clear_cache() -> None:
-    """Forget the cached artifact (a swapped-out version's)."""
-    with _LOCK:
-        _CACHE.clear()
 
 
 def signature(path: Path) -> tuple:
@@ -263,7 +254,8 @@ class Repository:
                  new.number, new.path, len(new.artifact.tasks), seconds, old.number if old else None)
         if self.on_swap is not None:
             self.on_swap(old, new, seconds)
-        clear_cache()  # the cache must not keep the old version's artifact
+        with _LOCK:  # the artifact cache must not keep the old version's artifact
+            _CACHE.clear()
         if old is not None:
             self.release(old, hold=False)
 

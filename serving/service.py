@@ -141,7 +141,8 @@ class Payload:
         for key, st in engine.stats.items():
             delta = st["seconds"] - self.segment_seconds.get(key, 0.0)
             if delta > 0:
-                m.segment_seconds.labels(segment=key, shared=str(engine.is_shared(key)).lower()).inc(delta)
+                shared = key in engine.segments and engine.segments[key].shared  # a task's own graph never is
+                m.segment_seconds.labels(segment=key, shared=str(shared).lower()).inc(delta)
                 self.segment_seconds[key] = st["seconds"]
 
 

@@ -74,7 +74,3 @@ class Settings(BaseSettings):
             name = f"MUTASK_{field.upper()}" if field else "MUTASK_*"
             flag = f" ({FLAGS[field]})" if field in FLAGS else ""
             raise SettingsError(f"{name}={err.get('input')!r}{flag}: {err['msg']}") from None
-
-    def to_env(self) -> dict[str, str]:
-        """The environment that makes :meth:`from_env` return these settings."""
-        return {f"MUTASK_{k.upper()}": "" if v is None else str(v).lower() if isinstance(v, bool) else str(v) for k, v in self.model_dump().items()}
