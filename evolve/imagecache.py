@@ -44,9 +44,8 @@ import numpy as np
 import PIL
 from PIL import Image
 
-from mutask.cache import cache_dir
+from mutask.cache import cache_dir, current_umask, write_document
 from mutask.cores import available_cores
-from mutask.documents import current_umask, write_document
 from mutask.errors import MutaskError
 from mutask.preprocessing import resize_rgb, to_rgb_array
 

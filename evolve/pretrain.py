@@ -24,6 +24,7 @@ from mutask.cache import cache_dir
 from mutask.preprocessing import Preprocessing
 
 from .roots import build_model, load_root_dir, save_root_dir
+from .roots.base import preprocessing_record
 from .train import accuracy, augment, device, lr_scheduler, model_input, split_images
 
 log = logging.getLogger("mutask")
@@ -51,7 +52,7 @@ def pretrain(out, budget: str = "quick", seed: int = 0, show_progress: bool = Tr
     data = load_task(PRETRAIN_TASK, seed=seed)
     torch.manual_seed(seed)
     pre = Preprocessing.signed_unit(ARCH["img_size"])
-    spec = {"timm_model": "VisionTransformer", "kwargs": dict(ARCH, num_classes=data.num_classes), "preprocessing": pre.root_record()}
+    spec = {"timm_model": "VisionTransformer", "kwargs": dict(ARCH, num_classes=data.num_classes), "preprocessing": preprocessing_record(pre)}
     vit = build_model(spec).to(device())
     opt = torch.optim.AdamW(vit.parameters(), lr=cfg["lr"], weight_decay=0.05)
     hp = dict(AUGMENT, lr=cfg["lr"], lr_schedule="cosine", warmup_ratio=0.05, image_size=ARCH["img_size"])

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from mutask.documents import current_umask, read_document, write_document
+from mutask.cache import current_umask, write_document
+from mutask.documents import read_document
 from mutask.errors import MutaskError
 
 from .model import ComponentStore, TaskPath

@@ -82,6 +82,14 @@ def split_images(split: Split, pre: Preprocessing) -> np.ndarray:
     return split.resized(pre.image_size, resize=pre.resize)
 
 
+def value_range(pre: Preprocessing) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per channel, the normalised values of pixel 0 and pixel 255: ``(0 - mean) / std`` and
+    ``(1 - mean) / std`` ((-1, 1) each for :meth:`Preprocessing.signed_unit`)."""
+    low = tuple((0.0 - m) / s for m, s in zip(pre.mean, pre.std))
+    high = tuple((1.0 - m) / s for m, s in zip(pre.mean, pre.std))
+    return low, high
+
+
 def augment(x: torch.Tensor, hp: dict, gen: torch.Generator, pre: Preprocessing) -> torch.Tensor:
     """Training-time random resized crop, horizontal flip and colour jitter on a batch (N, 3, S, S)
     normalised by ``pre``, per the path's data keys; one batched grid_sample, output size kept."""
@@ -118,7 +126,7 @@ def color_jitter(x: torch.Tensor, jitter: float, gen: torch.Generator, pre: Prep
     root's mean and std), clamped to that range: per channel [(0 - mean) / std, (1 - mean) / std]
     in ``pre``'s normalised units."""
     n = x.shape[0]
-    low, high = (torch.tensor(v, dtype=x.dtype, device=x.device).view(1, 3, 1, 1) for v in pre.value_range())
+    low, high = (torch.tensor(v, dtype=x.dtype, device=x.device).view(1, 3, 1, 1) for v in value_range(pre))
     centre, half = (high + low) / 2, (high - low) / 2  # 0 and 1 for mean = std = 0.5
     v = torch.rand(n, 2, generator=gen).to(x.device)
     brightness = ((2 * v[:, 0] - 1) * jitter).view(-1, 1, 1, 1)

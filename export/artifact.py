@@ -1,33 +1,25 @@
-"""Reading an exported artifact, without torch (``serving`` imports this module).
-
-Only json, hashlib, pydantic and the ``onnx`` package (protobuf): no torch. The manifest is
-parsed by its schema (:mod:`mutask.export.manifest`); each ONNX graph is parsed with ``onnx``
-without loading its external data (:func:`external_refs` lists every initializer's
-external-data reference), so :func:`load_artifact` can prove that every weight a graph reads
-lies inside ``weights.safetensors`` on exactly one tensor's bytes. The format is documented in
-``export/FORMAT.md`` (generated from the manifest model: ``python -m mutask.export.format``).
+"""Reading an exported artifact, and a directory of numbered versions of one, without torch
+(``serving`` imports this module; nothing here writes an artifact). :func:`load_artifact`
+validates the manifest with its schema (:mod:`mutask.export.manifest`) and proves that every
+weight a graph reads is exactly one tensor of ``weights.safetensors`` (``export/FORMAT.md``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pathlib
 import struct
 
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, ArtifactError, ComponentEntry, Manifest, SegmentEntry, TaskEntry
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "WEIGHTS", "Artifact", "ArtifactError", "load_artifact", "artifact_stats"]
-
-
-def reexport_command(path) -> str:
-    """The command that rewrites the artifact at ``path``, in backticks."""
-    return f"`mutask export STATE --out {path} --force`"
+__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "WEIGHTS", "Artifact", "ArtifactError", "load_artifact"]
 
 
 def reexport_hint(path) -> str:
     """The fix for an artifact at ``path`` that cannot be read as it is."""
-    return f"Re-export it: {reexport_command(path)}."
+    return f"Re-export it: `mutask export STATE --out {path} --force`."
 
 
 def sha256_file(path, chunk: int = 1 << 22) -> str:
@@ -39,9 +31,6 @@ def sha256_file(path, chunk: int = 1 << 22) -> str:
                 break
             h.update(b)
     return h.hexdigest()
-
-
-# ------------------------------------------------------------------------- safetensors header
 
 
 def read_safetensors_header(path) -> tuple[int, dict]:
@@ -75,13 +64,10 @@ def read_safetensors_header(path) -> tuple[int, dict]:
     return start, header
 
 
-# ------------------------------------------------------------------------------- ONNX graphs
-
-
 def external_refs(model_bytes: bytes) -> list[dict]:
-    """Every initializer of an ONNX model's main graph: ``{"name", "external": bool,
-    "location", "offset", "length", "inline_bytes"}``, read with ``onnx`` without loading any
-    external data. ``ValueError`` for bytes that are not an ONNX model."""
+    """Every external-data reference of an ONNX model's initializers: ``{"name", "location",
+    "offset", "length"}``, read with ``onnx`` without loading the data. ``ValueError`` for bytes
+    that are not an ONNX model."""
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
@@ -91,21 +77,8 @@ def external_refs(model_bytes: bytes) -> list[dict]:
         raise ValueError(f"not an ONNX model: {e}") from None
     if not model.HasField("graph"):
         raise ValueError("no graph in the model")
-    out = []
-    for t in model.graph.initializer:
-        info = ExternalDataInfo(t) if uses_external_data(t) else None
-        out.append({
-            "name": t.name,
-            "external": info is not None,
-            "location": info.location if info else None,
-            "offset": (info.offset or 0) if info else 0,
-            "length": info.length if info else None,
-            "inline_bytes": len(t.raw_data),
-        })
-    return out
-
-
-# ----------------------------------------------------------------------------- the artifact
+    infos = [(t.name, ExternalDataInfo(t)) for t in model.graph.initializer if uses_external_data(t)]
+    return [{"name": name, "location": i.location, "offset": i.offset or 0, "length": i.length} for name, i in infos]
 
 
 class Artifact:
@@ -150,20 +123,16 @@ class Artifact:
         """The task's segment ids, first (image in) to last (logits out)."""
         return list(self._task(task).segments)
 
-    def __repr__(self) -> str:
-        return f"Artifact({str(self.path)!r}, tasks={sorted(self.tasks)}, segments={len(self.segments)})"
-
 
 def load_artifact(path, verify: bool = True) -> Artifact:
-    """Open an artifact directory. Always validates the manifest (its schema, format version
-    and cross references) and checks that every file exists; with ``verify`` also the weights'
-    and graphs' sha256, the weights header, and that every external-data reference of every
-    graph is exactly one tensor of the weights file. Raises :class:`ArtifactError` naming the file
-    (and the field, for a manifest that does not validate) and the fix."""
+    """Open an artifact directory: validate the manifest and check that every file exists; with
+    ``verify`` also every sha256, the weights header, and that every external-data reference of
+    every graph is exactly one tensor of the weights file. :class:`ArtifactError` naming the
+    file (and the field, for a manifest that does not validate) and the fix."""
     try:
         return _open_artifact(pathlib.Path(path), verify)
     except OSError as e:  # unreadable file or directory (permissions, I/O error)
-        raise ArtifactError(f"cannot read {e.filename or path}: {e.strerror or e}. Check its permissions, or re-export it: {reexport_command(path)}.") from None
+        raise ArtifactError(f"cannot read {e.filename or path}: {e.strerror or e}. Check its permissions. {reexport_hint(path)}") from None
 
 
 def _open_artifact(d: pathlib.Path, verify: bool) -> Artifact:
@@ -176,7 +145,7 @@ def _open_artifact(d: pathlib.Path, verify: bool) -> Artifact:
     art = Artifact(d, manifest)
     for name in [manifest.weights, *manifest.graph_files()]:
         if not (d / name).is_file():
-            raise ArtifactError(f"artifact {str(d)!r} is missing {name}. Copy the whole directory, or re-export it: {reexport_command(d)}.")
+            raise ArtifactError(f"artifact {str(d)!r} is missing {name}. Copy the whole directory. {reexport_hint(d)}")
     wpath = art.weights_path
     size = wpath.stat().st_size
     if size != manifest.weights_bytes:
@@ -211,47 +180,30 @@ def _verify_files(art: Artifact, size: int) -> None:
         except ValueError as e:
             raise ArtifactError(f"{gpath} is not a readable ONNX model ({e}). {reexport_hint(d)}") from e
         for r in refs:
-            if not r["external"]:
-                continue
             if r["location"] != manifest.weights:
                 raise ArtifactError(f"{gpath}: initializer {r['name']!r} reads {r['location']!r}, not {manifest.weights}.")
-            if r["length"] is None or r["offset"] < start or r["offset"] + r["length"] > size or (r["offset"], r["length"]) not in ranges:
+            if (r["offset"], r["length"]) not in ranges:  # the header's ranges all lie inside the file
                 raise ArtifactError(
                     f"{gpath}: initializer {r['name']!r} reads bytes {r['offset']}..{r['offset'] + (r['length'] or 0)} of {wpath.name}, "
                     f"which are not one tensor of that file ({size} bytes). {reexport_hint(d)}"
                 )
 
 
-def artifact_stats(path) -> dict:
-    """Byte accounting of an artifact: files, unique tensor bytes, and the naive alternative
-    (one full model file per task: the sum over tasks of the bytes of the tensors its path uses)."""
-    art = load_artifact(path, verify=False)
-    start, header = read_safetensors_header(art.weights_path)
-    nbytes = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
-    unique = sum(nbytes.values())
-    graphs = {n: (art.path / n).stat().st_size for n in art.manifest.graph_files()}
-    manifest_bytes = (art.path / MANIFEST).stat().st_size
-    weights_bytes = art.weights_path.stat().st_size
-    naive = 0
-    per_task = {}
-    for t, rec in art.tasks.items():
-        b = sum(nbytes[k] for cid in dict.fromkeys(rec.components) for k in art.components[cid].tensors)
-        per_task[t] = b
-        naive += b
-    total = weights_bytes + sum(graphs.values()) + manifest_bytes
-    return {
-        "total_bytes": total,
-        "weights_file_bytes": weights_bytes,
-        "unique_param_bytes": unique,
-        "graph_bytes": sum(graphs.values()),
-        "task_graph_bytes": sum(graphs[t.graph] for t in art.tasks.values()),
-        "segment_graph_bytes": sum(graphs[s.graph] for s in art.segments.values()),
-        "manifest_bytes": manifest_bytes,
-        "ratio_total_to_unique": total / unique if unique else float("nan"),
-        "naive_bytes": naive,
-        "naive_over_total": naive / total if total else float("nan"),
-        "task_param_bytes": per_task,
-        "num_tasks": len(art.tasks),
-        "num_segments": len(art.segments),
-        "num_graphs": len(graphs),
-    }
+# A directory of numbered versions (DIR/1, DIR/2, ...: each an artifact) is what `mutask export
+# --into DIR` writes and the server's model repository serves; only names of ASCII digits are
+# versions, so an export's temporary `.N.export-*` directory, renamed to DIR/N when complete, is not.
+
+
+def is_repository(root) -> bool:
+    """A directory of numbered versions: a directory without a manifest of its own."""
+    root = pathlib.Path(root)
+    return root.is_dir() and not (root / MANIFEST).exists()
+
+
+def version_numbers(root) -> list[int]:
+    """The numbered versions in ``root``, oldest first."""
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return []
+    return sorted(int(e.name) for e in entries if e.name.isascii() and e.name.isdigit() and e.is_dir())

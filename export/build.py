@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import json
 import logging
 import os
 import pathlib
@@ -34,7 +35,7 @@ from mutask.errors import MutaskError
 from .artifact import load_artifact, sha256_file
 from .entries import component_entries, created, graph_files, root_record, segment_entries, task_entries
 from .graphs import graph_file_names, write_segment_graphs, write_task_graph
-from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, Manifest, Parity
+from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, Manifest, Parity, content_digest
 from .parity import check_parity, load_task_data
 from .segments import plan_segments
 from .chain import ATOL, MIN_ARGMAX_AGREEMENT
@@ -93,6 +94,13 @@ def _seal(tmp: pathlib.Path) -> None:
     os.chmod(tmp, 0o777 & ~umask)
 
 
+def sealed_json(manifest: Manifest) -> str:
+    """The manifest as written: ``manifest_sha256`` set to the digest of everything else in it,
+    as a reader parses it back (:meth:`Manifest.load` refuses a manifest edited after export)."""
+    doc = json.loads(manifest.model_copy(update={"manifest_sha256": ""}).model_dump_json(indent=1))
+    return manifest.model_copy(update={"manifest_sha256": content_digest(doc)}).model_dump_json(indent=1)
+
+
 def export_system(
     system, out, *, data=None, force: bool = False, bentoml_model: str | None = None, parity_samples: int = DEFAULT_SAMPLES, show_progress: bool = True,
 ) -> pathlib.Path:
@@ -142,7 +150,7 @@ def export_system(
             parity=Parity(atol=ATOL, min_argmax_agreement=MIN_ARGMAX_AGREEMENT, provider="CPUExecutionProvider", tasks=parity),
             created=created(started),
         )
-        (tmp / MANIFEST).write_text(manifest.sealed().to_json())
+        (tmp / MANIFEST).write_text(sealed_json(manifest))
         load_artifact(tmp, verify=True)  # the reader accepts what we wrote
 
         _seal(tmp)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 import time
 
 DESCRIPTION = """\
@@ -31,11 +32,9 @@ def _cmd_export(a) -> None:
 
     if a.parity_samples < 0:
         raise MutaskError(f"--parity-samples must be 0 (all) or positive, got {a.parity_samples}.")
-    if a.into:  # a model repository's next version (export/versions.py)
+    if a.into:  # a model repository's next version
         if a.out or a.force or a.verify_only:
             raise MutaskError("--into DIR writes the next numbered version of DIR, never over an existing one; drop --out, --force and --verify-only.")
-        from .versions import next_version_path
-
         a.out = str(next_version_path(a.into))
     if a.verify_only:
         if a.out or a.force or a.bentoml_model:
@@ -54,7 +53,8 @@ def _cmd_export(a) -> None:
         raise MutaskError("--out ART is required: the artifact directory to write (or --into DIR for the next version of a model repository, or --verify-only ART to check one).")
     from mutask.evolve.state import System
 
-    from .artifact import artifact_stats, load_artifact
+    from .artifact import load_artifact
+    from .sizes import artifact_stats
     from .build import export_system
 
     t0 = time.perf_counter()
@@ -70,3 +70,19 @@ def _cmd_export(a) -> None:
               f"arg-max agreement {r.onnx_vs_torch_argmax_agreement:.4f}; chain {'+'.join(man.tasks[t].segments)} max |diff| {r.chain_vs_graph_max_abs_diff:.2e}")
     if a.bentoml_model:
         print(f"  stored in BentoML's model store as {a.bentoml_model}")
+
+
+def next_version_path(root) -> pathlib.Path:
+    """Where ``mutask export --into root`` writes: ``root/(newest + 1)``."""
+    from mutask.errors import MutaskError
+
+    from .manifest import MANIFEST
+    from .artifact import version_numbers
+
+    root = pathlib.Path(root)
+    if root.exists() and not root.is_dir():
+        raise MutaskError(f"--into {root}: it is a file; name a directory of numbered versions (it is created if missing).")
+    if (root / MANIFEST).exists():
+        raise MutaskError(f"--into {root}: it is one artifact (it holds {MANIFEST}), not a directory of versions; "
+                          f"name a new directory, or move this artifact to {root}/1 first.")
+    return root / str(max(version_numbers(root), default=0) + 1)

@@ -183,7 +183,7 @@ gives the same logits (checked at export and by `--verify-only`: `export/chain.p
 
 ## {MANIFEST}
 
-Export builds a `Manifest` (`export/manifest.py`) and writes it with `Manifest.to_json()`;
+Export builds a `Manifest` (`export/manifest.py`) and writes it as JSON (`sealed_json`, `export/build.py`);
 every reader parses the file with `Manifest.load()`, which checks every field below and every
 cross reference (a task's chain, segment parents, components, graph files). No field outside
 the schema is allowed. The tables are generated from the model.

@@ -1,15 +1,11 @@
 """mutask: evolve one pretrained network into a multitask system (muNet), export it, serve it.
 
-One import name, four stages, imported in one direction only:
-``mutask.evolve`` (torch) -> ``mutask.export`` (torch to write, torch-free to read) ->
-``mutask.serving`` (no torch); ``mutask.benchmarks`` measures them. This package itself holds
-what every stage shares (errors, the cache location, versioned JSON documents, the image
-preprocessing contract), the CLI and the demo.
-
-The stages live in the repository's top-level folders ``evolve/``, ``export/``, ``serving/``
-and ``benchmarks/``; a wheel installs them inside this package (``package-dir`` in
-pyproject.toml). A source checkout run without installing (``PYTHONPATH=.``, a Bento's
-``src/``) has them beside this folder, so there the package also looks beside itself.
+Four stages, imported one way only: ``mutask.evolve`` (torch) -> ``mutask.export`` (torch to
+write, torch-free to read) -> ``mutask.serving`` (no torch); ``mutask.benchmarks`` measures
+them. This package holds what they share, the CLI and the demo. The stages are the top-level
+folders ``evolve/`` ... ``benchmarks/``: a wheel installs them inside this package
+(pyproject.toml's ``package-dir``); a source checkout or a Bento's ``src/`` has them beside it,
+so there the package also looks beside itself.
 """
 
 import os as _os

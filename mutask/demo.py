@@ -136,7 +136,7 @@ def run_demo(out: Path, *, root: str | None = None, budget: str | None = None, i
     timings["evolve_s"] = time.perf_counter() - t
 
     t = _stage(3, total, "export: one weights file, per-task and segment ONNX graphs, parity checked")
-    from mutask.export.artifact import artifact_stats
+    from mutask.export.sizes import artifact_stats
     from mutask.export.build import export_system
 
     data = {name: load_task(system.tasks[name]["spec"], seed=system.tasks[name]["seed"]) for name in tasks}

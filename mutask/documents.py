@@ -1,11 +1,10 @@
-"""Versioned JSON documents (a STATE's ``state.json``, an artifact's ``manifest.json``):
-reading one with errors that name the file, the problem and the fix, and writing one atomically."""
+"""Versioned JSON documents (a STATE's ``state.json``, an artifact's ``manifest.json``): reading
+one with errors that name the file, the problem and the fix (writing one:
+:func:`mutask.cache.write_document`)."""
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from .errors import MutaskError
@@ -30,26 +29,3 @@ def read_document(path, *, format: str, version: int, version_key: str, what: st
     if doc.get(version_key) != version:
         raise error(f"{path} has {version_key} {doc.get(version_key)!r}; this mutask reads version {version}. {fix}")
     return doc
-
-
-def write_document(path, doc: dict, *, indent: int | None = 1) -> None:
-    """Write ``doc`` as JSON to ``path`` atomically: a temporary file in the same directory,
-    flushed to disk, then renamed over ``path`` (a crash leaves the old file or the new one)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".json", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; follow the umask like open() does
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=indent)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask

@@ -1,22 +1,15 @@
 """The image preprocessing contract: how an image becomes a task's input, written once.
 
-Evolution evaluates (and trains) with it, export records it in the manifest and checks parity
-with it, and the server applies it to every upload: all three call this module, so they agree
-bit for bit. It needs Pillow and numpy only (no torch), so the server can import it.
+Evolution, export (its manifest and parity check) and the server all apply it, bit for bit:
 
-1. decode, apply the EXIF orientation, convert to RGB (grayscale is tiled, alpha dropped);
-2. resize to S x S with Pillow's bilinear or bicubic filter (skipped when the image already is
-   S x S);
-3. per channel c, float32 ``(x / 255 - mean[c]) / std[c]``, computed as
-   ``x * scale[c] + offset[c]`` with ``scale = 1 / (255 std)`` and ``offset = -mean / std``
-   (both computed in float64, then rounded to float32); channels first (NCHW).
+1. decode, apply the EXIF orientation, convert to RGB (grayscale tiled, alpha dropped);
+2. resize to S x S with Pillow's bilinear or bicubic filter (skipped at S x S already);
+3. per channel c, float32 ``(x / 255 - mean[c]) / std[c]``, computed as ``x * scale[c] +
+   offset[c]`` (``scale = 1 / (255 std)``, ``offset = -mean / std``, in float64, then rounded
+   to float32); channels first (NCHW).
 
-``mean`` and ``std`` are in [0, 1] pixel units, as timm's data configs give them. A
-:class:`Preprocessing` is the contract's parameters for one task (the root's mean, std and
-filter at the task's image size S); the export manifest stores it as it is
-(``tasks.<task>.preprocessing``). With mean = std = 0.5 and bilinear resizing
-(:meth:`Preprocessing.signed_unit`, what ``mutask pretrain`` roots use) step 3 is
-``x * (1 / 127.5) - 1``: values in [-1, 1].
+A :class:`Preprocessing` is one task's parameters (the root's mean, std and filter at the task's
+image size S); the manifest stores it as it is.
 """
 
 from __future__ import annotations
@@ -72,22 +65,10 @@ class Preprocessing(BaseModel):
         """The same preprocessing at another image size."""
         return Preprocessing(**dict(self.model_dump(), image_size=image_size))
 
-    def root_record(self) -> dict:
-        """``mean``, ``std`` and ``resize`` as JSON values: what a root records of it (a root's
-        image size is its own)."""
-        return self.model_dump(mode="json", include={"mean", "std", "resize"})
-
     def affine(self) -> tuple[np.ndarray, np.ndarray]:
         """Step 3's float32 ``scale`` and ``offset``, one per channel (shape (3,))."""
         mean, std = np.asarray(self.mean, np.float64), np.asarray(self.std, np.float64)
         return (1.0 / (255.0 * std)).astype(np.float32), (-mean / std).astype(np.float32)
-
-    def value_range(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-        """Per channel, the normalised values of pixel 0 and pixel 255: ``(0 - mean) / std``
-        and ``(1 - mean) / std`` ((-1, 1) each for :meth:`signed_unit`)."""
-        low = tuple((0.0 - m) / s for m, s in zip(self.mean, self.std))
-        high = tuple((1.0 - m) / s for m, s in zip(self.mean, self.std))
-        return low, high
 
     def normalize(self, batch_uint8: np.ndarray) -> np.ndarray:
         """Step 3: uint8 (N, S, S, 3) to float32 (N, 3, S, S)."""

@@ -1,15 +1,10 @@
 """The HTTP API's types: what each route takes (and how its body is read) and what it answers.
 
-Each route's input is a ``bentoml.IODescriptor`` that BentoML uses for the OpenAPI page and
-its clients, and whose :meth:`from_http_request` reads the body itself, on BentoML's one path
-to the service's handler. BentoML's generic multipart parsing would fetch a URL given in a
-file field, write every upload to a temporary file named after the client's file name (a long
-name fails), JSON-decode text fields without a depth limit (a nested one fails with
-RecursionError) and take the first of several files silently; here the body is bounded while
-it is read, the form is parsed in memory, and every malformed request becomes a clear 400.
-A request the parser refuses raises :class:`bentoml.exceptions.BadInput` (BentoML answers it
-400 with the message); the schema of each input states what the parser accepts (required
-fields, non-empty lists), so the OpenAPI document is the contract.
+Each route's input is a ``bentoml.IODescriptor`` (its schema is the contract) that reads the
+body itself: bounded, parsed in memory, every malformed request a ``BadInput`` (400) saying why.
+BentoML's generic multipart parsing would fetch a URL given in a file field, write uploads to
+files named by the client, JSON-decode text fields without a depth limit and take the first of
+several files silently.
 """
 
 from __future__ import annotations
@@ -31,14 +26,18 @@ from .settings import Settings, SettingsError
 FORM_USAGE = "send multipart/form-data with a text field `task` and a file field `image`"
 TASKS_USAGE = "send multipart/form-data with a file field `image` and a text field `tasks` (task ids, comma-separated or repeated; leave it out for every task)"
 BATCH_USAGE = 'send JSON {"task": TASK, "images": [BASE64, ...]}'
+TASKS_INPUT_USAGE = "send /tasks no body or an empty JSON object {}"
 SMALL_BODY = 64 * 1024  # POST /tasks
 FORM_OVERHEAD = 256 * 1024  # a /predict body: the image plus the form around it
 DRAIN_FACTOR = 4  # an over-size body is read (and dropped) up to this many limits, so the client sees the answer
 
 
-def refuse(message: str, task: str | None = None) -> BadInput:
-    """A request the server refuses (400, ``message`` the answer), counted in the metrics."""
-    metrics.get().errors.labels(task=task or "_invalid", kind="bad_request").inc()
+def refuse(message: str, *tasks: str, kind: str = "bad_request") -> BadInput:
+    """A request the server refuses (400, ``message`` the answer), counted in the metrics for
+    each of ``tasks`` (none: ``_invalid``)."""
+    errors = metrics.get().errors
+    for task in tasks or ("_invalid",):
+        errors.labels(task=task, kind=kind).inc()
     return BadInput(message)
 
 
@@ -90,6 +89,21 @@ def prediction(task: str, labels: list[str], logits: np.ndarray, k: int = 5) -> 
     return Prediction(task=task, label=labels[index], index=index, scores={labels[int(j)]: float(p[j]) for j in order})
 
 
+def task_records(engine, number: int | None = None) -> dict[str, TaskRecord]:
+    """Each task's record as ``POST /tasks`` answers it, naming the version serving it."""
+    out = {}
+    for tid, task in engine.tasks.items():
+        shared = [sid for sid in task.segments if engine.segments[sid].shared]
+        components = dict.fromkeys(c for sid in shared for c in engine.segments[sid].components)
+        out[tid] = TaskRecord(
+            labels=task.labels, num_labels=len(task.labels), image_size=task.image_size, params=task.params,
+            accounted_params=task.accounted_params, val_accuracy=task.metrics.val_accuracy, test_accuracy=task.metrics.test_accuracy,
+            segments=task.segments, shared_segments=shared, version=number,
+            shared_params=sum(engine.artifact.components[c].num_params for c in components),
+        )
+    return out
+
+
 # ---- reading request bodies -----------------------------------------------------------------
 
 
@@ -126,8 +140,7 @@ async def read_body(request, limit: int, what: str) -> bytes:
 
 
 async def _drain(request, limit: int) -> None:
-    """Read and drop the rest of a refused body (up to a bound), so the client reads the 400
-    instead of a reset connection."""
+    """Read and drop the rest of a refused body (up to a bound): the client reads the 400, not a reset."""
     seen = 0
     try:
         async for chunk in request.stream():
@@ -139,21 +152,18 @@ async def _drain(request, limit: int) -> None:
 
 
 def task_text(raw: str) -> str:
-    """A task field as text: BentoML's clients JSON-encode text fields (``"digits"`` with the
-    quotes), other clients send them raw; only a JSON string literal is decoded."""
-    if len(raw) >= 2 and raw[0] == raw[-1] == '"':
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            return raw
-        if isinstance(value, str):
-            return value
-    return raw
+    """A task field as text: BentoML's clients JSON-encode text fields (``"digits"``, quoted),
+    others send them raw."""
+    try:
+        value = json.loads(raw) if len(raw) >= 2 and raw[0] == raw[-1] == '"' else raw
+    except ValueError:
+        return raw
+    return value if isinstance(value, str) else raw
 
 
 def task_names(raw: str) -> list[str]:
-    """Task ids from one ``tasks`` field: a JSON list (BentoML's clients send a list argument
-    so), else comma-separated text (curl's ``-F tasks=a,b``; repeated fields each give theirs)."""
+    """Task ids from one ``tasks`` field: a JSON list (as BentoML's clients send it), else
+    comma-separated text (curl's ``-F tasks=a,b``)."""
     if raw.startswith("["):
         try:
             value = json.loads(raw)
@@ -166,9 +176,8 @@ def task_names(raw: str) -> list[str]:
 
 
 async def read_form(request, max_image_bytes: int, many: bool = False) -> tuple:
-    """(task, image bytes) of a /predict multipart form, or with ``many`` (tasks, image bytes)
-    of a /predict_tasks one (tasks: the ids asked for, in order, each once; empty when the
-    form names none, meaning every task); BadInput with the reason."""
+    """(task, image bytes) of a /predict form, or with ``many`` (tasks, image bytes) of a
+    /predict_tasks one (the ids in order, each once; none: every task); BadInput with the reason."""
     from starlette.formparsers import FormParser, MultiPartParser
 
     usage, route = (TASKS_USAGE, "/predict_tasks") if many else (FORM_USAGE, "/predict")
@@ -219,18 +228,26 @@ async def read_form(request, max_image_bytes: int, many: bool = False) -> tuple:
         await form.close()
 
 
-async def read_batch(request, max_body_bytes: int, max_images: int) -> tuple[str, list[str]]:
-    """(task, base64 images) of a /predict_batch JSON body; BadInput with the reason."""
+async def read_json(request, limit: int, what: str, usage: str, *, empty_ok: bool = False):
+    """The JSON document of a body of at most ``limit`` bytes (``{}`` for no body with
+    ``empty_ok``); BadInput naming ``usage`` for another media type, no body or invalid JSON."""
     media = media_type(request)
     if media not in ("", "application/json"):
-        raise refuse(f"send /predict_batch a JSON body (Content-Type: application/json), not {media}")
-    body = await read_body(request, max_body_bytes, "/predict_batch (MUTASK_MAX_BODY_BYTES)")
+        raise refuse(f"{usage} (Content-Type: application/json), not {media}")
+    body = await read_body(request, limit, what)
+    if empty_ok and not body:
+        return {}
     if not body.strip():
-        raise refuse(f"empty body: {BATCH_USAGE}")
+        raise refuse(f"empty body: {usage}")
     try:
-        doc = json.loads(body)
+        return json.loads(body)
     except (ValueError, RecursionError) as e:
-        raise refuse(f"the body is not valid JSON ({type(e).__name__}): {BATCH_USAGE}") from None
+        raise refuse(f"the body is not valid JSON ({type(e).__name__}): {usage}") from None
+
+
+async def read_batch(request, max_body_bytes: int, max_images: int) -> tuple[str, list[str]]:
+    """(task, base64 images) of a /predict_batch JSON body; BadInput with the reason."""
+    doc = await read_json(request, max_body_bytes, "/predict_batch (MUTASK_MAX_BODY_BYTES)", BATCH_USAGE)
     if not isinstance(doc, dict):
         raise refuse(f"the body is JSON but not an object: {BATCH_USAGE}")
     task, images = doc.get("task"), doc.get("images")
@@ -260,8 +277,8 @@ TASK = Field(description="Task id (see POST /tasks)", examples=["digits"])
 
 
 class PredictInput(bentoml.IODescriptor):
-    """POST /predict: multipart/form-data with ``task`` and one ``image`` file. Over HTTP the
-    upload reaches the handler as bytes; Python callers may pass a file path."""
+    """POST /predict: multipart/form-data with ``task`` and one ``image`` file (bytes over HTTP;
+    Python callers may pass a path)."""
 
     task: str = TASK
     image: Path = IMAGE
@@ -311,15 +328,6 @@ class TasksInput(bentoml.IODescriptor):
 
     @classmethod
     async def from_http_request(cls, request, serde) -> "TasksInput":
-        media = media_type(request)
-        if media not in ("", "application/json"):
-            raise refuse(f"send /tasks no body or a JSON one (Content-Type: application/json), not {media}")
-        body = await read_body(request, SMALL_BODY, "/tasks")
-        if body:
-            try:
-                doc = json.loads(body)
-            except (ValueError, RecursionError):
-                doc = None
-            if doc != {}:
-                raise refuse("send /tasks no body or an empty JSON object {}")
+        if await read_json(request, SMALL_BODY, "/tasks", TASKS_INPUT_USAGE, empty_ok=True) != {}:
+            raise refuse(TASKS_INPUT_USAGE)
         return cls.model_construct()

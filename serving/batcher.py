@@ -1,10 +1,7 @@
-"""Cross-task micro-batching in front of the engine.
-
-Concurrent requests, for any tasks, are collected into one mixed batch and run by
-:meth:`mutask.serving.engine.Engine.run` in one worker thread (ONNX Runtime off the event loop,
-one inference at a time): each task's graph then runs once over the rows of every request for
-it. BentoML's own adaptive batching batches calls of one API with one input type; this batches
-across the APIs and tasks of one engine.
+"""Cross-task micro-batching in front of the engine: concurrent requests, for any tasks, run as
+one mixed batch (:meth:`mutask.serving.engine.Engine.run`) in one worker thread, so each task's
+graph runs once over the rows of every request for it (BentoML's adaptive batching batches one
+API's calls only).
 """
 
 from __future__ import annotations
@@ -22,15 +19,10 @@ INLINE_SECONDS = 0.001
 
 
 class MicroBatcher:
-    """Adaptive asyncio micro-batcher in front of :meth:`Engine.run`.
-
-    ``await submit_tasks([(task, x), ...])`` queues a request (its items stay together); one
-    collector task per event loop takes the first waiting request, then keeps collecting while
-    more are known to be coming (requests still being decoded, see :meth:`expect`) for up to
-    ``max_wait_ms``, or until ``max_batch`` rows; a lone request runs at once, and a request of
-    more than ``max_batch`` rows runs alone. ``on_batch(rows, seconds)`` is called after each
-    batch (metrics).
-    """
+    """``await submit_tasks([(task, x), ...])`` queues a request (its items stay together); one
+    collector task per event loop takes the first, then keeps collecting while more are coming
+    (requests still being decoded, :meth:`expect`) for up to ``max_wait_ms``, or until
+    ``max_batch`` rows; a lone request runs at once. ``on_batch(rows, seconds)`` follows each batch."""
 
     def __init__(self, engine, *, max_batch: int = 32, max_wait_ms: float = 2.0, on_batch=None):
         self.engine = engine
@@ -48,22 +40,18 @@ class MicroBatcher:
             self._loop, self._queue, self._arrived = loop, asyncio.Queue(), asyncio.Event()
             self._collector = loop.create_task(self._collect(), name="mutask-batcher")
 
-    class _Expect:
-        def __init__(self, b):
-            self.b = b
+    def expect(self) -> "MicroBatcher":
+        """``with batcher.expect():`` around a request's decoding: while it runs, the collector
+        waits (up to max_wait_ms) for it instead of running a smaller batch."""
+        return self
 
-        def __enter__(self):
-            self.b.incoming += 1
+    def __enter__(self) -> None:
+        self.incoming += 1
 
-        def __exit__(self, *exc):
-            self.b.incoming -= 1
-            if self.b._arrived is not None:
-                self.b._arrived.set()
-
-    def expect(self):
-        """Context manager around a request's decoding: while it runs, the collector waits
-        (up to max_wait_ms) for it instead of running a smaller batch."""
-        return MicroBatcher._Expect(self)
+    def __exit__(self, *exc) -> None:
+        self.incoming -= 1
+        if self._arrived is not None:
+            self._arrived.set()
 
     async def submit_tasks(self, items: list) -> list:
         """Logits for each (task, x) of ``items``, batched with concurrent requests as one unit

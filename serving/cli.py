@@ -48,7 +48,7 @@ def add_parser(subparsers) -> None:
 
 
 def _check_port(host: str, port: int) -> None:
-    from .loader import ServingError
+    from .repository import ServingError
 
     if not 0 < port < 65536:
         raise ServingError(f"--port {port} is not a TCP port (1-65535)")
@@ -97,7 +97,7 @@ def _own_prometheus_dir() -> str:
 
 
 def _cmd_serve(a) -> None:
-    from .loader import ENV_ARTIFACT, ENV_MODEL, ServingError
+    from .repository import ENV_ARTIFACT, ENV_MODEL, ServingError
     from .settings import Settings
 
     for name, value in (("--threads", a.threads), ("--max-batch", a.max_batch), ("--max-image-bytes", a.max_image_bytes)):
@@ -113,7 +113,7 @@ def _cmd_serve(a) -> None:
 
     os.environ[ENV_ARTIFACT] = str(path)
     os.environ.pop(ENV_MODEL, None)
-    os.environ.update(settings.to_env())
+    os.environ.update(settings_env(settings))
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
     import tempfile
@@ -152,3 +152,9 @@ def _cmd_serve(a) -> None:
     if failure:
         raise ServingError(f"the service could not start, the server stopped: {failure}")
     print("mutask serve: stopped", file=sys.stderr)
+
+
+def settings_env(settings) -> dict[str, str]:
+    """The ``MUTASK_*`` environment that makes :meth:`Settings.from_env` return ``settings``
+    (how ``mutask serve`` hands its flags to the BentoML worker)."""
+    return {f"MUTASK_{k.upper()}": "" if v is None else str(v).lower() if isinstance(v, bool) else str(v) for k, v in settings.model_dump().items()}

@@ -1,44 +1,76 @@
 """The inference engine: an exported system's ONNX graphs over one copy of its weights.
 
-An export holds, for every task, its own graph (root to head), and the same paths cut into
-*segments* (see ``export/FORMAT.md``): maximal runs of steps that the same tasks pass, forming
-a directed acyclic graph. :meth:`Engine.run` takes a mixed batch of (task, rows) items and
-runs it two ways, by what the rows are:
-
-* rows asked for one task (``/predict``, ``/predict_batch``, and any mix of such requests):
-  each task's own graph runs once over all of that task's rows;
-* one array asked for several tasks (``/predict_tasks``): the segment DAG, where every segment
-  the tasks share runs once on the image's rows, and each task's remaining segments on its own.
-
-On CPU every session reads its weights from one copy: a pool of pre-packed weights made at
-start (:mod:`mutask.serving.prepack`). On CUDA (where each session copies its weights to the
-device anyway), or where ONNX Runtime cannot pre-pack, each session loads its own. The manifest was validated when the artifact was
-loaded, so the engine only builds sessions, checks each task once, and runs them. Torch-free.
+:meth:`Engine.run` runs rows asked for one task through the task's own graph (each task once
+per batch) and one array asked for several tasks through the segment DAG (``export/FORMAT.md``:
+each shared segment once). On CPU every session reads its weights from one pre-packed copy
+(:mod:`mutask.serving.prepack`); elsewhere each loads its own. Sessions run one at a time (the
+batcher's thread), each with its own pool of ``threads`` threads that do not spin, so idle
+pools never oversubscribe the cores (ONNX Runtime's global pool spins between runs, and its
+Python API cannot turn that off: ~4 ms of CPU per request on 2 cores).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import weakref
 
 import numpy as np
 
-from .prepack import PrepackedPool, can_delete_mapped_files
-from .sessions import EngineError, choose_providers, session_options
+from .prepack import PrepackedPool
 
 __all__ = ["Engine", "EngineError"]
 
 log = logging.getLogger("mutask.serving")
 
 
+class EngineError(RuntimeError):
+    """The artifact cannot be served (a graph that does not load or fails its check)."""
+
+
+def gpu_present() -> bool:
+    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg"))
+
+
+def choose_providers(device: str = "auto") -> list[str]:
+    """Execution providers for ``device``: "auto" (CUDA where onnxruntime-gpu has it and a GPU
+    is present, else CPU), "cuda" (CUDA, CPU fallback) or "cpu"."""
+    import onnxruntime as ort
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise EngineError(f"unknown device {device!r}: use auto, cpu or cuda")
+    available = ort.get_available_providers()
+    cuda = "CUDAExecutionProvider" in available
+    if device == "cuda" and not cuda:
+        log.warning("device cuda asked for, but onnxruntime offers %s: running on CPU", available)
+    if cuda and (device == "cuda" or (device == "auto" and gpu_present())):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def session_options(threads: int):
+    """Session options on a budget of ``threads`` intra-op threads that do not spin."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    # no per-session memory arena: on the demo system the sessions' arenas held ~10 MiB for a
+    # few KiB of activations each, and plain allocation was no slower
+    so.enable_cpu_mem_arena = False
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return so
+
+
 class Engine:
     """ONNX Runtime sessions for an artifact (an :class:`mutask.export.artifact.Artifact`): one
-    per task graph and one per segment, over one copy of the weights (the pre-packed pool, on CPU
-    unless ``prepack=False``; else each session owns its weights). ``run`` is
-    synchronous and not re-entrant (the batcher calls it from one thread); ``stats`` counts
-    rows, ONNX Runtime runs and seconds per session."""
+    per task graph and one per segment. ``run`` is synchronous and not re-entrant (the batcher
+    calls it from one thread); ``stats`` counts rows, runs and seconds per session."""
 
     def __init__(self, artifact, *, device: str = "auto", threads: int = 1, verify: bool = True, prepack: bool = True):
         import onnxruntime as ort
@@ -65,16 +97,14 @@ class Engine:
                     path = models[key]
                     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # done once, in the pool
                 session = ort.InferenceSession(str(path), so, providers=self.providers)
-            except EngineError:
-                raise
             except Exception as e:
                 raise EngineError(f"{what}: onnxruntime cannot load {path}: {e}") from e
             if len(session.get_inputs()) != 1:
                 raise EngineError(f"{what}: expected one input, the graph has {[i.name for i in session.get_inputs()]}")
             self.sessions[key] = session
         if self.pool is not None:
-            if can_delete_mapped_files():
-                self.pool.close()  # the sessions keep the pool's pages mapped
+            if os.name == "posix":
+                self.pool.close()  # the sessions keep the deleted pool's pages mapped
             else:
                 weakref.finalize(self, self.pool.close)
         self.weights_mode = "prepacked" if self.pool is not None else "own"
@@ -90,23 +120,15 @@ class Engine:
         log.info("engine: %d tasks, %d sessions on %s (%s), weights %s, %d ORT threads, loaded in %.2f s", len(self.tasks),
                  len(self.sessions), self.device, ",".join(self.active_providers), self.weights_mode, self.threads, self.load_seconds)
 
-    def is_shared(self, key: str) -> bool:
-        """Whether a ``stats`` key (a segment, or a task's own graph) serves more than one task."""
-        seg = self.segments.get(key)
-        return bool(seg is not None and seg.shared)
-
-    # ---- inference --------------------------------------------------------------------------
-
     def run(self, items: list) -> list:
-        """Logits for a mixed batch: ``items`` is a list of (task id, float32 (n, 3, S, S));
-        returns one float32 (n, num_labels) array per item. Items that pass the same array for
-        several tasks sharing a segment go through the segment DAG together (every shared
-        segment once on those rows); every other item through its task's graph, each task's
-        rows in one run. The two ways agree to float rounding (~1e-6)."""
+        """One float32 (n, num_labels) array of logits per item of ``items`` (task id, float32
+        (n, 3, S, S)). Items that pass the same array for tasks sharing a segment go through the
+        segment DAG together; every other item through its task's graph, each task's rows in one
+        run. The two ways agree to float rounding (~1e-6)."""
         by_array: dict[int, set] = {}
         for task, x in items:
             by_array.setdefault(id(x), set()).add(task)
-        multi = {k for k, tasks in by_array.items() if len(tasks) > 1 and self._share_segment(tasks)}
+        multi = {k for k, tasks in by_array.items() if len(tasks) > 1 and any(len(tasks & shared) > 1 for shared in self._shared_tasks)}
         via_dag = [i for i, (_, x) in enumerate(items) if id(x) in multi]
         via_graphs = [i for i, (_, x) in enumerate(items) if id(x) not in multi]
         out: list = [None] * len(items)
@@ -116,18 +138,6 @@ class Engine:
                     for i, y in zip(idx, fn([items[i] for i in idx])):
                         out[i] = y
         return out
-
-    def predict(self, task: str, x: np.ndarray) -> np.ndarray:
-        """Logits of one task for a float32 (n, 3, S, S) batch (no batching with others)."""
-        return self.run([(task, x)])[0]
-
-    def predict_tasks(self, tasks: list, x: np.ndarray) -> list:
-        """Logits of each of ``tasks`` for the same float32 (n, 3, S, S) batch (tasks of one
-        preprocessing): every segment the tasks share runs once on ``x``."""
-        return self.run([(t, x) for t in tasks])
-
-    def _share_segment(self, tasks: set) -> bool:
-        return any(len(tasks & shared) > 1 for shared in self._shared_tasks)
 
     def _run_graphs(self, items: list) -> list:
         """Each task's graph once over the rows of all its items."""
@@ -144,9 +154,8 @@ class Engine:
         return results
 
     def _run_segments(self, items: list) -> list:
-        """The segment DAG in topological order. Each segment runs once on the rows of every
-        item whose chain passes it; items share rows while they carry the same ones (from the
-        same array, until their chains part)."""
+        """The segment DAG in topological order, each segment once on the rows of every item
+        whose chain passes it (items share rows from the same array until their chains part)."""
         where = [(id(x), x) for _, x in items]  # each item's rows now: (what they are, the array)
         for sid in self.order:
             idx = [i for i, (task, _) in enumerate(items) if sid in self.tasks[task].segments]
@@ -197,21 +206,10 @@ class Engine:
         for st in self.stats.values():
             st.update(rows=0, runs=0, seconds=0.0)
 
-    def describe(self) -> dict:
-        return {
-            "device": self.device,
-            "providers": self.active_providers,
-            "ort_threads": self.threads,
-            "weights": self.weights_mode,
-            "weights_in_memory_bytes": self.pool.pool_bytes if self.pool is not None else None,
-            "segments": {sid: {"parents": list(s.parents), "tasks": list(s.tasks), "shared": s.shared} for sid, s in self.segments.items()},
-        }
-
 
 def _prepacked_pool(units: list, threads: int, providers: list) -> tuple:
-    """(pool, {key: pooled model path}): every unit's graph optimized and pre-packed once, the
-    packs pooled (:mod:`mutask.serving.prepack`); (None, {}) with a warning where this ONNX
-    Runtime cannot (each session then loads its own weights)."""
+    """(pool, {key: pooled model path}), or (None, {}) with a warning where this ONNX Runtime
+    cannot pre-pack (each session then loads its own weights)."""
     pool = PrepackedPool()
     try:
         for key, path, _ in units:

@@ -1,33 +1,18 @@
-"""Connection-level limits for the server's HTTP parser: what a production server bounds before
-a request reaches the application.
+"""Connection limits BentoML has no setting for (``docs/serving.md``): uvicorn's httptools
+protocol with them added (:class:`GuardedHttpToolsProtocol`), answering as uvicorn answers a
+malformed request (a short response, the connection closed), before the application:
 
-BentoML runs uvicorn with the httptools parser, which buffers any amount of header bytes,
-keeps a connection that never finishes its headers (or its body) open forever, and accepts
-connections until the process runs out of file descriptors; BentoML exposes no setting for
-any of that. :class:`GuardedHttpToolsProtocol` is uvicorn's own httptools protocol with these
-limits added, answered the way uvicorn answers a malformed request (a short response, then
-the connection closed), never reaching the application or its metrics:
+* request line + headers over ``max_header_bytes``, or over ``max_headers`` headers: 431;
+* headers not complete within ``header_timeout_s`` of their first byte (or of the connection): 408;
+* a body not complete within ``body_timeout_s`` of its headers: the connection is closed;
+* over ``max_connections`` connections: the oldest idle one (waiting for headers: 408; kept
+  alive between requests: closed) makes room; when none is idle, the new one is answered 503;
+* a kept-alive connection stays ``keep_alive_s`` (longer than clients' own expiry: they close first);
+* a path the service does not serve: 404 (BentoML's metrics label requests by their raw path: a
+  scan of random URLs would add series without bound).
 
-* request line + headers over ``max_header_bytes``, or more than ``max_headers`` headers:
-  431 Request Header Fields Too Large;
-* a request whose headers do not arrive within ``header_timeout_s`` of its first byte (or a
-  new connection that sends nothing for that long): 408 Request Timeout;
-* a body that does not arrive within ``body_timeout_s`` of its headers: the connection is
-  closed (the application sees a disconnect);
-* more than ``max_connections`` open connections: the oldest idle connection (waiting for its
-  request's headers: answered 408; or between requests on a kept-alive connection: closed) is
-  closed to make room (so a flood of idle connections cannot lock clients out); when every
-  connection is busy with a request, the new one is answered 503 and closed, at once;
-* an idle connection between requests is kept ``keep_alive_s`` (uvicorn's 5 s is the idle
-  expiry of httpx's own pool too: a request sent just as the server closed its connection came
-  back to the client as a reset; longer than the clients', the client closes first);
-* a path the service does not serve: 404, so that BentoML's request metrics, which label
-  every request by its raw path, only ever see the service's own paths (a scan of random
-  URLs would otherwise add series to ``/metrics`` without bound).
-
-:func:`install` makes uvicorn use it (its ``"auto"`` HTTP protocol; BentoML builds uvicorn's
-configuration without naming one), in the server worker only, before uvicorn loads its
-configuration; :func:`configure` sets the limits from the settings when the service starts.
+:func:`install` makes it uvicorn's protocol (in a server worker, before uvicorn's configuration
+loads); :func:`configure` gives it the settings and paths when the service starts.
 """
 
 from __future__ import annotations
@@ -39,38 +24,26 @@ import urllib.parse
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from .settings import Settings
+
 log = logging.getLogger("mutask.serving")
 
 _REASONS = {404: "Not Found", 408: "Request Timeout", 431: "Request Header Fields Too Large", 503: "Service Unavailable"}
 
 
 class Limits:
-    max_header_bytes = 32 * 1024
-    max_headers = 100
-    header_timeout_s = 10.0
-    body_timeout_s = 60.0
-    max_connections = 1000
-    keep_alive_s = 75.0
-    paths: frozenset | None = None  # the paths served (None: any)
-    prefixes: tuple = ()  # and every path under these
+    settings = Settings.model_construct()  # the defaults, until configure()
+    paths: frozenset | None = None  # the paths served (None: any), and every path under prefixes
+    prefixes: tuple = ()
 
 
-def configure(settings, paths=None, prefixes: tuple = ()) -> None:
-    """Take the limits from :class:`mutask.serving.settings.Settings`, and the paths the service
-    answers: ``paths`` and any under ``prefixes`` (any other is a 404 here)."""
-    Limits.max_header_bytes = settings.max_header_bytes
-    Limits.max_headers = settings.max_headers
-    Limits.header_timeout_s = settings.header_timeout_s
-    Limits.body_timeout_s = settings.body_timeout_s
-    Limits.max_connections = settings.max_connections
-    Limits.keep_alive_s = settings.keep_alive_s
-    Limits.paths = frozenset(paths) if paths is not None else None
-    Limits.prefixes = tuple(prefixes)
+def configure(settings: Settings, paths=None, prefixes: tuple = ()) -> None:
+    Limits.settings, Limits.paths, Limits.prefixes = settings, None if paths is None else frozenset(paths), tuple(prefixes)
 
 
 def request_path(url: bytes) -> str | None:
-    """The path of a request target as the application will see it (percent-decoded, without a
-    trailing slash), or None when the target does not parse (uvicorn answers that itself)."""
+    """A request target's path as the application will see it (percent-decoded, no trailing
+    slash), or None when it does not parse (uvicorn answers that itself)."""
     try:
         path = urllib.parse.unquote(httptools.parse_url(url).path.decode("latin-1"))
     except (httptools.HttpParserInvalidURLError, UnicodeDecodeError, ValueError):
@@ -79,7 +52,6 @@ def request_path(url: bytes) -> str | None:
 
 
 def install() -> None:
-    """Make uvicorn's default ("auto") HTTP protocol :class:`GuardedHttpToolsProtocol`."""
     from uvicorn import config
 
     config.HTTP_PROTOCOLS["auto"] = config.HTTP_PROTOCOLS["httptools"] = f"{__name__}:GuardedHttpToolsProtocol"
@@ -95,28 +67,24 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         self._header_count = 0
         self._opened = self.loop.time()
-        if len(self.connections) >= Limits.max_connections and not self._evict_idle():
+        if len(self.connections) >= Limits.settings.max_connections and not self._evict_idle():
             self.transport = transport  # for connection_lost
-            self._refuse(503, f"the server has {Limits.max_connections} connections busy with requests (MUTASK_MAX_CONNECTIONS); retry later")
+            self._refuse(503, f"the server has {Limits.settings.max_connections} connections busy with requests (MUTASK_MAX_CONNECTIONS); retry later")
             return
-        self.timeout_keep_alive = Limits.keep_alive_s  # uvicorn arms it after each response
+        self.timeout_keep_alive = Limits.settings.keep_alive_s  # uvicorn arms it after each response
         super().connection_made(transport)
-        self._arm(Limits.header_timeout_s)
-
-    def _between_requests(self) -> bool:
-        """Kept alive after a response, its next request not begun."""
-        return not self._awaiting_headers and self.cycle is not None and self.cycle.response_complete
+        self._arm(Limits.settings.header_timeout_s)
 
     def _evict_idle(self) -> bool:
         """Close the oldest idle connection (waiting for request headers: answered 408; between
         requests: closed, as its keep-alive expiring would); False if none is idle."""
         idle = [c for c in self.connections if isinstance(c, GuardedHttpToolsProtocol) and not c._refused
-                and (c._awaiting_headers or c._between_requests())]
+                and (c._awaiting_headers or (c.cycle is not None and c.cycle.response_complete))]  # or kept alive
         if not idle:
             return False
         oldest = min(idle, key=lambda c: c._opened)
         if oldest._awaiting_headers:
-            oldest._refuse(408, f"closed to make room: the server holds {Limits.max_connections} connections (MUTASK_MAX_CONNECTIONS)")
+            oldest._refuse(408, f"closed to make room: the server holds {Limits.settings.max_connections} connections (MUTASK_MAX_CONNECTIONS)")
         else:
             oldest._refused = True
             oldest._disarm()
@@ -134,8 +102,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().data_received(data)
         if self._awaiting_headers and not self._refused:
             self._header_bytes += len(data)
-            if self._header_bytes > Limits.max_header_bytes:
-                self._refuse(431, f"request line and headers are over {Limits.max_header_bytes} bytes (MUTASK_MAX_HEADER_BYTES)")
+            if self._header_bytes > Limits.settings.max_header_bytes:
+                self._refuse(431, f"request line and headers are over {Limits.settings.max_header_bytes} bytes (MUTASK_MAX_HEADER_BYTES)")
 
     def send_400_response(self, msg: str) -> None:
         if not self._refused:  # a refusal stops the parser with an error: it is answered already
@@ -146,12 +114,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._awaiting_headers = True
         self._header_bytes = self._header_count = 0
-        self._arm(Limits.header_timeout_s)
+        self._arm(Limits.settings.header_timeout_s)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
-        if self._header_count > Limits.max_headers:
-            self._refuse(431, f"more than {Limits.max_headers} request headers (MUTASK_MAX_HEADERS)")
+        if self._header_count > Limits.settings.max_headers:
+            self._refuse(431, f"more than {Limits.settings.max_headers} request headers (MUTASK_MAX_HEADERS)")
             raise ValueError("too many headers")  # stops httptools' parser
         super().on_header(name, value)
 
@@ -163,7 +131,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 shown = path if len(path) <= 80 else path[:80] + "..."
                 self._refuse(404, f"no such path {shown!r}: this server answers POST /predict, /predict_tasks, /predict_batch, /tasks (API docs at /)")
                 raise ValueError("unknown path")  # stops httptools' parser; nothing reaches the application
-        self._arm(Limits.body_timeout_s)
+        self._arm(Limits.settings.body_timeout_s)
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -185,9 +153,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         if self._awaiting_headers:
-            self._refuse(408, f"no complete request headers within {Limits.header_timeout_s:g} s (MUTASK_HEADER_TIMEOUT_S)")
+            self._refuse(408, f"no complete request headers within {Limits.settings.header_timeout_s:g} s (MUTASK_HEADER_TIMEOUT_S)")
         else:  # a body still arriving: the application is waiting on it and will see a disconnect
-            log.debug("closing a connection whose body took over %g s", Limits.body_timeout_s)
+            log.debug("closing a connection whose body took over %g s", Limits.settings.body_timeout_s)
             self.transport.close()
 
     def _refuse(self, status: int, message: str) -> None:

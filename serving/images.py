@@ -1,10 +1,6 @@
-"""Uploaded bytes to a task's input, safely: guarded decoding, then the preprocessing contract.
-
-Decoding untrusted bytes is guarded: a byte limit, a pixel limit checked from the header before
-anything is decoded (decompression bombs), and every decoder failure (not an image, truncated,
-corrupt, an EXIF block or mode Pillow cannot convert) becomes an :class:`ImageError` whose
-message fits a 400 answer. The pixels then go through the task's
-:class:`mutask.preprocessing.Preprocessing`, the same code evaluation and export use.
+"""Uploaded bytes to a task's input, safely: guarded decoding (a byte limit; a pixel limit read
+from the header before anything is decoded; every decoder failure an :class:`ImageError` whose
+message fits a 400 answer), then the task's :class:`mutask.preprocessing.Preprocessing`.
 """
 
 from __future__ import annotations
@@ -30,8 +26,6 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
     if len(data) > max_bytes:
         raise ImageError(f"the image is {len(data)} bytes, over the limit of {max_bytes} bytes (MUTASK_MAX_IMAGE_BYTES)")
     try:
-        # Image.open reads the header only (and raises DecompressionBombError past twice
-        # Image.MAX_IMAGE_PIXELS); our own pixel limit is checked before anything is decoded.
         image = Image.open(io.BytesIO(data))
         w, h = image.size
         if w <= 0 or h <= 0:
@@ -44,9 +38,8 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
 
 
 class PixelBudget:
-    """The pixels one request may decode, all its images together: decoding and resizing cost
-    grows with the pixels (tens of nanoseconds each), so a request that would take seconds of
-    CPU is refused from its images' headers before any pixel is decoded."""
+    """The pixels one request may decode, all its images together (decoding costs tens of
+    nanoseconds a pixel: a request that would take seconds is refused from its headers)."""
 
     def __init__(self, pixels: int):
         self.limit = self.left = int(pixels)
@@ -83,8 +76,7 @@ def to_input(image: Image.Image, pre: Preprocessing) -> np.ndarray:
 
 def preprocess_for(data: bytes, pres: list, *, max_bytes: int, max_pixels: int, budget: PixelBudget | None = None) -> list:
     """Uploaded bytes decoded once, then one float32 (1, 3, S, S) input per preprocessing of
-    ``pres`` (tasks at different image sizes); :class:`ImageError` on bad input, or when the
-    image does not fit the request's pixel ``budget``."""
+    ``pres``; :class:`ImageError` on bad input or past the request's pixel ``budget``."""
     image = open_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
     if budget is not None:
         budget.take(image)

@@ -1,26 +1,7 @@
-"""Per-task Prometheus series, exposed on BentoML's ``/metrics`` next to its own.
-
-BentoML 1.4 deprecates ``bentoml.metrics`` in favour of ``prometheus_client`` used directly,
-imported only once the worker has set ``PROMETHEUS_MULTIPROC_DIR`` (so the series are
-written to the multiprocess files that BentoML's ``/metrics`` collects). Hence the lazy
-:func:`get`: the series are created on first use, inside the serving process, once.
-
-Series (the ``task`` label only ever takes a task id of the artifact, ``_unknown`` or
-``_invalid``, never raw client input):
-
-* ``mutask_requests_total{task}``: prediction requests per task (a batch request counts once;
-  a /predict_tasks request once for each task it asks);
-* ``mutask_errors_total{task, kind}``: rejected or failed requests (kind: unknown_task,
-  bad_request, bad_image, internal);
-* ``mutask_request_latency_seconds{task}``: request latency histogram (decode to answer);
-* ``mutask_batch_size{task}``: rows of that task per engine batch (histogram);
-* ``mutask_engine_batch_size``: rows per engine batch, all tasks together (histogram);
-* ``mutask_version_swaps_total``, ``mutask_version_refusals_total``: versions swapped in and
-  refused by the model repository; ``mutask_version_load_seconds``: loading one before its swap;
-  ``mutask_version``: the version served (0: a version-less artifact);
-* ``mutask_segment_seconds_total{segment, shared}``: compute time per graph: a segment id, or
-  ``task:<id>`` for a task's own graph (what a batch of one task, or of tasks that share no
-  segment, runs; never shared).
+"""Per-task Prometheus series on BentoML's ``/metrics``, next to its own (the list:
+``docs/serving.md``). BentoML 1.4 wants ``prometheus_client`` used directly, imported only once
+the worker has set ``PROMETHEUS_MULTIPROC_DIR``: hence :func:`get`, which creates the series on
+first use, inside the serving process, once.
 """
 
 from __future__ import annotations

@@ -1,34 +1,18 @@
 """Pre-packed weights, one copy for every session: ONNX Runtime's own optimized models, pooled.
 
-ONNX Runtime runs a MatMul fastest from a weight it has *pre-packed* (re-laid out for its GEMM
-kernels) when the session is created; by default every session packs its own copy. Its
-prepacked-weights container, which lets sessions share those packs, is not in the Python API,
-and sessions that read their initializers from one shared buffer
-(:mod:`mutask.serving.weights`) must turn pre-packing off: a run then costs up to 2x more on a
-small system (the demo's task graphs: 0.80-0.87 ms against 0.44 ms).
-
-This module gets both: each graph is optimized once at engine start with ONNX Runtime's
-``session.save_external_prepacked_constant_initializers``, which writes the optimized model
-with every initializer, *and its pre-packed form*, in an external data file; the blobs of all
-those files are then pooled into one file, each distinct blob once (a component's weight reached
-by a segment and by two task graphs is stored once), and each optimized model is pointed at the
-pool. Sessions load the pooled models with optimizations off (they are done): ONNX Runtime maps
-their initializers and packs from the file instead of packing again, so every session runs at
-the speed of a session that owns and packs its weights, and every weight is in memory once, as
-pages of the pool file shared by every session of the process (each server worker process
-makes its own pool).
-
-The pool is made for this machine (packing depends on the CPU's instruction set) in a temporary
-directory at every start and deleted once the sessions have mapped it (POSIX keeps a deleted
-file's pages while they are mapped), so nothing is left behind. CPU only: on CUDA, sessions copy
-their weights to the device anyway.
+ONNX Runtime runs a MatMul fastest from a weight *pre-packed* for its kernels, and every session
+packs its own copy (sharing packs is not in the Python API; no pre-packing costs up to 2x). So
+each graph is optimized once at engine start with
+``session.save_external_prepacked_constant_initializers`` (initializers and their packs to an
+external data file), all those blobs pooled into one file, each distinct blob once, and the
+models pointed at it: sessions load them unoptimized and map the pool, every weight in memory
+once. The pool is made for this CPU at each start and deleted once mapped. CPU only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import pathlib
 import shutil
 import tempfile
@@ -44,18 +28,11 @@ SAVE_CONFIG = {
 }
 
 
-class PrepackError(RuntimeError):
-    """This ONNX Runtime cannot write pre-packed optimized models (the engine falls back)."""
-
-
 class PrepackedPool:
-    """Optimized, pre-packed copies of graphs, all reading one pool file.
-
-    ``add(key, graph_path, options)`` optimizes one graph (``options``: the session options
-    it will run with, optimizations on); ``finish()`` writes the pool and returns
-    {key: path of the pooled optimized model}; ``close()`` deletes the directory (call it once
-    every session is created). ``blob_bytes`` (what the graphs' data files held in all) and
-    ``pool_bytes`` (what the pool holds) say what pooling saved."""
+    """Optimized, pre-packed copies of graphs, all reading one pool file: ``add`` each graph
+    (with the session options it will run with), ``finish()`` for {key: pooled model path},
+    ``close()`` once every session is created. ``blob_bytes`` (the graphs' data files in all)
+    against ``pool_bytes`` says what pooling saved."""
 
     def __init__(self):
         self.dir = pathlib.Path(tempfile.mkdtemp(prefix="mutask-prepacked-"))
@@ -75,7 +52,7 @@ class PrepackedPool:
             options.add_session_config_entry(k, v)
         ort.InferenceSession(str(graph_path), options, providers=providers)  # writes the optimized model
         if not (self.dir / f"{stem}.onnx").exists():
-            raise PrepackError(f"onnxruntime {ort.__version__} wrote no optimized model for {graph_path}")
+            raise RuntimeError(f"onnxruntime {ort.__version__} wrote no optimized model for {graph_path}")
         self._models[key] = self.dir / f"{stem}.onnx"
 
     def finish(self) -> dict[str, pathlib.Path]:
@@ -89,7 +66,8 @@ class PrepackedPool:
                 digest = hashlib.blake2b(blob, digest_size=20).digest()
                 at = offsets.get(digest)
                 if at is None:
-                    at = offsets[digest] = _pad_to(pool, ALIGN)
+                    pool.write(b"\0" * (-pool.tell() % ALIGN))
+                    at = offsets[digest] = pool.tell()
                     pool.write(blob)
                     self.placed += 1
                 self.references += 1
@@ -125,14 +103,3 @@ class PrepackedPool:
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
-
-def _pad_to(f, align: int) -> int:
-    at = f.tell()
-    if at % align:
-        f.write(b"\0" * (align - at % align))
-    return f.tell()
-
-
-def can_delete_mapped_files() -> bool:
-    """Whether the pool can be deleted while sessions map it (POSIX; not Windows)."""
-    return os.name == "posix"

@@ -1,29 +1,11 @@
-"""A model repository: numbered versions of an exported system, swapped while the server runs.
+"""Where the served artifact comes from, and its versions, swapped while serving (``docs/live.md``).
 
-``mutask serve DIR`` (or ``MUTASK_ARTIFACT=DIR``) takes either one artifact directory (a
-*version-less* artifact: served as it is, never swapped) or a directory of numbered versions::
-
-    DIR/1/manifest.json ...   DIR/2/manifest.json ...   DIR/.3.export-x1y2/  (being written)
-
-Only names made of digits are versions, ordered numerically; anything else (``mutask export
---into DIR``'s temporary ``.N.export-*`` directory, files, ``latest``) is ignored, so a version
-becomes visible only when ``export`` renames it into place, complete. The server serves the
-newest version (or the one pinned with ``--version N`` / ``MUTASK_VERSION``), and a thread polls
-DIR every ``--poll-s`` seconds (``MUTASK_POLL_S``, default 2; both read by
-:class:`mutask.serving.settings.Settings`). When the newest version changes
-(a new one, or the served one removed: rollback to the one before), the new version is loaded
-*off the request path*: its hashes and manifest verified
-(:func:`mutask.export.artifact.load_artifact` with ``verify=True``), its graphs loaded into a
-new engine, a warm-up run of every task; then one assignment swaps it in. Each request holds
-the version it started on (:class:`HoldVersion`, a context variable) until its answer is sent,
-so requests in flight finish on the old version while new ones go to the new; the old version
-is closed when its last request is done, and nothing refers to it after that (its engine,
-sessions and memory go). A version that fails any step is refused with a log line and a
-``mutask_version_refusals_total`` count, and the served one stays; it is tried again only
-when its directory changes (a copy that was still being written).
-
-The service supplies what a version is made of: ``build(artifact, number)`` returns the
-version's payload (engine, batcher, task records), ``close(payload)`` releases it.
+``MUTASK_ARTIFACT`` (or ``MUTASK_BENTOML_MODEL``, a BentoML model) names one artifact (served as
+it is) or a directory of numbered versions, whose newest that verifies (or the pinned one) is
+served; none is a :class:`ServingError` before anything starts (exit code 2). A thread polls for
+a newer version (or the served one removed: rollback), builds it off the request path and swaps
+it in. Each request holds the version it started on (:class:`HoldVersion`); a retired version
+closes after its last request. A version that fails is tried again only when its directory changes.
 """
 
 from __future__ import annotations
@@ -33,22 +15,82 @@ import contextvars
 import ctypes
 import gc
 import logging
+import os
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from mutask.errors import MutaskError
+from mutask.export.artifact import is_repository, version_numbers
 from mutask.export.manifest import MANIFEST
-from mutask.export.versions import is_repository, version_numbers
-
-from .loader import ServingError, clear_cache, open_artifact
 
 log = logging.getLogger("bentoml.serve.mutask")  # shown with the server's own lines
+ENV_ARTIFACT = "MUTASK_ARTIFACT"
+ENV_MODEL = "MUTASK_BENTOML_MODEL"
 
-DEFAULT_POLL_S = 2.0  # the default of Settings.poll_s (MUTASK_POLL_S)
+_CACHE: dict = {}  # the last verified artifact
+_LOCK = threading.Lock()
 
 
-# ---- the directory layout --------------------------------------------------------------------
+class ServingError(MutaskError):
+    """The service cannot start: no artifact, or a bad one. The message names the fix."""
+
+
+def artifact_source() -> tuple[str, str] | None:
+    """("path", DIR) or ("model", TAG) from the environment, or None when neither is set."""
+    for kind, name in (("path", ENV_ARTIFACT), ("model", ENV_MODEL)):
+        if os.environ.get(name, "").strip():
+            return kind, os.environ[name].strip()
+    return None
+
+
+def resolve_artifact_path(artifact: str | os.PathLike | None = None) -> Path:
+    """The artifact directory: ``artifact`` if given, else from the environment (a BentoML
+    model's directory, or its one sub-directory holding a manifest)."""
+    if artifact is not None:
+        return Path(artifact).expanduser()
+    src = artifact_source()
+    if src is None:
+        raise ServingError(
+            f"no artifact to serve: set {ENV_ARTIFACT}=DIR (a `mutask export` directory) or "
+            f"{ENV_MODEL}=TAG (a BentoML model), or run `mutask serve ART`"
+        )
+    kind, value = src
+    if kind == "path":
+        return Path(value).expanduser()
+    import bentoml
+
+    try:
+        root = Path(bentoml.models.get(value).path)
+    except Exception as e:
+        raise ServingError(f"{ENV_MODEL}={value}: no such BentoML model in the model store ({e}); `bentoml models list` shows them") from None
+    return next((d for d in [root, *sorted(root.iterdir())] if (d / "manifest.json").is_file()), root)
+
+
+def open_artifact(artifact: str | os.PathLike | None = None, *, cache: bool = True):
+    """The artifact (see :func:`resolve_artifact_path`), verified
+    (:func:`mutask.export.artifact.load_artifact`); :class:`ServingError` when it cannot be
+    served. The last one is cached: a process that opens it twice verifies it once."""
+    from mutask.export.artifact import ArtifactError, load_artifact
+
+    path = resolve_artifact_path(artifact)
+    key = str(path.resolve()) if path.exists() else str(path)
+    with _LOCK:
+        if cache and key in _CACHE:
+            return _CACHE[key]
+        if not path.is_dir():
+            raise ServingError(f"artifact {path} {'is not a directory' if path.exists() else 'does not exist'}: pass a directory written by `mutask export`")
+        try:
+            art = load_artifact(path, verify=True)
+        except ArtifactError as e:
+            raise ServingError(f"artifact {path} cannot be served: {e}") from None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ServingError(f"artifact {path} cannot be served: {type(e).__name__}: {e}") from None
+        if cache:
+            _CACHE.clear()  # the last one only: a server that swaps versions keeps none of the old ones
+            _CACHE[key] = art
+        return art
 
 
 def signature(path: Path) -> tuple:
@@ -84,21 +126,23 @@ def candidates(root: Path, pin: int | None = None) -> list[tuple[int | None, Pat
     return [(n, root / str(n)) for n in reversed(numbers)]
 
 
-def open_served(root, pin: int | None = None, *, cache: bool = True):
-    """(number, artifact) of the version a server starts on: the newest (or pinned) version that
-    verifies; a newer one that does not is logged and skipped. :class:`ServingError` when none
-    verifies (the message says why the best one fails)."""
+def _first(root, pin: int | None, load: Callable, refuse: Callable):
+    """``load(number, path)`` of the first candidate that loads, each failure reported to
+    ``refuse(number, path, reason)``; the best one's :class:`ServingError` when none loads."""
     first = None
-    for number, path in candidates(Path(root), pin):
+    for number, path in candidates(root, pin):
         try:
-            return number, open_artifact(path, cache=cache)
+            return load(number, path)
         except ServingError as e:
             first = first or e
-            log.error("mutask: version %s refused: %s", number, e)
+            refuse(number, path, str(e))
     raise first
 
 
-# ---- versions and the repository -------------------------------------------------------------
+def open_served(root, pin: int | None = None, *, cache: bool = True):
+    """(number, artifact) of the version a server starts on: the newest (or pinned) that verifies."""
+    return _first(root, pin, lambda n, path: (n, open_artifact(path, cache=cache)),
+                  lambda n, path, why: log.error("mutask: version %s refused: %s", n, why))
 
 
 class Version:
@@ -109,67 +153,40 @@ class Version:
         self.number, self.path, self.artifact, self.payload = number, path, artifact, payload
         self.refs = 0
         self.retired = False
-        self.loaded_at = time.time()
-
-    def __repr__(self) -> str:
-        return f"Version({self.number}, {str(self.path)!r}, refs={self.refs}, retired={self.retired})"
 
 
 _HELD: contextvars.ContextVar = contextvars.ContextVar("mutask_version", default=None)
 
 
-def held() -> Version | None:
-    """The version the current request holds (None outside a request)."""
-    return _HELD.get()
-
-
 class Repository:
-    """Serves one version of ``root`` at a time and swaps in newer ones (see the module).
+    """Serves one version of ``root`` at a time and swaps in newer ones. ``build(artifact,
+    number) -> payload`` and ``close(payload)`` come from the service; ``on_swap(old, new,
+    seconds)`` and ``on_refuse(number, reason)`` report (metrics)."""
 
-    ``build(artifact, number) -> payload`` and ``close(payload)`` come from the service;
-    ``on_swap(old, new, seconds)`` and ``on_refuse(number, reason)`` report (metrics)."""
-
-    def __init__(
-        self, root, *, build: Callable, close: Callable, pin: int | None = None, poll_s: float = DEFAULT_POLL_S,
-        on_swap: Callable | None = None, on_refuse: Callable | None = None,
-    ):
+    def __init__(self, root, *, build: Callable, close: Callable, pin: int | None = None, poll_s: float = 2.0,
+                 on_swap: Callable | None = None, on_refuse: Callable | None = None):
         self.root = Path(root)
         self.build, self.close_payload = build, close
         self.pin, self.poll_s = pin, float(poll_s)
         self.on_swap, self.on_refuse = on_swap, on_refuse
         self.versioned = is_repository(self.root)
-        self._current: Version | None = None
+        self.current: Version | None = None
+        self.swaps = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
+        self._polling = threading.Lock()  # one poll at a time (the thread, or a caller of poll_once)
         self._refused: dict[int, tuple] = {}  # number -> the directory signature it was refused with
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._polling = threading.Lock()  # one poll at a time (the thread, or a caller of poll_once)
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.swaps = 0
-
-    @property
-    def current(self) -> Version | None:
-        return self._current
-
-    # ---- starting ----
 
     def start(self, poll: bool = True) -> Version:
-        """Load the version to serve (newest that verifies, or the pinned one); then, for a
-        directory of versions, poll it in a daemon thread. :class:`ServingError` when none loads."""
-        first = None
-        for number, path in candidates(self.root, self.pin):
-            try:
-                self._current = self._load(number, path, cache=True)
-                break
-            except ServingError as e:
-                first = first or e
-                self._refuse(number, path, str(e))
-        if self._current is None:
-            raise first
+        """Load the version to serve; then, for a directory of versions, poll it in a daemon
+        thread. :class:`ServingError` when none loads."""
+        self.current = _first(self.root, self.pin, lambda n, path: self._load(n, path, cache=True), self._refuse)
         if poll and self.versioned:
             self._thread = threading.Thread(target=self._run, name="mutask-repository", daemon=True)
             self._thread.start()
-        return self._current
+        return self.current
 
     def stop(self) -> None:
         self._stop.set()
@@ -183,44 +200,32 @@ class Repository:
             except Exception:  # the poller never dies; the served version stays
                 log.exception("mutask: polling %s failed", self.root)
 
-    # ---- polling ----
-
-    def target(self) -> tuple[int, Path] | None:
-        """The version that should be served now, or None when the served one should stay: the
-        pinned one, else the newest not refused in its present form."""
-        numbers = version_numbers(self.root)
-        if self.pin is not None:
-            return (self.pin, self.root / str(self.pin)) if self.pin in numbers else None
-        for n in reversed(numbers):
-            path = self.root / str(n)
-            if self._refused.get(n) != signature(path):
-                return n, path
-        return None
-
     def poll_once(self) -> str:
         """One look at the directory: "unchanged", "swapped" or "refused"."""
         if not self.versioned:
             return "unchanged"
         with self._polling:
-            want = self.target()
-            cur = self._current
-            if want is None or (cur is not None and want[0] == cur.number and (self.root / str(cur.number)).is_dir()):
+            numbers = version_numbers(self.root)
+            if self.pin is not None:  # the pinned one, else the newest not refused in its present form
+                want = self.pin if self.pin in numbers else None
+            else:
+                want = next((n for n in reversed(numbers) if self._refused.get(n) != signature(self.root / str(n))), None)
+            cur = self.current
+            if want is None or (cur is not None and want == cur.number and (self.root / str(want)).is_dir()):
                 return "unchanged"
-            number, path = want
-            t0 = time.perf_counter()
+            path, t0 = self.root / str(want), time.perf_counter()
             try:
-                new = self._load(number, path, cache=False)
+                new = self._load(want, path, cache=False)
             except ServingError as e:
-                self._refuse(number, path, str(e))
+                self._refuse(want, path, str(e))
                 return "refused"
             self._swap(new, time.perf_counter() - t0)
             return "swapped"
 
     def _load(self, number: int | None, path: Path, cache: bool) -> Version:
-        """Verify and build a version, warm-up included (the service's ``build`` runs it);
-        :class:`ServingError` for anything that fails."""
+        """Verify and build a version; :class:`ServingError` for anything that fails."""
         sig = signature(path)
-        art = open_artifact(path, cache=cache)  # ServingError: hashes, manifest, references
+        art = open_artifact(path, cache=cache)
         try:
             payload = self.build(art, number)
         except ServingError:
@@ -240,22 +245,23 @@ class Repository:
             self.on_refuse(number, reason)
 
     def _swap(self, new: Version, seconds: float) -> None:
-        idle = False
         with self._lock:
-            old, self._current = self._current, new
+            old, self.current = self.current, new
             self.swaps += 1
             if old is not None:
                 old.retired = True
-                idle = old.refs == 0
         log.info("mutask: now serving version %s (%s, %d tasks) after %.2f s of loading; version %s retires",
                  new.number, new.path, len(new.artifact.tasks), seconds, old.number if old else None)
         if self.on_swap is not None:
             self.on_swap(old, new, seconds)
-        clear_cache()  # the loader's cache must not keep the old version's artifact
-        if old is not None and idle:
-            self._close_soon(old)
+        with _LOCK:  # the artifact cache must not keep the old version's artifact
+            _CACHE.clear()
+        if old is not None:
+            self.release(old, hold=False)
 
-    # ---- requests ----
+    def version(self) -> Version:
+        """The version the current request holds (:class:`HoldVersion`), else the served one."""
+        return _HELD.get() or self.current
 
     def acquire(self) -> Version:
         """The served version, held until :meth:`release` (a request's whole life)."""
@@ -265,30 +271,21 @@ class Repository:
             except RuntimeError:
                 pass
         with self._lock:
-            v = self._current
-            v.refs += 1
-            return v
+            self.current.refs += 1
+            return self.current
 
-    def release(self, v: Version) -> None:
+    def release(self, v: Version, hold: bool = True) -> None:
+        """A request is done with ``v`` (``hold=False``: the swap retired it); the last one
+        closes a retired version, on the event loop (its batcher lives there) when one runs."""
         with self._lock:
-            v.refs -= 1
-            last = v.retired and v.refs == 0
-        if last:
-            self._close_soon(v)
-
-    def _close_soon(self, v: Version) -> None:
-        """Close a retired version on the event loop (its batcher lives there), or here when
-        there is no running loop."""
-        loop = self.loop
-        if loop is not None and loop.is_running():
-            try:
-                running = asyncio.get_running_loop()
-            except RuntimeError:
-                running = None
-            if running is not loop:
-                loop.call_soon_threadsafe(self._close, v)
+            if hold:
+                v.refs -= 1
+            if not (v.retired and v.refs == 0):
                 return
-        self._close(v)
+        if self.loop is not None and self.loop.is_running():
+            self.loop.call_soon_threadsafe(self._close, v)
+        else:
+            self._close(v)
 
     def _close(self, v: Version) -> None:
         payload, v.payload, v.artifact = v.payload, None, None
@@ -299,22 +296,16 @@ class Repository:
         except Exception:
             log.exception("mutask: closing version %s failed", v.number)
         del payload
-        release_memory()
-
-
-def release_memory() -> None:
-    """Collect cycles and hand freed heap pages back to the system (glibc keeps them otherwise,
-    and a process that swapped versions would look as big as all of them together)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        gc.collect()  # and hand freed heap pages back (glibc keeps them: a process that swapped
+        try:  # versions would look as big as all of them together)
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 class HoldVersion:
     """ASGI middleware: each HTTP request holds the served version from its first byte to its
-    last (see :func:`held`); the repository is the service's ``repo``, looked up per request."""
+    last; ``find_repository()`` gives the service's repository (None before it starts)."""
 
     def __init__(self, app, find_repository: Callable[[], Repository | None]):
         self.app = app

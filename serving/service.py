@@ -1,27 +1,10 @@
-"""The BentoML service: every task of an exported muNet system from one process.
+"""The BentoML service: every task of an exported muNet system from one process (no torch).
 
-Run it with ``mutask serve ART`` or ``MUTASK_ARTIFACT=ART bentoml serve mutask.serving.service:Mutask``
-(or ``MUTASK_BENTOML_MODEL=TAG``). Routes: ``POST /predict`` (multipart: ``task``, ``image``),
-``POST /predict_tasks`` (multipart: ``image``, ``tasks``: one image for several tasks),
-``POST /predict_batch`` (JSON, base64 images), ``POST /tasks``, and BentoML's ``/livez``,
-``/readyz`` (ready while a version is served, its graphs loaded and checked), ``/metrics`` (with
-the ``mutask_*`` series of :mod:`mutask.serving.metrics`), the OpenAPI page at ``/`` and the
-page to try every task at ``/ui`` (:mod:`mutask.serving.page`).
-
-``ART`` is one artifact or a directory of numbered versions, swapped while serving
-(:mod:`mutask.serving.repository`, :mod:`mutask.serving.live`): each request reads the engine,
-batcher and task records of the version it holds.
-
-A request takes one path: BentoML's route, the input's own body reader
-(:mod:`mutask.serving.api`), the handler below, the cross-task batcher, the engine (each task's
-graph over the batch's rows for it; the segment DAG for one image asked for several tasks).
-Bad input is raised as BentoML's own errors, never a 500: an unknown task is
-:class:`~bentoml.exceptions.NotFound` (404) naming the valid ids; a malformed body, a missing
-field, a file that is not a usable image or one over a limit is
-:class:`~bentoml.exceptions.BadInput` (400). Settings come from the environment once
-(:class:`mutask.serving.settings.Settings`). A worker that cannot start stops the whole server.
-
-No torch, no timm, no evolve: onnxruntime, numpy, Pillow, BentoML.
+``mutask serve ART`` or ``MUTASK_ARTIFACT=ART bentoml serve mutask.serving.service:Mutask``;
+routes and settings: ``docs/serving.md``. A request takes one path: BentoML's route, the input's
+body reader (:mod:`mutask.serving.api`), the handler, the batcher, the engine of the version it
+holds (:mod:`mutask.serving.repository`). Bad input is BentoML's ``NotFound`` (404, an unknown
+task) or ``BadInput`` (400), never a 500. A worker that cannot start stops the whole server.
 """
 
 from __future__ import annotations
@@ -37,47 +20,47 @@ from pathlib import Path
 
 import bentoml
 import numpy as np
-from bentoml.exceptions import BadInput, BentoMLException, NotFound
+from bentoml.exceptions import BentoMLException, NotFound
 from starlette.applications import Starlette
+from starlette.responses import FileResponse
+from starlette.routing import Route
 
-from . import http, images, live, metrics, page
-from .api import BatchInput, BatchPrediction, Prediction, PredictInput, PredictTasksInput, TaskRecord, TasksInput, TasksPrediction, prediction
+from . import http, images, metrics
+from .api import BatchInput, BatchPrediction, Prediction, PredictInput, PredictTasksInput, TaskRecord, TasksInput, TasksPrediction, prediction, refuse, task_records
+from .batcher import MicroBatcher
 from .engine import Engine, EngineError
-from .live import open_served
-from .loader import ENV_MODEL, ServingError, artifact_source, resolve_artifact_path
+from .repository import ENV_MODEL, HoldVersion, Repository, ServingError, artifact_source, open_served, resolve_artifact_path
 from .settings import Settings, SettingsError, cpu_count
 
-log = logging.getLogger("mutask.serving")
+log = logging.getLogger("bentoml.serve")
 
-# A lone small image is decoded on the event loop (a thread hop costs more than decoding it):
-# a PNG or JPEG of at most INLINE_BYTES and INLINE_PIXELS whose header holds nothing compressed
-# (a PNG's zTXt/iTXt/iCCP chunks are inflated while its header is read: 60 KB of them held the
-# loop for ~160 ms). Anything else is decoded in the decode pool.
+# A lone small PNG or JPEG (INLINE_BYTES, INLINE_PIXELS) is decoded on the event loop (a thread
+# hop costs more) unless its header holds compressed chunks (a PNG's zTXt/iTXt/iCCP are inflated
+# while the header is read: 60 KB of them held the loop ~160 ms); the rest in the decode pool.
 INLINE_PIXELS = 128 * 128
 INLINE_BYTES = 16 * 1024
 _PNG, _JPEG = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
-# What the service answers besides its APIs (BentoML's); the OpenAPI page's assets are under
-# /static_content/, which the service's configuration keeps out of the access log and metrics.
+# BentoML's own paths, and the prefix of the OpenAPI page's assets
 BENTOML_PATHS = ("/", "/livez", "/healthz", "/readyz", "/metrics", "/docs.json", "/schema.json")
 ASSETS_PREFIX = "/static_content/"
+# The page at /ui (serving/ui/: HTML and JavaScript that call the public API only): its files
+UI_DIR = Path(__file__).resolve().parent / "ui"
+_HTML, _JS = ("index.html", "text/html; charset=utf-8"), ("app.js", "text/javascript; charset=utf-8")
+UI_FILES = {"/ui": _HTML, "/ui/": _HTML, "/ui/index.html": _HTML, "/ui/app.js": _JS}
 
 
-# The page at /ui (serving/page.py): its two files, mounted beside BentoML's routes.
-ui_app = Starlette(routes=page.ROUTES)
+def _ui_file(name: str, media: str):
+    async def serve(request):
+        return FileResponse(UI_DIR / name, media_type=media, headers={"cache-control": "no-cache"})
 
-
-def served_paths() -> set[str]:
-    """Every path the service answers but the OpenAPI page's assets (under ASSETS_PREFIX): its
-    APIs, BentoML's routes and the page at /ui; the HTTP guard answers any other with a 404."""
-    return {api.route for api in Mutask.apis.values()} | set(BENTOML_PATHS) | page.PATHS
+    return serve
 
 
 def _startup_failed(exc: BaseException) -> None:
-    """A worker that cannot start takes the whole server down (BentoML would restart it in a
-    loop behind a listening socket). The message goes to the log and to
-    ``MUTASK_STARTUP_ERROR_FILE`` (``mutask serve`` reads it and exits 2)."""
+    """A worker that cannot start takes the server down (BentoML would restart it in a loop),
+    saying why in the log and in ``MUTASK_STARTUP_ERROR_FILE`` (``mutask serve`` exits 2)."""
     message = str(exc) if isinstance(exc, (ServingError, SettingsError, EngineError)) else f"{type(exc).__name__}: {exc}"
-    logging.getLogger("bentoml.serve").error("mutask: the service cannot start: %s", message)
+    log.error("mutask: the service cannot start: %s", message)
     path = os.environ.get("MUTASK_STARTUP_ERROR_FILE")
     if path:
         try:
@@ -90,30 +73,20 @@ def _startup_failed(exc: BaseException) -> None:
         os.kill(os.getppid(), signal.SIGTERM)  # the arbiter: it stops this worker and exits
 
 
-class ClientErrorsInOneLine(logging.Filter):
-    """BentoML logs every error its handlers raise with a traceback, 4xx included: a client's
-    bad input then costs a traceback in the log (and a flood of them, log volume). This keeps
-    the line, with the status and message, and drops the traceback of a BentoML 4xx error."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, BentoMLException) and exc.error_code < 500:
-            record.msg, record.args = f"{record.getMessage()}: {exc.error_code.value} {exc}", ()
-            record.exc_info = record.exc_text = None
-        return True
-
-
-def quiet_client_errors() -> None:
-    """Install :class:`ClientErrorsInOneLine` on the handlers of BentoML's logger (once)."""
-    for handler in logging.getLogger("bentoml").handlers or logging.getLogger().handlers:
-        if not any(isinstance(f, ClientErrorsInOneLine) for f in handler.filters):
-            handler.addFilter(ClientErrorsInOneLine())
+def one_line_client_errors(record: logging.LogRecord) -> bool:
+    """A log filter: BentoML logs a client's 4xx with a traceback (a flood of bad input, a flood
+    of tracebacks); keep the line with the status and message, drop the traceback."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, BentoMLException) and exc.error_code < 500:
+        record.msg, record.args = f"{record.getMessage()}: {exc.error_code.value} {exc}", ()
+        record.exc_info = record.exc_text = None
+    return True
 
 
 class ErrorObjects:
     """ASGI middleware: BentoML 1.4 answers an error its handler raised as a one-element JSON
-    list (``[{"error": ...}]``, a stray tuple in its endpoint wrapper) while its OpenAPI document
-    declares an object (``{"error": ...}``); this unwraps a 4xx answer so it matches the schema."""
+    list (``[{"error": ...}]``) while its OpenAPI document declares an object; this unwraps a
+    4xx answer so it matches the schema."""
 
     def __init__(self, app):
         self.app = app
@@ -142,6 +115,37 @@ class ErrorObjects:
         await self.app(scope, receive, unwrap)
 
 
+class Payload:
+    """One version's engine (warm: :meth:`Engine.verify` ran every session at load), its own
+    batcher (whose batches it counts in the metrics) and its task records."""
+
+    def __init__(self, engine, number: int | None, *, max_batch: int = 32, max_wait_ms: float = 2.0):
+        self.engine, self.number = engine, number
+        self.records = task_records(engine, number)
+        self.segment_seconds: dict[str, float] = {}  # what the metrics have counted of engine.stats
+        self.batcher = MicroBatcher(engine, max_batch=max_batch, max_wait_ms=max_wait_ms, on_batch=self._count)
+
+    def close(self) -> None:
+        self.batcher.close()
+        self.batcher = self.engine = None
+
+    def _count(self, rows, seconds) -> None:
+        m, engine, per_task = metrics.get(), self.engine, {}
+        for task, n in rows:
+            per_task[task] = per_task.get(task, 0) + n
+        for task, n in per_task.items():
+            m.batch_size.labels(task=task).observe(n)
+        m.engine_batch.observe(sum(per_task.values()))
+        if engine is None:  # closed meanwhile
+            return
+        for key, st in engine.stats.items():
+            delta = st["seconds"] - self.segment_seconds.get(key, 0.0)
+            if delta > 0:
+                shared = key in engine.segments and engine.segments[key].shared  # a task's own graph never is
+                m.segment_seconds.labels(segment=key, shared=str(shared).lower()).inc(delta)
+                self.segment_seconds[key] = st["seconds"]
+
+
 # Fail fast: the process that imports the service (the `bentoml serve` arbiter, each worker)
 # refuses to go on with a bad setting or a missing or bad artifact.
 _SETTINGS = Settings.from_env() if artifact_source() is not None else None
@@ -154,14 +158,13 @@ _ACCESS = {"enabled": bool(_SETTINGS and _SETTINGS.access_log),
 _TRACING = {} if _SETTINGS and _SETTINGS.tracing else {"excluded_urls": ["/predict", "/predict_tasks", "/predict_batch", "/tasks", *BENTOML_PATHS]}
 
 
-@bentoml.asgi_app(ui_app, path="/", name="mutask-ui")
+@bentoml.asgi_app(Starlette(routes=[Route(path, _ui_file(*f), methods=["GET"]) for path, f in UI_FILES.items()]), path="/", name="mutask-ui")
 @bentoml.service(
     name="mutask", workers=1, traffic={"timeout": 120, "max_concurrency": 1024}, metrics={"enabled": True},
     logging={"access": _ACCESS}, tracing=_TRACING,
 )
 class Mutask:
-    """Every task of an exported muNet system (ONNX graphs over one copy of the weights);
-    concurrent requests for any tasks batched together."""
+    """Every task of an exported muNet system; concurrent requests for any tasks batched together."""
 
     if os.environ.get(ENV_MODEL, "").strip() and not os.environ.get("MUTASK_ARTIFACT", "").strip():
         bento_model = bentoml.models.BentoModel(os.environ[ENV_MODEL].strip())  # shipped in a Bento
@@ -175,16 +178,22 @@ class Mutask:
 
     def _start(self) -> None:
         s = self.settings = Settings.from_env()
-        quiet_client_errors()
-        http.configure(s, served_paths(), prefixes=(ASSETS_PREFIX,))
-        self.metrics = metrics.get()
+        for handler in logging.getLogger("bentoml").handlers or logging.getLogger().handlers:
+            if one_line_client_errors not in handler.filters:
+                handler.addFilter(one_line_client_errors)
+        # the paths served (the guard strips a trailing slash): it answers any other with a 404
+        served = {api.route for api in Mutask.apis.values()} | set(BENTOML_PATHS) | {p.rstrip("/") for p in UI_FILES}
+        http.configure(s, served, prefixes=(ASSETS_PREFIX,))
+        m = self.metrics = metrics.get()
         self._decode_pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(4, cpu_count())), thread_name_prefix="mutask-decode")
-        self.repo = live.start(self, resolve_artifact_path())  # builds the first version with _build_version; polls
-        logging.getLogger("bentoml.serve").info(
-            "mutask: %d tasks (%s) on %s (%s), weights %s, %d ONNX Runtime threads per session, max batch %d, max wait %.1f ms",
-            len(self.engine.tasks), ", ".join(self.engine.tasks), self.engine.device, ",".join(self.engine.active_providers),
-            self.engine.weights_mode, self.engine.threads, s.max_batch, s.max_wait_ms,
-        )
+        self.repo = Repository(resolve_artifact_path(), build=self._build_version, close=Payload.close, pin=s.version, poll_s=s.poll_s,
+                               on_swap=lambda old, new, seconds: self._serving(new, seconds), on_refuse=lambda n, why: m.refusals.inc())
+        self._serving(self.repo.start())
+        e = self.engine
+        log.info("mutask: version %s of %s%s: %d tasks (%s) on %s (%s), weights %s, %d ONNX Runtime threads per session, "
+                 "max batch %d, max wait %.1f ms", self.version.number, self.repo.root,
+                 " (pinned)" if s.version else f", polling every {s.poll_s:g} s" if self.repo.versioned else "",
+                 len(e.tasks), ", ".join(e.tasks), e.device, ",".join(e.active_providers), e.weights_mode, e.threads, s.max_batch, s.max_wait_ms)
 
     def __is_ready__(self) -> bool:
         return bool(getattr(self, "repo", None) is not None and self.repo.current is not None)
@@ -195,19 +204,23 @@ class Mutask:
         self.batcher.close()
         self._decode_pool.shutdown(wait=False)
 
-    # ---- versions (serving/live.py): each request reads the version it holds ----
+    # ---- versions: each request reads the version it holds ----
 
-    def _build_version(self, artifact, number) -> live.Payload:
-        """A version's engine (warmed up), batcher and task records, built off the request path."""
+    def _build_version(self, artifact, number) -> Payload:
         s = self.settings
-        engine = Engine(artifact, device=s.device, threads=s.threads)
-        return live.Payload(engine, number, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms, on_batch=self._on_batch)
+        return Payload(Engine(artifact, device=s.device, threads=s.threads), number, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms)
 
-    version = property(lambda self: live.version_of(self))
+    def _serving(self, version, load_seconds: float | None = None) -> None:
+        if load_seconds is not None:  # swapped in
+            self.metrics.swaps.inc()
+            self.metrics.swap_seconds.observe(load_seconds)
+        self.metrics.version.set(version.number or 0)
+        self.metrics.init_tasks(version.payload.engine.tasks)
+
+    version = property(lambda self: self.repo.version())
     engine = property(lambda self: self.version.payload.engine)
     batcher = property(lambda self: self.version.payload.batcher)
     records = property(lambda self: self.version.payload.records)
-    artifact = property(lambda self: self.version.artifact)
 
     # ---- the API ----
 
@@ -216,15 +229,12 @@ class Mutask:
         """Classify one image for one task.
 
         Send multipart/form-data with `task` (a task id, see /tasks) and `image` (a file: PNG,
-        JPEG or any format Pillow reads, any size and mode, up to MUTASK_MAX_IMAGE_BYTES, 10 MB
-        by default). The image gets the task's own preprocessing from the export manifest
-        (EXIF orientation, RGB, a square resize to the task's image size with the root's filter,
-        the root's mean and std), exactly as in evaluation. Concurrent requests, for any tasks,
-        are batched: each task's graph runs once over the rows of every request for it.
-
-        Answers `task`, the arg-max `label` and its `index`, and the top-5 `scores` (label ->
-        softmax probability). 404 for an unknown task (the message lists the valid ones), 400
-        for a missing field, a malformed body or a file that is not a usable image.
+        JPEG or any format Pillow reads, up to MUTASK_MAX_IMAGE_BYTES, 10 MB by default). The
+        image gets the task's preprocessing from the export manifest, exactly as in evaluation;
+        concurrent requests, for any tasks, are batched. Answers `task`, the arg-max `label` and
+        its `index`, and the top-5 `scores` (label -> softmax probability). 404 for an unknown
+        task (the message lists the valid ones), 400 for a malformed request or a file that is
+        not a usable image.
         """
         t0 = time.perf_counter()
         self._admit([task])
@@ -235,13 +245,11 @@ class Mutask:
         """Classify one image for several tasks (or every task) in one request.
 
         Send multipart/form-data with `image` (a file, as for /predict) and `tasks`: task ids as
-        a JSON list (what BentoML's clients send), comma-separated (`digits,shapes`) or the field
-        repeated; leave `tasks` out for every task the server holds. The image is decoded once,
-        preprocessed once per distinct preprocessing (image size) of those tasks, and goes
-        through the segment graph: every segment the tasks share runs once for it, so k tasks
-        cost less than k requests. Answers `predictions`: one answer per task, in the order
-        asked (a task named twice answers once), each as /predict answers it. 404 when a task
-        is unknown (the message lists the valid ones), 400 as for /predict.
+        a JSON list, comma-separated (`digits,shapes`) or the field repeated; leave `tasks` out
+        for every task. The image is decoded once and every segment the tasks share runs once
+        for it, so k tasks cost less than k requests. Answers `predictions`, one per task in the
+        order asked (a task named twice answers once), each as /predict answers. 404 when a task
+        is unknown, 400 as for /predict.
         """
         t0 = time.perf_counter()
         tasks = list(dict.fromkeys(tasks)) if tasks else list(self.engine.tasks)
@@ -254,10 +262,9 @@ class Mutask:
         """Classify several images for one task (JSON, images in base64).
 
         Send `{"task": TASK, "images": [BASE64, ...]}` (plain base64 or `data:image/...;base64,`
-        URLs, 1 to MUTASK_MAX_BATCH_IMAGES of them). Each image is preprocessed as in /predict;
-        the answer holds one prediction per image, in order. 404 for an unknown task, 400 for
-        an empty list, too many images, bad base64 or an image that cannot be used (the message
-        says which one).
+        URLs, 1 to MUTASK_MAX_BATCH_IMAGES of them). Answers one prediction per image, in order,
+        each as /predict answers. 404 for an unknown task, 400 for an empty list, too many
+        images, bad base64 or an image that cannot be used.
         """
         t0 = time.perf_counter()
         self._admit([task])
@@ -268,7 +275,7 @@ class Mutask:
             try:
                 blobs.append(base64.b64decode(s, validate=True))
             except (binascii.Error, ValueError):
-                raise self._bad(f"images[{i}] is not valid base64", [task]) from None
+                raise refuse(f"images[{i}] is not valid base64", task) from None
         return BatchPrediction(task=task, predictions=(await self._infer([task], blobs, t0))[0])
 
     @bentoml.api(route="/tasks", input_spec=TasksInput)
@@ -289,14 +296,8 @@ class Mutask:
         for task in tasks:
             self.metrics.requests.labels(task=task).inc()
 
-    def _bad(self, message: str, tasks: list[str], kind: str = "bad_request") -> BadInput:
-        for task in tasks:
-            self.metrics.errors.labels(task=task, kind=kind).inc()
-        return BadInput(message)
-
     def _decode(self, pres: list, data: bytes | Path, budget: images.PixelBudget) -> list:
-        """One image (bytes, or a path from a Python caller) decoded once, one input per
-        preprocessing of ``pres``."""
+        """One image (bytes, or a Python caller's path), one input per preprocessing of ``pres``."""
         s = self.settings
         if isinstance(data, Path):
             try:
@@ -309,8 +310,7 @@ class Mutask:
         return images.preprocess_for(data, pres, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels, budget=budget)
 
     def _decode_small(self, pres: list, data) -> list | None:
-        """A lone small image decoded here, on the event loop (see INLINE_BYTES); None for
-        anything else (the decode pool's work)."""
+        """A lone small image decoded on the event loop (see INLINE_BYTES), else None."""
         if not isinstance(data, bytes) or len(data) > INLINE_BYTES:
             return None
         if not (data.startswith(_JPEG) or (data.startswith(_PNG) and not any(c in data for c in (b"zTXt", b"iTXt", b"iCCP")))):
@@ -323,9 +323,8 @@ class Mutask:
         return [images.to_input(image, pre) for pre in pres]
 
     async def _infer(self, tasks: list[str], sources: list, t0: float) -> list[list[Prediction]]:
-        """Decode ``sources`` (bytes or paths) once per distinct preprocessing of ``tasks``, run
-        them for every task batched with other requests, answer (one list of predictions per
-        task); the request's latency (from ``t0``) is observed per task when it succeeds."""
+        """One list of predictions per task for ``sources`` (bytes or paths), each decoded once per
+        distinct preprocessing, batched with other requests; latency from ``t0`` observed."""
         loop = asyncio.get_running_loop()
         held = self.version.payload  # the version this request holds, for its whole life
         specs, batcher = held.engine.tasks, held.batcher
@@ -339,7 +338,7 @@ class Mutask:
                     xs = [xi[0] if len(xi) == 1 else np.concatenate(xi, axis=0) for xi in zip(*per_image)]
             except images.ImageError as e:
                 which = "" if len(sources) == 1 else " (one of the images)"
-                raise self._bad(f"bad image{which}: {e}", tasks, kind="bad_image") from None
+                raise refuse(f"bad image{which}: {e}", *tasks, kind="bad_image") from None
         by_pre = dict(zip(pres, xs))
         try:
             logits = await batcher.submit_tasks([(t, by_pre[specs[t].preprocessing]) for t in tasks])
@@ -353,23 +352,6 @@ class Mutask:
             self.metrics.latency.labels(task=task).observe(seconds)
         return answers
 
-    def _on_batch(self, payload: live.Payload, rows, seconds) -> None:
-        """Metrics of one batch of ``payload``'s batcher (the version that ran it)."""
-        per_task: dict = {}
-        for task, n in rows:
-            per_task[task] = per_task.get(task, 0) + n
-        for task, n in per_task.items():
-            self.metrics.batch_size.labels(task=task).observe(n)
-        self.metrics.engine_batch.observe(sum(per_task.values()))
-        engine, seen = payload.engine, payload.segment_seconds
-        if engine is None:  # closed meanwhile
-            return
-        for key, st in engine.stats.items():
-            delta = st["seconds"] - seen.get(key, 0.0)
-            if delta > 0:
-                self.metrics.segment_seconds.labels(segment=key, shared=str(engine.is_shared(key)).lower()).inc(delta)
-                seen[key] = st["seconds"]
-
 
 Mutask.add_asgi_middleware(ErrorObjects)
-Mutask.add_asgi_middleware(live.HoldVersion, find_repository=lambda: getattr(bentoml.get_current_service(), "repo", None))
+Mutask.add_asgi_middleware(HoldVersion, find_repository=lambda: getattr(bentoml.get_current_service(), "repo", None))

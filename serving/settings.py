@@ -1,9 +1,6 @@
-"""The server's settings: ``MUTASK_*`` environment variables, read once by pydantic-settings.
-
-``mutask serve`` turns its flags into these variables (the BentoML worker is a separate
-process, so the environment is how they reach it); ``bentoml serve`` users set them directly.
-The service reads them once, at start (:meth:`Settings.from_env`), and passes what each part
-needs down. A bad value is a :class:`SettingsError` (exit code 2) naming the variable.
+"""The server's settings: ``MUTASK_*`` environment variables, read by pydantic-settings (their
+table: ``docs/serving.md``). ``mutask serve`` turns its flags into them (the BentoML worker is
+another process); a bad value is a :class:`SettingsError` (exit code 2) naming the variable.
 """
 
 from __future__ import annotations
@@ -51,12 +48,11 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(10.0, gt=0)  # a request's headers must arrive within
     body_timeout_s: float = Field(60.0, gt=0)  # a request's body must arrive within, from its headers
     max_connections: int = Field(1000, gt=0)  # open connections; more are answered 503 and closed
-    # idle keep-alive: longer than clients keep theirs (httpx 5 s, aiohttp 15 s), so the client
-    # closes first (uvicorn's 5 s raced httpx's 5 s: a request sent as the server closed came back as a reset)
+    # idle keep-alive: longer than clients' (httpx 5 s, aiohttp 15 s), so they close first
+    # (uvicorn's 5 s raced httpx's: a request sent as the server closed came back as a reset)
     keep_alive_s: float = Field(75.0, gt=0)
-    # BentoML's per-request access log line and OpenTelemetry span: off by default for the
-    # prediction routes, as a production server behind a proxy that logs requests would run
-    # (each costs ~0.1 ms of a ~1 ms request); 1 turns either on
+    # BentoML's access log line and OpenTelemetry span for the prediction routes: off, as behind
+    # a proxy that logs requests (each costs ~0.1 ms of a ~1 ms request); 1 turns either on
     access_log: bool = False
     tracing: bool = False
     # the model repository (mutask.serving.repository), for a directory of numbered versions
@@ -78,7 +74,3 @@ class Settings(BaseSettings):
             name = f"MUTASK_{field.upper()}" if field else "MUTASK_*"
             flag = f" ({FLAGS[field]})" if field in FLAGS else ""
             raise SettingsError(f"{name}={err.get('input')!r}{flag}: {err['msg']}") from None
-
-    def to_env(self) -> dict[str, str]:
-        """The environment that makes :meth:`from_env` return these settings."""
-        return {f"MUTASK_{k.upper()}": "" if v is None else str(v).lower() if isinstance(v, bool) else str(v) for k, v in self.model_dump().items()}

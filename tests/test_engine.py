@@ -76,7 +76,7 @@ def test_prepacked_pool_holds_each_packed_weight_once_and_answers_as_own_weights
         prepack.PrepackedPool.finish = finish
     assert engine.weights_mode == "prepacked"
     pool = engine.pool
-    assert engine.describe()["weights_in_memory_bytes"] == pool.pool_bytes > 0
+    assert pool.pool_bytes > 0
     # every model reads its external initializers (and their packs) from the one pool
     locations, packed = set(), 0
     for key, path in pools[0].items():
@@ -101,7 +101,7 @@ def test_prepacked_pool_holds_each_packed_weight_once_and_answers_as_own_weights
         x = np.concatenate([evolve_input(d, engine.tasks[task].preprocessing) for d in images.values()])
         plain = ort.InferenceSession(str(art.graph_path(task)), providers=["CPUExecutionProvider"])  # own, packed weights
         want = plain.run(None, {plain.get_inputs()[0].name: x})[0]
-        for got in (engine.predict(task, x), engine._run_segments([(task, x)])[0]):
+        for got in (engine.run([(task, x)])[0], engine._run_segments([(task, x)])[0]):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
             assert (got.argmax(1) == want.argmax(1)).all()
 
@@ -117,7 +117,7 @@ def test_one_image_for_many_tasks_runs_each_shared_segment_once(serving_artifact
     tasks = ["a", "b", "c", "d"]
     assert len({engine.tasks[t].preprocessing for t in tasks}) == 1
     before = {k: dict(s) for k, s in engine.stats.items()}
-    outs = engine.predict_tasks(tasks, x)
+    outs = engine.run([(t, x) for t in tasks])
     for t, out in zip(tasks, outs):
         np.testing.assert_allclose(out[0], reference_logits(serving_artifact, t, data), rtol=1e-4, atol=1e-4)
     # every segment on some task's chain ran once, on one row per distinct way there (the
@@ -153,7 +153,7 @@ def test_batcher_batches_concurrent_mixed_tasks(serving_artifact):
 
     outs = asyncio.run(main())
     for (t, x), out in zip(reqs + [big], outs):
-        np.testing.assert_allclose(out, engine.predict(t, x), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out, engine.run([(t, x)])[0], rtol=1e-5, atol=1e-5)
     rows = [sum(n for _, n in b) for b in seen]
     assert sorted(rows)[-2:] == [min(8, sorted(rows)[-2]), 19] and sum(rows) == sum(x.shape[0] for _, x in reqs) + 19
     assert [b for b in seen if sum(n for _, n in b) == 19] == [[("b", 19)]]

@@ -50,7 +50,7 @@ def add_task_c(s, data) -> None:
 def export_into(s, data, repo: Path) -> Path:
     """What `mutask export STATE --into repo` does: the next version, written atomically."""
     from mutask.export.build import export_system
-    from mutask.export.versions import next_version_path
+    from mutask.export.cli import next_version_path
 
     return export_system(s, next_version_path(repo), data=data, parity_samples=8, show_progress=False)
 
@@ -165,18 +165,18 @@ def test_version_in_flight_finishes_then_closes(repo_dir):
 
 def test_swapped_out_engine_is_freed(repo_dir):
     """With real engines: after a swap, once its last request is done, nothing refers to the old
-    version's engine (the loader's cache included)."""
+    version's engine (the artifact cache included)."""
     import gc
     import weakref
 
-    from mutask.serving import live
     from mutask.serving.engine import Engine
     from mutask.serving.repository import Repository
+    from mutask.serving.service import Payload
 
     def build(art, number):
-        return live.Payload(Engine(art, threads=1), number)
+        return Payload(Engine(art, threads=1), number)
 
-    repo = Repository(repo_dir, build=build, close=live.Payload.close)
+    repo = Repository(repo_dir, build=build, close=Payload.close)
     first = weakref.ref(repo.start(poll=False).payload.engine)
     held = repo.acquire()
     shutil.copytree(repo_dir / "2", repo_dir / "3")
@@ -191,7 +191,7 @@ def test_swapped_out_engine_is_freed(repo_dir):
 
 
 def test_settings_and_candidates_refuse_clearly(repo_dir, tmp_path, monkeypatch):
-    from mutask.serving.loader import ServingError
+    from mutask.serving.repository import ServingError
     from mutask.serving.repository import candidates
     from mutask.serving.settings import Settings, SettingsError
 

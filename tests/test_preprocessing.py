@@ -16,6 +16,8 @@ from PIL import Image
 from pydantic import ValidationError
 
 from mutask.errors import MutaskError
+from mutask.evolve.roots.base import preprocessing_record
+from mutask.evolve.train import value_range
 from mutask.preprocessing import Preprocessing, resize_rgb, to_rgb_array
 from tests.conftest import TINY_SPEC, synthetic_task
 
@@ -57,7 +59,7 @@ def test_mean_std_half_bilinear_is_x_over_127_5_minus_1_bit_for_bit():
     assert got.dtype == np.float32 and got.shape == (1, 3, 16, 16) and got.flags["C_CONTIGUOUS"]
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))  # the same bits, -0.0 and all
     assert got.min() == -1.0 and got.max() == 1.0
-    assert Preprocessing.signed_unit(16).value_range() == ((-1.0,) * 3, (1.0,) * 3)
+    assert value_range(Preprocessing.signed_unit(16)) == ((-1.0,) * 3, (1.0,) * 3)
 
 
 def test_per_channel_mean_and_std():
@@ -66,7 +68,7 @@ def test_per_channel_mean_and_std():
     got = pre.normalize(x)
     want = ((x.astype(np.float64) / 255 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)).transpose(0, 3, 1, 2)
     assert np.abs(got - want).max() < 2e-6
-    low, high = pre.value_range()
+    low, high = value_range(pre)
     for c in range(3):  # channel c is normalised with mean[c] and std[c], not another channel's
         assert got[0, c].min() == pytest.approx(low[c], abs=1e-6) and got[0, c].max() == pytest.approx(high[c], abs=1e-6)
         assert low[c] == pytest.approx(-CLIP_MEAN[c] / CLIP_STD[c]) and high[c] == pytest.approx((1 - CLIP_MEAN[c]) / CLIP_STD[c])
@@ -82,7 +84,7 @@ def test_image_resizes_with_the_filter_and_at_keeps_everything_but_the_size():
     assert not np.array_equal(resize_rgb(pixels, 32, resize="bicubic"), resize_rgb(pixels, 32, resize="bilinear"))
     at = pre.at(48)
     assert at.image_size == 48 and (at.mean, at.std, at.resize) == (pre.mean, pre.std, pre.resize)
-    assert pre.root_record() == IMAGENET_BICUBIC
+    assert preprocessing_record(pre) == IMAGENET_BICUBIC
     with pytest.raises(ValueError, match=r"\(N, H, W, 3\)"):
         pre.normalize(pixels)
 
@@ -136,7 +138,7 @@ def test_root_directories_and_their_records(tmp_path):
     vit = build_model(TINY_SPEC)
     save_root_dir(vit, dict(TINY_SPEC, preprocessing=IMAGENET_BICUBIC), tmp_path / "imagenet")
     assert load_root_dir(tmp_path / "imagenet").preprocessing == imagenet(32)
-    save_root_dir(vit, dict(TINY_SPEC, preprocessing=Preprocessing.signed_unit(32).root_record()), tmp_path / "pretrained")
+    save_root_dir(vit, dict(TINY_SPEC, preprocessing=preprocessing_record(Preprocessing.signed_unit(32))), tmp_path / "pretrained")
     assert json.loads((tmp_path / "pretrained" / "config.json").read_text())["preprocessing"] == {
         "mean": [0.5] * 3, "std": [0.5] * 3, "resize": "bilinear"}
     assert load_root_dir(tmp_path / "pretrained").preprocessing == Preprocessing.signed_unit(32)
@@ -172,7 +174,7 @@ def test_color_jitter_clamps_to_the_roots_range_per_channel():
     pixels[8:16] = 255
     pre = imagenet(16)
     out = augment(torch.from_numpy(pre.normalize(pixels)), hp, torch.Generator().manual_seed(0), pre)
-    low, high = pre.value_range()
+    low, high = value_range(pre)
     for c in range(3):
         assert out[:, c].min().item() == pytest.approx(low[c], abs=1e-5) and out[:, c].max().item() == pytest.approx(high[c], abs=1e-5)
     assert out[:, 0].min().item() < -2.0  # (0 - 0.485) / 0.229: a [-1, 1] clamp would cut it

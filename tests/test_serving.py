@@ -100,7 +100,7 @@ def test_providers_choice_and_cpu_fallback(serving_artifact, monkeypatch):
     import onnxruntime as ort
 
     from mutask.export.artifact import load_artifact
-    from mutask.serving import engine, sessions as eng
+    from mutask.serving import engine as eng
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(eng, "gpu_present", lambda: True)
@@ -115,7 +115,7 @@ def test_providers_choice_and_cpu_fallback(serving_artifact, monkeypatch):
         eng.choose_providers("tpu")
     monkeypatch.undo()
     # asking for CUDA where it cannot run (no GPU, or no CUDA libraries) falls back to CPU
-    served = engine.Engine(load_artifact(serving_artifact), device="cuda", threads=1)
+    served = eng.Engine(load_artifact(serving_artifact), device="cuda", threads=1)
     assert served.ready
     if not eng.gpu_present():
         assert served.device == "cpu" and served.active_providers == ["CPUExecutionProvider"]
@@ -126,7 +126,7 @@ def test_artifact_from_a_bentoml_model(serving_artifact, monkeypatch):
 
     import bentoml
 
-    from mutask.serving.loader import open_artifact
+    from mutask.serving.repository import open_artifact
 
     with bentoml.models.create("mutask-serving-test") as model:
         for f in serving_artifact.iterdir():
@@ -136,27 +136,28 @@ def test_artifact_from_a_bentoml_model(serving_artifact, monkeypatch):
     art = open_artifact(cache=False)
     assert set(art.tasks) == {"a", "b", "c", "d"} and str(art.path).startswith(str(bentoml.models.get(model.tag).path))
     monkeypatch.setenv("MUTASK_BENTOML_MODEL", "no-such-model:v1")
-    from mutask.serving.loader import ServingError
+    from mutask.serving.repository import ServingError
 
     with pytest.raises(ServingError, match="no such BentoML model"):
         open_artifact(cache=False)
 
 
 def test_settings_come_from_the_environment(monkeypatch):
+    from mutask.serving.cli import settings_env
     from mutask.serving.settings import Settings, SettingsError
 
     monkeypatch.setenv("MUTASK_MAX_BATCH", "8")
     monkeypatch.setenv("MUTASK_ACCESS_LOG", "1")
     s = Settings.from_env(max_wait_ms=3.0, device=None)
     assert (s.max_batch, s.access_log, s.tracing, s.max_wait_ms, s.device) == (8, True, False, 3.0, "auto")
-    for k, v in s.to_env().items():
+    for k, v in settings_env(s).items():
         monkeypatch.setenv(k, v)
     assert Settings.from_env() == s
     for name, value in (("MUTASK_DEVICE", "gpu"), ("MUTASK_MAX_BATCH", "0"), ("MUTASK_KEEP_ALIVE_S", "soon")):
         monkeypatch.setenv(name, value)
         with pytest.raises(SettingsError, match=name):
             Settings.from_env()
-        monkeypatch.setenv(name, s.to_env()[name])
+        monkeypatch.setenv(name, settings_env(s)[name])
 
 
 # ---- the service in-process ---------------------------------------------------------------
@@ -362,7 +363,7 @@ def _damaged(serving_artifact, tmp_path):
 
 
 def test_bad_artifacts_are_refused(serving_artifact, tmp_path, monkeypatch):
-    from mutask.serving.loader import ServingError, open_artifact
+    from mutask.serving.repository import ServingError, open_artifact
 
     bad = _damaged(serving_artifact, tmp_path)
     for name, path in bad.items():

@@ -64,7 +64,7 @@ def test_page_uploads_and_shows_every_task(tmp_path_factory, tmp_path):
             assert client.get("/").status_code == 200  # the OpenAPI page stays
             assert {r["version"] for r in client.post("/tasks").json().values()} == {1}  # pinned
             assert client.get("/tasks").status_code in (404, 405)  # the page reads POST /tasks, the one route there is
-            for path in ("/ui", "/ui/", "/ui/app.js", "/ui/index.html"):  # let through by the HTTP guard (page.PATHS)
+            for path in ("/ui", "/ui/", "/ui/app.js", "/ui/index.html"):  # let through by the HTTP guard (service.UI_FILES)
                 assert client.get(path).status_code == 200, path
             want = client.post("/predict_tasks", files={"image": ("band.png", image.read_bytes(), "image/png")}).json()["predictions"]
         driver = browser(tmp_path / "chromium-profile")

@@ -44,6 +44,12 @@ def timm_preprocessing(model: nn.Module, name: str) -> dict:
     return {"mean": [float(v) for v in cfg["mean"]], "std": [float(v) for v in cfg["std"]], "resize": interpolation}
 
 
+def preprocessing_record(pre: Preprocessing) -> dict:
+    """``mean``, ``std`` and ``resize`` as JSON values: what a root records of its preprocessing
+    (``spec["preprocessing"]``; a root's image size is its own)."""
+    return pre.model_dump(mode="json", include={"mean", "std", "resize"})
+
+
 def root_preprocessing(spec: dict, image_size: int, source: str) -> Preprocessing:
     """The root's preprocessing at its image size, from ``spec["preprocessing"]`` (mean = std
     = 0.5, bilinear when the spec records none)."""
