@@ -70,7 +70,7 @@ def timed(cmd: list[str], env: dict) -> dict:
 
 
 def evolve_and_export(name: str, tasks: list[str], root: str, work: Path, env: dict, extra=()) -> dict:
-    from mutask.export.artifact import artifact_stats
+    from mutask.export.sizes import artifact_stats
 
     mutask, state, art = [sys.executable, "-m", "mutask.cli"], work / f"{name}-state", work / f"{name}-art"
     ev = timed([*mutask, "evolve", *(a for t in tasks for a in ("--task", t)), "--root", root, "--budget", "tiny", "--out", str(state), "-q", *extra], env)

@@ -11,7 +11,7 @@ throughput against an earlier commit's server.
    which cProfile does not see).
 2. ``latency``: a real ``mutask serve ART`` on loopback, one keep-alive client, batch 1, against
    a bare ONNX Runtime session of the same task graph with the server's own session options
-   (:func:`mutask.serving.sessions.session_options`, its thread count) on the same
+   (:func:`mutask.serving.engine.session_options`, its thread count) on the same
    preprocessed input; ``--pairs`` interleaved blocks of ``--requests``, p50/p99 of each, and
    the per-pair difference of p50s.
 3. ``throughput``: this tree's server and the server of ``--before`` (a checkout of an earlier
@@ -109,7 +109,7 @@ def latency(art, pngs: dict, tmp: Path, pairs: int, n: int) -> dict:
     import httpx
     import onnxruntime as ort
 
-    from mutask.serving.sessions import session_options
+    from mutask.serving.engine import session_options
     from mutask.serving.settings import default_threads
 
     task = next(iter(pngs))

@@ -115,7 +115,8 @@ def served_version(client) -> int:
 def run(art: Path | None, swaps: int, pairs: int, results: Path | None, idle: bool = False) -> dict:
     import httpx
 
-    from mutask.export.artifact import artifact_stats, load_artifact
+    from mutask.export.artifact import load_artifact
+    from mutask.export.sizes import artifact_stats
     from mutask.server_process import ServerProcess, metric_value
 
     work = Path(tempfile.mkdtemp(prefix="mutask-swap-bench-"))
