@@ -111,10 +111,11 @@ class Operators:
         """(parent, mutate) of the generation's child ``index``: the next seed unmutated, else
         (``--continue-best``, the generation's first child) the visit's best path unmutated, else
         a sampled parent."""
+        best = self.best(v) if self.cfg.continue_best and index == 0 else None
         if v.seeds:
             parent, mutate = self.sys.paths[v.seeds.pop(0)], False
-        elif self.cfg.continue_best and index == 0 and self.best(v) is not None and self.best(v).task == v.task:
-            parent, mutate = self.best(v), False
+        elif best is not None and best.task == v.task:
+            parent, mutate = best, False
         else:
             parent, mutate = self.sample_parent(v), True
         v.child_counts[parent.id] = v.child_counts.get(parent.id, 0) + 1
