@@ -160,7 +160,10 @@ def throughput(art, pngs: dict, tmp: Path, before: str, pairs: int, clients: lis
     finally:
         for s in servers.values():
             s.stop()
-    return {"before": before, "pairs": pairs, "seconds_per_measurement": seconds, "points": out}
+    import subprocess
+
+    rev = subprocess.run(["git", "-C", before, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {"before": before, "before_commit": rev or None, "pairs": pairs, "seconds_per_measurement": seconds, "points": out}
 
 
 def to_markdown(doc: dict) -> str:
@@ -190,7 +193,7 @@ def to_markdown(doc: dict) -> str:
     if "throughput" in doc:
         th = doc["throughput"]
         lines += [
-            f"## Throughput against the server before the change ({th['before']}), mixed tasks, closed loop", "",
+            f"## Throughput against the server before the change ({th['before']}" + (f": a checkout of commit {th['before_commit']}" if th.get("before_commit") else "") + "), mixed tasks, closed loop", "",
             f"{th['pairs']} interleaved pairs per point, {th['seconds_per_measurement']:g} s each; ratio = this / before.", "",
             "| clients | requests/s this (median) | before (median) | paired ratio [95 % interval] |", "|---:|---:|---:|---|",
             *[f"| {k} | {v['median_rps_this']:.0f} | {v['median_rps_before']:.0f} | {fmt_ratio(v['ratio'])} |" for k, v in th["points"].items()], "",
