@@ -4,14 +4,14 @@
 it is) or a directory of numbered versions, whose newest that verifies (or the pinned one) is
 served; none is a :class:`ServingError` before anything starts (exit code 2). A thread polls for
 a newer version (or the served one removed: rollback), builds it off the request path and swaps
-it in. Each request holds the version it started on (:class:`HoldVersion`); a retired version
+it in. Each request holds the version it started on (:meth:`Repository.hold`); a retired version
 closes after its last request. A version that fails is tried again only when its directory changes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
+import contextlib
 import ctypes
 import gc
 import logging
@@ -22,15 +22,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mutask.errors import MutaskError
-from mutask.export.artifact import is_repository, version_numbers
+from mutask.export.artifact import ArtifactError, is_repository, load_artifact, version_numbers
 from mutask.export.manifest import MANIFEST
 
 log = logging.getLogger("bentoml.serve.mutask")  # shown with the server's own lines
 ENV_ARTIFACT = "MUTASK_ARTIFACT"
 ENV_MODEL = "MUTASK_BENTOML_MODEL"
-
-_CACHE: dict = {}  # the last verified artifact
-_LOCK = threading.Lock()
 
 
 class ServingError(MutaskError):
@@ -68,29 +65,18 @@ def resolve_artifact_path(artifact: str | os.PathLike | None = None) -> Path:
     return next((d for d in [root, *sorted(root.iterdir())] if (d / "manifest.json").is_file()), root)
 
 
-def open_artifact(artifact: str | os.PathLike | None = None, *, cache: bool = True):
+def open_artifact(artifact: str | os.PathLike | None = None):
     """The artifact (see :func:`resolve_artifact_path`), verified
-    (:func:`mutask.export.artifact.load_artifact`); :class:`ServingError` when it cannot be
-    served. The last one is cached: a process that opens it twice verifies it once."""
-    from mutask.export.artifact import ArtifactError, load_artifact
-
+    (:func:`mutask.export.artifact.load_artifact`); :class:`ServingError` when it cannot be served."""
     path = resolve_artifact_path(artifact)
-    key = str(path.resolve()) if path.exists() else str(path)
-    with _LOCK:
-        if cache and key in _CACHE:
-            return _CACHE[key]
-        if not path.is_dir():
-            raise ServingError(f"artifact {path} {'is not a directory' if path.exists() else 'does not exist'}: pass a directory written by `mutask export`")
-        try:
-            art = load_artifact(path, verify=True)
-        except ArtifactError as e:
-            raise ServingError(f"artifact {path} cannot be served: {e}") from None
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ServingError(f"artifact {path} cannot be served: {type(e).__name__}: {e}") from None
-        if cache:
-            _CACHE.clear()  # the last one only: a server that swaps versions keeps none of the old ones
-            _CACHE[key] = art
-        return art
+    if not path.is_dir():
+        raise ServingError(f"artifact {path} {'is not a directory' if path.exists() else 'does not exist'}: pass a directory written by `mutask export`")
+    try:
+        return load_artifact(path, verify=True)
+    except ArtifactError as e:
+        raise ServingError(f"artifact {path} cannot be served: {e}") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ServingError(f"artifact {path} cannot be served: {type(e).__name__}: {e}") from None
 
 
 def signature(path: Path) -> tuple:
@@ -126,7 +112,7 @@ def candidates(root: Path, pin: int | None = None) -> list[tuple[int | None, Pat
     return [(n, root / str(n)) for n in reversed(numbers)]
 
 
-def _first(root, pin: int | None, load: Callable, refuse: Callable):
+def first_loadable(root, pin: int | None, load: Callable, refuse: Callable):
     """``load(number, path)`` of the first candidate that loads, each failure reported to
     ``refuse(number, path, reason)``; the best one's :class:`ServingError` when none loads."""
     first = None
@@ -139,10 +125,10 @@ def _first(root, pin: int | None, load: Callable, refuse: Callable):
     raise first
 
 
-def open_served(root, pin: int | None = None, *, cache: bool = True):
+def open_served(root, pin: int | None = None):
     """(number, artifact) of the version a server starts on: the newest (or pinned) that verifies."""
-    return _first(root, pin, lambda n, path: (n, open_artifact(path, cache=cache)),
-                  lambda n, path, why: log.error("mutask: version %s refused: %s", n, why))
+    return first_loadable(root, pin, lambda n, path: (n, open_artifact(path)),
+                          lambda n, path, why: log.error("mutask: version %s refused: %s", n, why))
 
 
 class Version:
@@ -153,9 +139,6 @@ class Version:
         self.number, self.path, self.artifact, self.payload = number, path, artifact, payload
         self.refs = 0
         self.retired = False
-
-
-_HELD: contextvars.ContextVar = contextvars.ContextVar("mutask_version", default=None)
 
 
 class Repository:
@@ -182,7 +165,7 @@ class Repository:
     def start(self, poll: bool = True) -> Version:
         """Load the version to serve; then, for a directory of versions, poll it in a daemon
         thread. :class:`ServingError` when none loads."""
-        self.current = _first(self.root, self.pin, lambda n, path: self._load(n, path, cache=True), self._refuse)
+        self.current = first_loadable(self.root, self.pin, self._load, self._refuse)
         if poll and self.versioned:
             self._thread = threading.Thread(target=self._run, name="mutask-repository", daemon=True)
             self._thread.start()
@@ -215,17 +198,17 @@ class Repository:
                 return "unchanged"
             path, t0 = self.root / str(want), time.perf_counter()
             try:
-                new = self._load(want, path, cache=False)
+                new = self._load(want, path)
             except ServingError as e:
                 self._refuse(want, path, str(e))
                 return "refused"
             self._swap(new, time.perf_counter() - t0)
             return "swapped"
 
-    def _load(self, number: int | None, path: Path, cache: bool) -> Version:
+    def _load(self, number: int | None, path: Path) -> Version:
         """Verify and build a version; :class:`ServingError` for anything that fails."""
         sig = signature(path)
-        art = open_artifact(path, cache=cache)
+        art = open_artifact(path)
         try:
             payload = self.build(art, number)
         except ServingError:
@@ -254,17 +237,21 @@ class Repository:
                  new.number, new.path, len(new.artifact.tasks), seconds, old.number if old else None)
         if self.on_swap is not None:
             self.on_swap(old, new, seconds)
-        with _LOCK:  # the artifact cache must not keep the old version's artifact
-            _CACHE.clear()
         if old is not None:
             self.release(old, hold=False)
 
-    def version(self) -> Version:
-        """The version the current request holds (:class:`HoldVersion`), else the served one."""
-        return _HELD.get() or self.current
+    @contextlib.contextmanager
+    def hold(self):
+        """``with repo.hold() as payload:`` a request's use of the served version's payload; a
+        swap meanwhile does not close it."""
+        v = self.acquire()
+        try:
+            yield v.payload
+        finally:
+            self.release(v)
 
     def acquire(self) -> Version:
-        """The served version, held until :meth:`release` (a request's whole life)."""
+        """The served version, held until :meth:`release`."""
         if self.loop is None:
             try:
                 self.loop = asyncio.get_running_loop()
@@ -301,24 +288,3 @@ class Repository:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):
             pass
-
-
-class HoldVersion:
-    """ASGI middleware: each HTTP request holds the served version from its first byte to its
-    last; ``find_repository()`` gives the service's repository (None before it starts)."""
-
-    def __init__(self, app, find_repository: Callable[[], Repository | None]):
-        self.app = app
-        self.find = find_repository
-
-    async def __call__(self, scope, receive, send):
-        repo = self.find() if scope["type"] == "http" else None
-        if repo is None or repo.current is None:
-            return await self.app(scope, receive, send)
-        v = repo.acquire()
-        token = _HELD.set(v)
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            _HELD.reset(token)
-            repo.release(v)

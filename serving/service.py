@@ -29,7 +29,7 @@ from . import http, images, metrics
 from .api import BatchInput, BatchPrediction, Prediction, PredictInput, PredictTasksInput, TaskRecord, TasksInput, TasksPrediction, prediction, refuse, task_records
 from .batcher import MicroBatcher
 from .engine import Engine, EngineError
-from .repository import ENV_MODEL, HoldVersion, Repository, ServingError, artifact_source, open_served, resolve_artifact_path
+from .repository import ENV_MODEL, Repository, ServingError, artifact_source, open_served, resolve_artifact_path
 from .settings import Settings, SettingsError, cpu_count
 
 log = logging.getLogger("bentoml.serve")
@@ -149,7 +149,7 @@ class Payload:
 # Fail fast: the process that imports the service (the `bentoml serve` arbiter, each worker)
 # refuses to go on with a bad setting or a missing or bad artifact.
 _SETTINGS = Settings.from_env() if artifact_source() is not None else None
-if _SETTINGS is not None:
+if _SETTINGS is not None and bentoml.server_context.worker_index is None:  # a worker verifies it as it loads it
     open_served(resolve_artifact_path(), _SETTINGS.version)
 if bentoml.server_context.worker_index is not None:  # a server worker: before uvicorn loads its configuration
     http.install()
@@ -191,7 +191,7 @@ class Mutask:
         self._serving(self.repo.start())
         e = self.engine
         log.info("mutask: version %s of %s%s: %d tasks (%s) on %s (%s), weights %s, %d ONNX Runtime threads per session, "
-                 "max batch %d, max wait %.1f ms", self.version.number, self.repo.root,
+                 "max batch %d, max wait %.1f ms", self.repo.current.number, self.repo.root,
                  " (pinned)" if s.version else f", polling every {s.poll_s:g} s" if self.repo.versioned else "",
                  len(e.tasks), ", ".join(e.tasks), e.device, ",".join(e.active_providers), e.weights_mode, e.threads, s.max_batch, s.max_wait_ms)
 
@@ -217,10 +217,9 @@ class Mutask:
         self.metrics.version.set(version.number or 0)
         self.metrics.init_tasks(version.payload.engine.tasks)
 
-    version = property(lambda self: self.repo.version())
-    engine = property(lambda self: self.version.payload.engine)
-    batcher = property(lambda self: self.version.payload.batcher)
-    records = property(lambda self: self.version.payload.records)
+    # the served version's (a request holds its own: Repository.hold)
+    engine = property(lambda self: self.repo.current.payload.engine)
+    batcher = property(lambda self: self.repo.current.payload.batcher)
 
     # ---- the API ----
 
@@ -237,8 +236,9 @@ class Mutask:
         not a usable image.
         """
         t0 = time.perf_counter()
-        self._admit([task])
-        return (await self._infer([task], [image], t0))[0][0]
+        with self.repo.hold() as held:
+            self._admit(held, [task])
+            return (await self._infer(held, [task], [image], t0))[0][0]
 
     @bentoml.api(route="/predict_tasks", input_spec=PredictTasksInput)
     async def predict_tasks(self, image: bytes | Path, tasks: list[str] | None = None) -> TasksPrediction:
@@ -252,9 +252,10 @@ class Mutask:
         is unknown, 400 as for /predict.
         """
         t0 = time.perf_counter()
-        tasks = list(dict.fromkeys(tasks)) if tasks else list(self.engine.tasks)
-        self._admit(tasks)
-        out = await self._infer(tasks, [image], t0)
+        with self.repo.hold() as held:
+            tasks = list(dict.fromkeys(tasks)) if tasks else list(held.engine.tasks)
+            self._admit(held, tasks)
+            out = await self._infer(held, tasks, [image], t0)
         return TasksPrediction(predictions=[answers[0] for answers in out])
 
     @bentoml.api(route="/predict_batch", input_spec=BatchInput)
@@ -267,7 +268,6 @@ class Mutask:
         images, bad base64 or an image that cannot be used.
         """
         t0 = time.perf_counter()
-        self._admit([task])
         blobs = []
         for i, s in enumerate(images):
             if s.startswith("data:") and "," in s:
@@ -276,23 +276,26 @@ class Mutask:
                 blobs.append(base64.b64decode(s, validate=True))
             except (binascii.Error, ValueError):
                 raise refuse(f"images[{i}] is not valid base64", task) from None
-        return BatchPrediction(task=task, predictions=(await self._infer([task], blobs, t0))[0])
+        with self.repo.hold() as held:
+            self._admit(held, [task])
+            return BatchPrediction(task=task, predictions=(await self._infer(held, [task], blobs, t0))[0])
 
     @bentoml.api(route="/tasks", input_spec=TasksInput)
     def tasks(self) -> dict[str, TaskRecord]:
         """Every task served: labels, image size, params, accounted params, validation and test
         accuracy, and its segment chain (which segments it shares with other tasks)."""
-        return self.records
+        return self.repo.current.payload.records
 
     # ---- the request path ----
 
-    def _admit(self, tasks: list[str]) -> None:
+    def _admit(self, held: Payload, tasks: list[str]) -> None:
         """Count a request for served tasks; NotFound (404) naming the valid ids otherwise."""
+        valid = held.engine.tasks
         for task in tasks:
-            if task not in self.engine.tasks:
+            if task not in valid:
                 self.metrics.errors.labels(task="_unknown", kind="unknown_task").inc()
                 shown = repr(task) if len(str(task)) <= 64 else repr(str(task)[:64]) + "..."
-                raise NotFound(f"unknown task {shown}; valid tasks: {', '.join(self.engine.tasks)}")
+                raise NotFound(f"unknown task {shown}; valid tasks: {', '.join(valid)}")
         for task in tasks:
             self.metrics.requests.labels(task=task).inc()
 
@@ -322,11 +325,11 @@ class Mutask:
         image = images.load_image(image)
         return [images.to_input(image, pre) for pre in pres]
 
-    async def _infer(self, tasks: list[str], sources: list, t0: float) -> list[list[Prediction]]:
-        """One list of predictions per task for ``sources`` (bytes or paths), each decoded once per
-        distinct preprocessing, batched with other requests; latency from ``t0`` observed."""
+    async def _infer(self, held: Payload, tasks: list[str], sources: list, t0: float) -> list[list[Prediction]]:
+        """One list of predictions per task for ``sources`` (bytes or paths) from the version
+        ``held``, each decoded once per distinct preprocessing, batched with other requests;
+        latency from ``t0`` observed."""
         loop = asyncio.get_running_loop()
-        held = self.version.payload  # the version this request holds, for its whole life
         specs, batcher = held.engine.tasks, held.batcher
         pres = list(dict.fromkeys(specs[t].preprocessing for t in tasks))
         with batcher.expect():
@@ -354,4 +357,3 @@ class Mutask:
 
 
 Mutask.add_asgi_middleware(ErrorObjects)
-Mutask.add_asgi_middleware(HoldVersion, find_repository=lambda: getattr(bentoml.get_current_service(), "repo", None))

@@ -165,7 +165,7 @@ def test_version_in_flight_finishes_then_closes(repo_dir):
 
 def test_swapped_out_engine_is_freed(repo_dir):
     """With real engines: after a swap, once its last request is done, nothing refers to the old
-    version's engine (the artifact cache included)."""
+    version's engine."""
     import gc
     import weakref
 

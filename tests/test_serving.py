@@ -133,13 +133,13 @@ def test_artifact_from_a_bentoml_model(serving_artifact, monkeypatch):
             shutil.copy2(f, model.path + "/" + f.name)
     monkeypatch.delenv("MUTASK_ARTIFACT", raising=False)
     monkeypatch.setenv("MUTASK_BENTOML_MODEL", str(model.tag))
-    art = open_artifact(cache=False)
+    art = open_artifact()
     assert set(art.tasks) == {"a", "b", "c", "d"} and str(art.path).startswith(str(bentoml.models.get(model.tag).path))
     monkeypatch.setenv("MUTASK_BENTOML_MODEL", "no-such-model:v1")
     from mutask.serving.repository import ServingError
 
     with pytest.raises(ServingError, match="no such BentoML model"):
-        open_artifact(cache=False)
+        open_artifact()
 
 
 def test_settings_come_from_the_environment(monkeypatch):
@@ -368,7 +368,7 @@ def test_bad_artifacts_are_refused(serving_artifact, tmp_path, monkeypatch):
     bad = _damaged(serving_artifact, tmp_path)
     for name, path in bad.items():
         with pytest.raises(ServingError, match="does not exist|sha256|truncated|bytes|manifest|not supported") as e:
-            open_artifact(path, cache=False)
+            open_artifact(path)
         assert str(path) in str(e.value), name
         assert e.value.exit_code == 2
     monkeypatch.delenv("MUTASK_ARTIFACT", raising=False)
