@@ -9,7 +9,7 @@ Measure what serving an exported system (ART) costs on this machine, as the serv
 (benchmarks/results/serving.md) does: POST /predict of one task over loopback HTTP against a
 bare ONNX Runtime session of the same graph with the server's session options (interleaved
 pairs of blocks, p50/p99, the per-pair difference of p50s), and where one /predict's time goes
-(cProfile, in process). The server runs on a free loopback port and is always stopped. Writes
+(the wall time of each stage, the service in process). The server runs on a free loopback port and is always stopped. Writes
 NAME.json and NAME.md (default bench) to --results (default: the current directory). The
 serving record's throughput part compares against another commit's server:
 python -m mutask.benchmarks.serving_bench ART --before CHECKOUT."""
@@ -34,6 +34,6 @@ def _cmd_bench(a) -> None:
     from . import harness, serving_bench
 
     load_artifact(a.artifact)  # a bad ART stops here with a clear message (exit 2)
-    doc = serving_bench.measure(Path(a.artifact), ("latency", "profile"), a.pairs, a.requests)
+    doc = serving_bench.measure(Path(a.artifact), ("latency", "profile"), a.pairs, a.requests, before=None)
     j, _ = harness.write_record(a.name, doc, serving_bench.to_markdown(doc), a.results)
     print(j.read_text() if a.json else serving_bench.to_markdown(doc))

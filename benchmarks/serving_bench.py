@@ -4,11 +4,9 @@ throughput against an earlier commit's server.
     python -m mutask.benchmarks.serving_bench ART [--part profile,latency,throughput]
         [--pairs 10] [--before /tmp/old-serve] [--clients 1,8,32]
 
-1. ``profile``: the service in this process (BentoML's ASGI app, its middlewares, the body
-   reader, decoding, the batcher, the engine), ``--requests`` sequential /predict of one task
-   under cProfile; the event loop's time by stage, and ONNX Runtime's own seconds from the
-   engine's counters (a lone fast request runs on the loop, others in the batcher's thread,
-   which cProfile does not see).
+1. ``profile``: :mod:`mutask.benchmarks.request_timeline` (the service in process,
+   ``--requests`` sequential /predict of one task, the wall time of each stage on whichever
+   thread runs it) for this tree and for ``--before``'s, each in its own process.
 2. ``latency``: a real ``mutask serve ART`` on loopback, one keep-alive client, batch 1, against
    a bare ONNX Runtime session of the same task graph with the server's own session options
    (:func:`mutask.serving.engine.session_options`, its thread count) on the same
@@ -26,73 +24,40 @@ Client and servers share the machine's cores (loopback). Writes ``NAME.json`` an
 from __future__ import annotations
 
 import argparse
-import asyncio
-import cProfile
-import pstats
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from mutask.benchmarks.harness import RESULTS, SHARED, fmt_ratio, interleave, median, paired_ratio, times, write_record
 from mutask.benchmarks.measure import closed_loop, model_input, noise_pngs, pct, post_predict
 from mutask.server_process import ServerProcess, child_env
 
-# cProfile functions whose cumulative time makes each stage of a request (on the event loop)
-STAGES = {
-    "body read + multipart parse (mutask.serving.api.read_form)": ("api.py", "read_form"),
-    "decode + preprocess (service._decode_small / images)": ("service.py", "_decode_small"),
-    "answer: softmax, top-5 (api.prediction)": ("api.py", "prediction"),
-    "BentoML: response serialization": ("io_models.py", "to_http_response"),
-    "BentoML: endpoint wrapper (all the above + the engine or the wait for its thread)": ("app.py", "api_endpoint_wrapper"),
-}
-
-
-def profile(art_path: Path, pngs: dict, n: int) -> dict:
+def profile(art_path: Path, n: int, before: str | None) -> dict:
+    """:mod:`mutask.benchmarks.request_timeline` of this tree, and of ``before`` (a checkout)
+    where it exists, each in its own process."""
+    import json
     import os
+    import subprocess
 
-    import httpx
+    script = Path(__file__).with_name("request_timeline.py")
+    out = {}
+    for name, tree in (("this", None), ("before", before)):
+        if name == "before" and not (before and Path(before, "serving").is_dir()):
+            continue
+        env = dict(os.environ, **({"PYTHONPATH": str(Path(tree).resolve())} if tree else {}))
+        run = subprocess.run([sys.executable, str(script), str(art_path), "--requests", str(n)], env=env,
+                             capture_output=True, text=True, check=True)
+        out[name] = json.loads(run.stdout.strip().splitlines()[-1])
+    if "before" in out:
+        out["before_commit"] = commit_of(before)
+    return out
 
-    os.environ["MUTASK_ARTIFACT"] = str(art_path)
-    from mutask.serving.service import Mutask
 
-    task, png = next(iter(pngs.items()))
-    app = Mutask.to_asgi()
+def commit_of(checkout: str) -> str | None:
+    import subprocess
 
-    async def run():
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://mutask") as c:
-                files = {"image": ("x.png", png, "image/png")}
-                for _ in range(20):
-                    (await c.post("/predict", data={"task": task}, files=files)).raise_for_status()
-                import bentoml
-
-                engine = bentoml.get_current_service().engine
-                ort0 = sum(s["seconds"] for s in engine.stats.values())
-                prof = cProfile.Profile()
-                t0 = time.perf_counter()
-                prof.enable()
-                for _ in range(n):
-                    await c.post("/predict", data={"task": task}, files=files)
-                prof.disable()
-                wall = time.perf_counter() - t0
-                ort = sum(s["seconds"] for s in engine.stats.values()) - ort0
-                return prof, wall, ort
-
-    prof, wall, ort = asyncio.run(run())
-    stats = pstats.Stats(prof)
-    stages = {}
-    for name, (file, func) in STAGES.items():
-        cum = [v[3] for (f, _, fn), v in stats.stats.items() if f.endswith(file) and fn == func]
-        stages[name] = 1e3 * sum(cum) / n
-    top = sorted(((v[2], f"{Path(f).name}:{fn}") for (f, _, fn), v in stats.stats.items()), reverse=True)[:15]
-    return {
-        "requests": n, "task": task, "wall_ms_per_request": 1e3 * wall / n,
-        "onnxruntime_ms_per_request": 1e3 * ort / n, "stages_ms_per_request": stages,
-        "top_self_time_ms_per_request": {name: 1e3 * t / n for t, name in top},
-        "note": "in-process ASGI (httpx.ASGITransport): no sockets, no uvicorn/httptools; cProfile adds its own overhead to every Python call",
-    }
+    rev = subprocess.run(["git", "-C", checkout, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return rev or None
 
 
 def start(art_path: Path, tmp: Path, name: str, pythonpath: str | None = None) -> ServerProcess:
@@ -160,26 +125,23 @@ def throughput(art, pngs: dict, tmp: Path, before: str, pairs: int, clients: lis
     finally:
         for s in servers.values():
             s.stop()
-    import subprocess
-
-    rev = subprocess.run(["git", "-C", before, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    return {"before": before, "before_commit": rev or None, "pairs": pairs, "seconds_per_measurement": seconds, "points": out}
+    return {"before": before, "before_commit": commit_of(before), "pairs": pairs, "seconds_per_measurement": seconds, "points": out}
 
 
 def to_markdown(doc: dict) -> str:
     lines = [f"# Serving overhead ({doc['artifact_name']}: {len(doc['tasks'])} tasks)", ""]
-    for key, whose in (("profile", "this tree"), ("profile_before", "the commit before, for comparison")):
-        if key not in doc:
-            continue
-        p = doc[key]
+    if "profile" in doc:
+        pr = doc["profile"]
+        whose = [k for k in ("this", "before") if k in pr]
+        p = pr["this"]
+        before = f" and of the commit before ({pr.get('before_commit')})" if "before" in pr else ""
         lines += [
-            f"## Where one /predict's time goes: {whose} (in process, {p['requests']} requests of task {p['task']}, cProfile)", "",
-            f"Wall time per request: **{p['wall_ms_per_request']:.3f} ms**, of which ONNX Runtime (its session runs, on the "
-            f"event loop or in the batcher's thread): **{p['onnxruntime_ms_per_request']:.3f} ms**. {p['note']}.", "",
-            "| stage (cumulative, on the event loop) | ms per request |", "|---|---:|",
-            *[f"| {k} | {v:.3f} |" for k, v in p["stages_ms_per_request"].items()], "",
-            "| function (own time) | ms per request |", "|---|---:|",
-            *[f"| `{k}` | {v:.3f} |" for k, v in p["top_self_time_ms_per_request"].items()], "",
+            f"## Where one /predict's time goes: this tree{before} ({p['requests']} requests of task {p['task']}, "
+            f"a {p['image_bytes'] / 1024:.0f} KB noise PNG at {p['image_size']} px)", "", f"{p['note']}.", "",
+            "| stage (median ms) | " + " | ".join(whose) + " |", "|---|" + "---:|" * len(whose),
+            *[f"| {k} | " + " | ".join(f"{pr[w]['stages_ms_p50'][k]:.3f}" for w in whose) + " |" for k in p["stages_ms_p50"]],
+            "| **total** | " + " | ".join(f"**{pr[w]['total_ms_p50']:.3f}**" for w in whose) + " |",
+            "| total outside ONNX Runtime | " + " | ".join(f"{pr[w]['outside_onnxruntime_ms_p50']:.3f}" for w in whose) + " |", "",
         ]
     if "latency" in doc:
         lt = doc["latency"]
@@ -201,7 +163,7 @@ def to_markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def measure(art_path: Path, parts, pairs: int = 10, requests: int = 200, before: str = "/tmp/old-serve",
+def measure(art_path: Path, parts, pairs: int = 10, requests: int = 200, before: str | None = "/tmp/old-serve",
             clients=(1, 8, 32), seconds: float = 3.0) -> dict:
     """The record's document: each of ``parts`` (profile, latency, throughput) measured."""
     from mutask.export.artifact import load_artifact
@@ -214,8 +176,8 @@ def measure(art_path: Path, parts, pairs: int = 10, requests: int = 200, before:
             doc["latency"] = latency(art, pngs, Path(tmp), pairs, requests)
         if "throughput" in parts:
             doc["throughput"] = throughput(art, pngs, Path(tmp), before, pairs, list(clients), seconds)
-    if "profile" in parts:  # last: it imports the service into this process
-        doc["profile"] = profile(art.path, pngs, requests)
+    if "profile" in parts:
+        doc["profile"] = profile(art.path, requests, before)
     return doc
 
 

@@ -1,58 +1,19 @@
-"""The chain check, once: a task's segment chain against its whole graph (torch-free).
+"""The chain check: a task's segment chain against its whole graph in ONNX Runtime (torch-free).
 
-A task's graph is its segment chain composed into one graph, so running the chain's segments
-one after another must give the task graph's logits: max |logit difference| within
-:data:`ATOL` times the logits' scale (:func:`logit_scale`) and the same arg-max on at least :data:`MIN_ARGMAX_AGREEMENT` of the rows.
-:func:`agreement` is that rule; :func:`chain_vs_graph` runs both on a set of input batches in
-ONNX Runtime, one session alive at a time. Export's parity check, ``--verify-only`` and the
-server's start-up check (which runs its own sessions, and calls :func:`agreement`) all use them.
-Needs numpy, and onnxruntime when graphs are run; no torch.
+:func:`chain_vs_graph` runs both on a set of input batches, one session alive at a time, and
+judges them by :func:`export.agreement.agreement` (the rule, shared with the server's start-up
+check). Export's parity check and ``--verify-only`` use it. Needs numpy, and onnxruntime when
+graphs are run; no torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
+from .agreement import ATOL, MIN_ARGMAX_AGREEMENT, Agreement, agreement
 from .manifest import SEGMENT_INPUT, SEGMENT_OUTPUT, TASK_INPUT, TASK_OUTPUT
 
 __all__ = ["ATOL", "MIN_ARGMAX_AGREEMENT", "Agreement", "agreement", "chain_vs_graph", "graph_outputs", "ort_session", "release_heap"]
-
-# max |logit difference|, per unit of the logits' own scale: float32 sums round in proportion to
-# their size, so logits of magnitude 20 (a trained conv head) may differ by 20x what logits of
-# magnitude 1 do between two correct runtimes (seen: 3e-4 between a chain and its whole graph)
-ATOL = 1e-4
-MIN_ARGMAX_AGREEMENT = 0.999
-
-
-@dataclass(frozen=True)
-class Agreement:
-    """How far two sets of logits are apart, and whether that is within the bounds."""
-
-    max_abs_diff: float
-    argmax_agreement: float
-    ok: bool
-
-
-def agreement(got: np.ndarray, ref: np.ndarray, atol: float = ATOL, min_argmax: float = MIN_ARGMAX_AGREEMENT) -> Agreement:
-    """``got`` against ``ref`` (rows of logits): max |difference|, share of rows with the same
-    arg-max, and ``ok`` when both are within the bounds (the artifact's: :data:`ATOL`,
-    :data:`MIN_ARGMAX_AGREEMENT`; a caller on another device may pass its own). Never ``ok``
-    for different shapes or non-finite values."""
-    got, ref = np.asarray(got), np.asarray(ref)
-    if got.shape != ref.shape or got.ndim != 2:
-        return Agreement(float("inf"), 0.0, False)
-    diff = float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max()) if got.size else 0.0
-    agree = float((got.argmax(1) == ref.argmax(1)).mean()) if len(got) else 1.0
-    return Agreement(diff, agree, bool(diff <= atol * logit_scale(ref) and agree >= min_argmax))
-
-
-def logit_scale(ref: np.ndarray) -> float:
-    """What :data:`ATOL` is multiplied by: the largest |logit| of ``ref``, at least 1 (so logits
-    within [-1, 1] keep the absolute bound)."""
-    ref = np.asarray(ref)
-    return max(1.0, float(np.abs(ref).max())) if ref.size and np.isfinite(ref).all() else 1.0
 
 
 def ort_session(path, threads: int | None = None):

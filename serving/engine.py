@@ -19,6 +19,8 @@ import weakref
 
 import numpy as np
 
+from mutask.export.agreement import agreement
+
 from .prepack import PrepackedPool
 
 __all__ = ["Engine", "EngineError"]
@@ -185,7 +187,8 @@ class Engine:
 
     def verify(self) -> None:
         """Run every task once on a constant image, through its graph and through its segment
-        chain: right shape, finite logits, and the two agree."""
+        chain: right shape, finite logits, and the two agree as export's chain check rules
+        (:func:`mutask.export.agreement.agreement`)."""
         for tid, task in self.tasks.items():
             x = np.zeros((2, 3, task.image_size, task.image_size), np.float32)
             x[1] += 0.5
@@ -201,8 +204,10 @@ class Engine:
                 via = self._run_segments([(tid, x)])[0]
             except Exception as e:
                 raise EngineError(f"task {tid}: its segment chain {task.segments} fails to run: {e}") from e
-            if via.shape != y.shape or not np.allclose(via, y, rtol=1e-4, atol=1e-4):
-                raise EngineError(f"task {tid}: its segment chain {task.segments} disagrees with its graph; re-export the artifact")
+            check = agreement(via, y)
+            if not check.ok:
+                raise EngineError(f"task {tid}: its segment chain {task.segments} disagrees with its graph (max |logit difference| "
+                                  f"{check.max_abs_diff:.2g}, export.agreement's rule); re-export the artifact")
         for st in self.stats.values():
             st.update(rows=0, runs=0, seconds=0.0)
 

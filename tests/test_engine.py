@@ -160,3 +160,22 @@ def test_batcher_batches_concurrent_mixed_tasks(serving_artifact):
     assert len(seen) < len(reqs)  # requests were batched together
     assert any(len({t for t, _ in b}) > 1 for b in seen)  # across tasks
     batcher.close()
+
+
+def test_request_timeline_accounts_for_a_request_stage_by_stage(serving_artifact):
+    """benchmarks/request_timeline.py (the serving record's breakdown), run as the record runs
+    it: every stage is measured, none negative, and together they make the request's time."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "request_timeline.py"
+    r = subprocess.run([sys.executable, str(script), str(serving_artifact), "--requests", "10"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    doc = json.loads(r.stdout.strip().splitlines()[-1])
+    stages = doc["stages_ms_p50"]
+    assert len(stages) == 9 and all(v >= 0 for v in stages.values()), stages
+    assert abs(sum(stages.values()) - doc["total_ms_p50"]) <= 0.25 * doc["total_ms_p50"], doc
+    assert stages["ONNX Runtime (Engine.run)"] > 0 and stages["decode + preprocess"] > 0
+    assert Path(doc["serving_code"]).resolve() == script.parents[1] / "serving"

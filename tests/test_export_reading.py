@@ -144,7 +144,7 @@ def test_reader_imports_without_torch(evolved):
         f"a = load_artifact({str(art)!r})\n"
         "assert a.chain('a') and a.graph_path('c').is_file() and a.segment_path(a.chain('c')[0]).is_file()\n"
         "assert sorted(a.tasks) == ['a', 'b', 'c', 'd'] and a.weights_path.name == 'weights.safetensors'\n"
-        "from mutask.export.chain import agreement\n"  # the chain check serving calls
+        "from mutask.export.agreement import agreement\n"  # the chain rule serving judges by
         "assert 'onnx' in sys.modules  # the graphs are read with the onnx package\n"
         "assert not [m for m in sys.modules if m.startswith(('torch.', 'onnxscript', 'onnx_ir', 'mutask.evolve'))]\n"
         "print('ok')\n"
@@ -202,7 +202,7 @@ def test_chain_agreement_rule_and_unreadable_graph_bytes():
     import numpy as np
 
     from mutask.export.artifact import external_refs
-    from mutask.export.chain import ATOL, agreement
+    from mutask.export.agreement import ATOL, agreement
 
     ref = np.array([[1.0, 0.0, 2.0], [0.5, 3.0, 0.0]], np.float32)
     assert agreement(ref + ATOL / 2, ref).ok
