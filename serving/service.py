@@ -146,8 +146,9 @@ class Payload:
                 self.segment_seconds[key] = st["seconds"]
 
 
-# Fail fast: the process that imports the service (the `bentoml serve` arbiter, each worker)
-# refuses to go on with a bad setting or a missing or bad artifact.
+# Fail fast: the process that imports the service (the `bentoml serve` arbiter, an in-process
+# caller) refuses to go on with a bad setting or a missing or bad artifact; a worker checks the
+# settings here and the artifact as it loads it.
 _SETTINGS = Settings.from_env() if artifact_source() is not None else None
 if _SETTINGS is not None and bentoml.server_context.worker_index is None:  # a worker verifies it as it loads it
     open_served(resolve_artifact_path(), _SETTINGS.version)
@@ -268,16 +269,16 @@ class Mutask:
         images, bad base64 or an image that cannot be used.
         """
         t0 = time.perf_counter()
-        blobs = []
-        for i, s in enumerate(images):
-            if s.startswith("data:") and "," in s:
-                s = s.split(",", 1)[1]
-            try:
-                blobs.append(base64.b64decode(s, validate=True))
-            except (binascii.Error, ValueError):
-                raise refuse(f"images[{i}] is not valid base64", task) from None
         with self.repo.hold() as held:
-            self._admit(held, [task])
+            self._admit(held, [task])  # first: errors are counted under served task ids only
+            blobs = []
+            for i, s in enumerate(images):
+                if s.startswith("data:") and "," in s:
+                    s = s.split(",", 1)[1]
+                try:
+                    blobs.append(base64.b64decode(s, validate=True))
+                except (binascii.Error, ValueError):
+                    raise refuse(f"images[{i}] is not valid base64", task) from None
             return BatchPrediction(task=task, predictions=(await self._infer(held, [task], blobs, t0))[0])
 
     @bentoml.api(route="/tasks", input_spec=TasksInput)
