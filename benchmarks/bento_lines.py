@@ -15,7 +15,7 @@ import fnmatch
 import sys
 from pathlib import Path
 
-from mutask.benchmarks.harness import RESULTS, write_record
+from mutask.benchmarks.harness import RESULTS, commit_of, write_record
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,13 +40,13 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     this, before = shipped(REPO), shipped(Path(a.before))
     later = {k: v for k, v in this.items() if k in a.later}
-    import subprocess
-
-    rev = subprocess.run(["git", "-C", a.before, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+    rev = commit_of(a.before)
     doc = {"before": a.before, "before_commit": rev, "this": this, "before_files": before, "later_features": later,
            "total_this": sum(this.values()), "total_before": sum(before.values()),
            "total_this_without_later": sum(this.values()) - sum(later.values())}
-    ratio = lambda n: f"{100 * (1 - n / doc['total_before']):.1f} % smaller" if n <= doc["total_before"] else "larger"  # noqa: E731
+    def ratio(n: int) -> str:
+        return f"{100 * (1 - n / doc['total_before']):.1f} % smaller" if n <= doc["total_before"] else "larger"
+
     rows = [f"| `{f}` | {this.get(f, '')} | {before.get(f, '')} |" for f in sorted(set(this) | set(before))]
     md = "\n".join([
         f"# The code the Bento ships: this tree against {rev or a.before}", "",

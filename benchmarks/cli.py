@@ -8,10 +8,11 @@ DESCRIPTION = """\
 Measure what serving an exported system (ART) costs on this machine, as the serving record
 (benchmarks/results/serving.md) does: POST /predict of one task over loopback HTTP against a
 bare ONNX Runtime session of the same graph with the server's session options (interleaved
-pairs of blocks, p50/p99, the per-pair difference of p50s), and where one /predict's time goes
-(the wall time of each stage, the service in process). The server runs on a free loopback port and is always stopped. Writes
-NAME.json and NAME.md (default bench) to --results (default: the current directory). The
-serving record's throughput part compares against another commit's server:
+pairs of blocks, p50/p99, the per-pair difference of p50s, the floor under any model), and where
+one /predict's time goes (the wall time of each stage, the service in process). The server runs
+on a free loopback port and is always stopped. Writes NAME.json and NAME.md (default bench) to
+--results (default: the current directory). The serving record's throughput part, and its
+breakdown of an earlier commit, compare against another checkout's server:
 python -m mutask.benchmarks.serving_bench ART --before CHECKOUT."""
 
 

@@ -152,6 +152,14 @@ def machine_line(m: dict) -> str:
     return f"Machine: {'; '.join(parts)}. Recorded {m.get('date')}."
 
 
+def commit_of(checkout) -> str | None:
+    """The short commit a git checkout is at (None when it is not one)."""
+    import subprocess
+
+    rev = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return rev or None
+
+
 def write_record(name: str, doc: dict, body_md: str, results_dir=None, *, shared_machine: str | None = SHARED) -> tuple[Path, Path]:
     """``<results_dir>/<name>.json`` (``doc`` plus ``machine``, this one's unless ``doc`` has
     it) and ``<name>.md`` (``body_md`` and the machine line). Returns both paths."""

@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mutask.benchmarks.harness import RESULTS, SHARED, fmt_ratio, interleave, median, paired_ratio, times, write_record
+from mutask.benchmarks.harness import RESULTS, SHARED, commit_of, fmt_ratio, interleave, median, paired_ratio, times, write_record
 from mutask.benchmarks.measure import closed_loop, model_input, noise_pngs, pct, post_predict
 from mutask.server_process import ServerProcess, child_env
 
@@ -51,13 +51,6 @@ def profile(art_path: Path, n: int, before: str | None) -> dict:
     if "before" in out:
         out["before_commit"] = commit_of(before)
     return out
-
-
-def commit_of(checkout: str) -> str | None:
-    import subprocess
-
-    rev = subprocess.run(["git", "-C", checkout, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    return rev or None
 
 
 def start(art_path: Path, tmp: Path, name: str, pythonpath: str | None = None) -> ServerProcess:
