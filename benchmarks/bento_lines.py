@@ -27,7 +27,7 @@ def shipped(tree: Path) -> dict[str, int]:
     spec = yaml.safe_load((tree / "bentofile.yaml").read_text())
     files = {p for pattern in spec.get("include", []) for p in tree.glob(pattern) if p.is_file()}
     rel = sorted(str(p.relative_to(tree)) for p in files)
-    rel = [r for r in rel if not any(fnmatch.fnmatch(r, x) or fnmatch.fnmatch(r, x.replace("**/", "*/")) for x in spec.get("exclude", []))]
+    rel = [r for r in rel if not any(fnmatch.fnmatch(r, x) or fnmatch.fnmatch(r, x + "/*") for x in spec.get("exclude", []))]  # a file, or one under a folder
     return {r: len((tree / r).read_text().splitlines()) for r in rel}
 
 
@@ -44,6 +44,7 @@ def main(argv=None) -> int:
     doc = {"before": a.before, "before_commit": rev, "this": this, "before_files": before, "later_features": later,
            "total_this": sum(this.values()), "total_before": sum(before.values()),
            "total_this_without_later": sum(this.values()) - sum(later.values())}
+
     def ratio(n: int) -> str:
         return f"{100 * (1 - n / doc['total_before']):.1f} % smaller" if n <= doc["total_before"] else "larger"
 
